@@ -1,0 +1,60 @@
+"""A real voxd on an ephemeral loopback port, per test."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import trio
+
+from voxd.app import Runtime
+from voxd.config import Config, Secret, Secrets, Settings
+from voxd.server import bound_origin, open_listener, serve
+
+
+@dataclass
+class RunningVoxd:
+    """A voxd serving in the test's nursery."""
+
+    origin: str
+    token: str | None
+    runtime: Runtime
+
+    @property
+    def webhook(self) -> str:
+        return self.origin + "/twilio/voice"
+
+    @property
+    def stream_url(self) -> str:
+        return self.runtime.settings.stream_url
+
+
+def make_settings(origin: str, token: str | None, **sections: dict[str, Any]) -> Settings:
+    raw: dict[str, Any] = {k: dict(v) for k, v in sections.items()}
+    raw.setdefault("server", {}).update(listen="127.0.0.1:0", public_url=origin)
+    raw.setdefault("twilio", {}).setdefault("validate_signatures", token is not None)
+    config = Config.model_validate(raw)
+    return Settings(config=config,
+                    secrets=Secrets(twilio_auth_token=Secret(token) if token else None))
+
+
+@pytest.fixture
+async def start_voxd(nursery: trio.Nursery) -> Callable[..., Any]:
+    """`await start_voxd(signed=True, call={...}, assistant={...})` -> RunningVoxd."""
+    sockets = []
+
+    async def start(signed: bool = True, **sections: dict[str, Any]) -> RunningVoxd:
+        sock = open_listener("127.0.0.1:0")
+        sockets.append(sock)
+        origin = bound_origin(sock)
+        token = secrets.token_hex(16) if signed else None
+        settings = make_settings(origin, token, **sections)
+        runtime = await nursery.start(serve, settings, sock)
+        return RunningVoxd(origin, token, runtime)
+
+    yield start
+    for sock in sockets:
+        sock.close()

@@ -1,0 +1,119 @@
+"""The command line as a user runs it: separate processes, real sockets, exit codes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import wave
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.integration.audio import burst, silence
+
+VOXD = [sys.executable, "-m", "voxd"]
+
+
+def run(*args: str, **kw) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VOXD, *args], capture_output=True, text=True, timeout=60, **kw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = 8000) -> None:
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(samples.astype("<i2").tobytes())
+
+
+def test_check_config_ok_and_bad(tmp_path):
+    ok = run("check-config", "--config", str(Path(__file__).parents[2] / "voxd.toml"))
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: ")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[assistant]\nprovider = "vapi"\n[server]\nlisten = 5\n')
+    result = run("check-config", "--config", str(bad), env={**os.environ, "VAPI_API_KEY": "k"})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "voxd: server.listen: input should be a valid string (got 5)",
+        'voxd: vapi.assistant_id: required when assistant.provider = "vapi"',
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_call_usage_errors_are_one_line():
+    missing = run("call", "http://127.0.0.1:9/twilio/voice", "--wav", "/no/such.wav")
+    assert missing.returncode == 2 and missing.stderr == "voxd: --wav: no such file: /no/such.wav\n"
+    unreachable = run("call", f"http://127.0.0.1:{free_port()}/twilio/voice", "--seconds", "1")
+    assert unreachable.returncode == 1
+    assert unreachable.stderr.startswith("voxd: cannot reach the webhook")
+    assert "Traceback" not in unreachable.stderr
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """`voxd serve` in its own process, with signatures on."""
+    port = free_port()
+    config = tmp_path / "voxd.toml"
+    config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n'
+                      f'public_url = "http://127.0.0.1:{port}"\n'
+                      '[assistant]\naudio = "mulaw"\n')
+    env = {**os.environ, "VOXD_TWILIO_AUTH_TOKEN": "test-token-123"}
+    proc = subprocess.Popen([*VOXD, "serve", "--config", str(config)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    origin = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(origin + "/healthz").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail(f"voxd serve did not come up: {proc.communicate()[1]}")
+    yield origin, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def test_call_against_a_running_daemon(daemon, tmp_path):
+    origin, proc = daemon
+    caller = tmp_path / "caller.wav"
+    # 16 kHz input: the simulator resamples any rate to 8 kHz.
+    write_wav(caller, np.repeat(np.concatenate([burst(0.6), silence(1.0)]), 2), rate=16000)
+    out = tmp_path / "call.wav"
+    result = run("call", origin + "/twilio/voice", "--wav", str(caller), "--record", str(out),
+                 "--seconds", "2.5", "--auth-token", "test-token-123")
+    assert result.returncode == 0, result.stderr
+    assert "response latency" in result.stdout
+    assert "no reply" not in result.stdout
+    assert "ended by caller" in result.stdout
+    with wave.open(str(out)) as wav:
+        assert wav.getnchannels() == 2 and wav.getnframes() == 2.5 * 8000
+
+    unsigned = run("call", origin + "/twilio/voice", "--seconds", "1",
+                   env={k: v for k, v in os.environ.items() if k != "VOXD_TWILIO_AUTH_TOKEN"})
+    assert unsigned.returncode == 1
+    assert unsigned.stderr.strip() == "voxd: webhook answered HTTP 403: invalid signature"
+
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    summary = [line for line in stderr.splitlines() if "call ended:" in line]
+    assert len(summary) == 1
+    assert "call_sid=CA" in summary[0] and "stream_sid=MZ" in summary[0]
+    assert "turns=1" in summary[0] and "reason=caller-hangup" in summary[0]
+    assert "test-token-123" not in stderr

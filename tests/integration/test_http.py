@@ -1,0 +1,118 @@
+"""The HTTP side: the voice webhook's TwiML, signatures, health, and connections closing."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import httpx
+import pytest
+import trio
+import trio_websocket
+from twilio.request_validator import RequestValidator
+
+FORM = {"CallSid": "CA" + "a" * 32, "AccountSid": "AC" + "b" * 32, "From": "+15551230000",
+        "To": "+15559870000", "CallStatus": "ringing", "ApiVersion": "2010-04-01",
+        "Direction": "inbound"}
+
+
+def signed(voxd, url: str, form: dict[str, str]) -> dict[str, str]:
+    return {"X-Twilio-Signature": RequestValidator(voxd.token).compute_signature(url, form)}
+
+
+async def test_webhook_answers_connect_stream_then_the_fallback(start_voxd):
+    voxd = await start_voxd(call={"fallback_twiml": "<Say>Try later.</Say><Hangup/>"})
+    async with httpx.AsyncClient() as client:
+        r = await client.post(voxd.webhook, data=FORM, headers=signed(voxd, voxd.webhook, FORM))
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/xml")
+    root = ET.fromstring(r.text)
+    assert [v.tag for v in root] == ["Connect", "Say", "Hangup"]
+    stream = root.find("Connect/Stream")
+    assert stream.get("url") == voxd.origin.replace("http://", "ws://") + "/media-stream"
+    params = {p.get("name"): p.get("value") for p in stream.iter("Parameter")}
+    assert params == {"from": "+15551230000", "to": "+15559870000"}
+
+
+async def test_webhook_signature_is_checked_against_the_public_url(start_voxd):
+    voxd = await start_voxd()
+    async with httpx.AsyncClient() as client:
+        unsigned = await client.post(voxd.webhook, data=FORM)
+        forged = await client.post(voxd.webhook, data=FORM,
+                                   headers={"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"})
+        tampered = await client.post(voxd.webhook, data={**FORM, "From": "+1666"},
+                                     headers=signed(voxd, voxd.webhook, FORM))
+        wrong_url = await client.post(
+            voxd.webhook, data=FORM,
+            headers=signed(voxd, "https://elsewhere.example/twilio/voice", FORM))
+        good = await client.post(voxd.webhook, data=FORM, headers=signed(voxd, voxd.webhook, FORM))
+        query = voxd.webhook + "?tenant=7"
+        good_query = await client.post(query, data=FORM, headers=signed(voxd, query, FORM))
+    assert [r.status_code for r in (unsigned, forged, tampered, wrong_url)] == [403] * 4
+    assert good.status_code == 200 and good_query.status_code == 200
+
+
+async def test_webhook_without_validation_needs_no_signature(start_voxd):
+    voxd = await start_voxd(signed=False)
+    async with httpx.AsyncClient() as client:
+        r = await client.post(voxd.webhook, data=FORM)
+        missing = await client.post(voxd.webhook, data={"From": "+1"})
+    assert r.status_code == 200
+    assert missing.status_code == 400
+
+
+async def test_media_upgrade_signature_is_checked(start_voxd):
+    voxd = await start_voxd()
+    good = RequestValidator(voxd.token).compute_signature(voxd.stream_url, {})
+    https_form = RequestValidator(voxd.token).compute_signature(
+        voxd.stream_url.replace("ws://", "http://"), {})
+    for headers in ([], [(b"X-Twilio-Signature", b"Zm9yZ2Vk")],
+                    [(b"X-Twilio-Signature", https_form.encode())]):
+        with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+            async with trio_websocket.open_websocket_url(voxd.stream_url, extra_headers=headers):
+                pass
+        assert rejected.value.status_code == 403
+    async with trio_websocket.open_websocket_url(
+            voxd.stream_url, extra_headers=[(b"X-Twilio-Signature", good.encode())]) as ws:
+        await ws.send_message('{"event":"connected","protocol":"Call","version":"1.0.0"}')
+
+
+async def test_health_and_readiness(start_voxd):
+    voxd = await start_voxd()
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(voxd.origin + "/healthz")).status_code == 200
+        assert (await client.get(voxd.origin + "/readyz")).status_code == 200
+        metrics = await client.get(voxd.origin + "/metrics")
+    assert metrics.status_code == 200 and "voxd_calls_active" in metrics.text
+
+
+async def test_http_connection_closes_after_a_response(start_voxd):
+    """design.md pitfall: without the shielded send, Hypercorn (trio) + Quart-Trio never close
+    a connection after its response, even with `Connection: close`."""
+    voxd = await start_voxd()
+    host, port = voxd.origin.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    received = b""
+    with trio.fail_after(2):
+        while chunk := await stream.receive_some(4096):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200")
+    await stream.aclose()
+
+
+async def test_keep_alive_connection_serves_several_requests(start_voxd):
+    voxd = await start_voxd()
+    async with httpx.AsyncClient() as client:
+        for _ in range(3):
+            assert (await client.get(voxd.origin + "/healthz")).status_code == 200
+
+
+async def test_at_capacity_the_webhook_answers_the_fallback(start_voxd):
+    voxd = await start_voxd(call={"max_concurrent_calls": 1})
+    voxd.runtime.call_started(object())  # one call in progress
+    async with httpx.AsyncClient() as client:
+        r = await client.post(voxd.webhook, data=FORM, headers=signed(voxd, voxd.webhook, FORM))
+        ready = await client.get(voxd.origin + "/readyz")
+    root = ET.fromstring(r.text)
+    assert [v.tag for v in root] == ["Say"]
+    assert ready.status_code == 503

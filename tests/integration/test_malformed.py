@@ -1,0 +1,105 @@
+"""Bad input from the Twilio side ends that call with one clear log line; other calls go on."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import trio
+import trio_websocket
+from twilio.request_validator import RequestValidator
+
+from tests.integration.audio import burst, silence
+from voxd.sim.caller import TwilioSimulator
+
+SID = "MZ" + "0" * 32
+
+
+def start_message(stream_sid: str = SID) -> str:
+    return json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": stream_sid,
+                       "start": {"accountSid": "AC1", "streamSid": stream_sid,
+                                 "callSid": "CA" + "1" * 32, "tracks": ["inbound"],
+                                 "customParameters": {},
+                                 "mediaFormat": {"encoding": "audio/x-mulaw",
+                                                 "sampleRate": 8000, "channels": 1}}})
+
+
+def media(payload: str = "/w==", stream_sid: str = SID) -> str:
+    return json.dumps({"event": "media", "streamSid": stream_sid,
+                       "media": {"track": "inbound", "chunk": "1", "timestamp": "0",
+                                 "payload": payload}})
+
+
+CONNECTED = '{"event":"connected","protocol":"Call","version":"1.0.0"}'
+
+CASES = {
+    "invalid JSON": ([CONNECTED, start_message(), "{not json"], "invalid JSON"),
+    "unknown event": ([CONNECTED, start_message(), f'{{"event":"bogus","streamSid":"{SID}"}}'],
+                      "unknown event 'bogus'"),
+    "missing field": ([CONNECTED, start_message(),
+                       f'{{"event":"media","streamSid":"{SID}","media":{{"timestamp":"0"}}}}'],
+                      "missing required field `payload`"),
+    "wrong streamSid": ([CONNECTED, start_message(), media(stream_sid="MZ" + "9" * 32)],
+                        "but this stream is"),
+    "media before start": ([CONNECTED, media()], "'media' received while awaiting start"),
+    "bad base64": ([CONNECTED, start_message(), media(payload="@@@@")],
+                   "not valid base64"),
+    "duplicate start": ([CONNECTED, start_message(), start_message()], "duplicate 'start'"),
+    "oversized frame": ([CONNECTED, start_message(), media(payload="A" * 80_000)],
+                        "exceeds the limit of 65536"),
+    "binary frame": ([CONNECTED, start_message(), b"\x00\x01"], "binary frame"),
+    "wrong media format": ([CONNECTED, start_message().replace("audio/x-mulaw", "audio/l16")],
+                           "unsupported media format"),
+}
+
+
+async def open_stream(voxd):
+    signature = RequestValidator(voxd.token).compute_signature(voxd.stream_url, {})
+    return trio_websocket.open_websocket_url(
+        voxd.stream_url, extra_headers=[(b"X-Twilio-Signature", signature.encode())])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_bad_input_ends_only_that_call(start_voxd, caplog, case):
+    caplog.set_level(logging.INFO)
+    voxd = await start_voxd(assistant={"audio": "mulaw"})
+    messages, problem = CASES[case]
+    good: dict[str, object] = {}
+
+    async def good_call() -> None:
+        caller = np.concatenate([burst(0.4), silence(1.2)])
+        good["report"] = await TwilioSimulator(voxd.webhook, auth_token=voxd.token).call(caller)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(good_call)
+        await trio.sleep(0.3)  # the good call is streaming
+        async with await open_stream(voxd) as ws:
+            for message in messages:
+                await ws.send_message(message)
+            with trio.fail_after(1.0):  # closed promptly by voxd
+                with pytest.raises(trio_websocket.ConnectionClosed):
+                    while True:
+                        await ws.get_message()
+
+    report = good["report"]
+    assert report.errors == [] and report.closed_by == "caller"
+    assert len(report.caller_frames) == 80 and report.media_received > 0
+    assert len(report.turns()) == 1 and report.turns()[0].latency is not None
+    lines = [r.getMessage() for r in caplog.records if r.name == "voxd.call"]
+    errors = [line for line in lines if "protocol error" in line]
+    assert len(errors) == 1, lines
+    assert problem in errors[0]
+    summaries = [line for line in lines if line.startswith("call ended")]
+    assert len(summaries) == 2  # the bad call and the good one, one line each
+    assert sum("reason=protocol-error" in s for s in summaries) == 1
+
+
+async def test_no_start_within_the_timeout_closes_the_socket(start_voxd, caplog):
+    voxd = await start_voxd(call={"start_timeout": 0.3})
+    async with await open_stream(voxd) as ws:
+        await ws.send_message(CONNECTED)
+        with trio.fail_after(1.5), pytest.raises(trio_websocket.ConnectionClosed):
+            await ws.get_message()
+    assert any("no 'start' within 0.3s" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,137 @@
+"""voxd.toml parsing: defaults, every problem named by its key, secrets kept secret."""
+
+from __future__ import annotations
+
+import pytest
+
+from voxd.config import (
+    Secret,
+    load_secrets,
+    load_settings,
+    parse_config,
+    resolve_config_path,
+)
+from voxd.errors import ConfigError
+
+TOKEN_ENV = {"VOXD_TWILIO_AUTH_TOKEN": "tok"}
+
+
+def problems(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        load_settings(None, TOKEN_ENV if env is None else env, text=text)
+    return exc.value.problems
+
+
+def test_shipped_file_is_valid_and_runs_the_echo_assistant(tmp_path):
+    from pathlib import Path
+
+    settings = load_settings(Path(__file__).parents[2] / "voxd.toml", {})
+    assert settings.config.assistant.provider == "echo"
+    assert settings.config.server.listen == "127.0.0.1:3000"
+
+
+def test_empty_file_gives_the_documented_defaults():
+    config = load_settings(None, TOKEN_ENV, text="").config
+    assert config.server.public_url == "http://127.0.0.1:3000"
+    assert config.twilio.validate_signatures is True
+    assert config.assistant.audio == "pcm16"
+    assert config.call.keepalive_interval == 10.0
+    assert config.call.max_concurrent_calls == 200
+
+
+def test_every_problem_is_reported_at_once_with_its_key():
+    found = problems("""
+        [server]
+        listen = "nowhere"
+        workers = "two"
+        colour = "blue"
+        [assistant]
+        provider = "vapi"
+        [call]
+        keepalive_timeout = -1
+        fallback_twiml = "<Say>unclosed"
+        [nonsense]
+    """)
+    assert "server.workers: input should be a valid integer (got 'two')" in found
+    assert "server.colour: unknown key" in found
+    assert "nonsense: unknown key" in found
+    assert "call.keepalive_timeout: input should be greater than 0 (got -1)" in found
+    assert any(p.startswith("server.listen: expected host:port") for p in found)
+    assert 'vapi.assistant_id: required when assistant.provider = "vapi"' in found
+    assert any(p.startswith("call.fallback_twiml: not valid TwiML") for p in found)
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ('[assistant]\nprovider = "openai"', "assistant.provider: input should be 'echo', 'vapi' or"),
+    ('[assistant]\naudio = "opus"', "assistant.audio: input should be 'pcm16' or 'mulaw'"),
+    ('[server]\npublic_url = "ftp://x"', "server.public_url: must be an http:// or https://"),
+    ('[server]\nlisten = "127.0.0.1:99999"', "server.listen: port must be a number"),
+    ('[twilio]\nvalidate_signatures = "yes"', "twilio.validate_signatures: input should be a "
+                                              "valid boolean"),
+    ('[websocket]\nurl = ""\n[assistant]\nprovider = "websocket"',
+     'websocket.url: required when assistant.provider = "websocket"'),
+    ('[websocket]\nurl = "http://x"\n[assistant]\nprovider = "websocket"',
+     "websocket.url: must be a ws:// or wss:// URL"),
+    ("server = 3", "server: must be a table ([server])"),
+    ("[server\n", "not valid TOML"),
+])
+def test_single_problems(text, problem):
+    assert any(p.startswith(problem) or problem in p for p in problems(text)), problems(text)
+
+
+def test_validation_on_needs_the_auth_token():
+    found = problems("", env={})
+    assert found == [
+        "twilio.validate_signatures: true needs the Twilio auth token (set "
+        "VOXD_TWILIO_AUTH_TOKEN or the systemd credential twilio_auth_token), or set it to "
+        "false for local testing"
+    ]
+    assert load_settings(None, {}, text="[twilio]\nvalidate_signatures = false")
+
+
+def test_integers_are_accepted_for_seconds():
+    config = parse_config({"call": {"keepalive_interval": 3}})
+    assert config.call.keepalive_interval == 3.0
+
+
+def test_secrets_come_from_credentials_before_the_environment(tmp_path):
+    (tmp_path / "twilio_auth_token").write_text("from-credential\n")
+    env = {"CREDENTIALS_DIRECTORY": str(tmp_path), "VOXD_TWILIO_AUTH_TOKEN": "from-env",
+           "VAPI_API_KEY": "vapi-key"}
+    found = load_secrets(env)
+    assert found.twilio_auth_token.reveal() == "from-credential"
+    assert found.vapi_api_key.reveal() == "vapi-key"
+    assert len(found.stream_secret.reveal()) >= 32  # generated when absent
+    assert load_secrets({}).twilio_auth_token is None
+
+
+def test_secrets_never_print():
+    secret = Secret("hunter2")
+    assert "hunter2" not in repr(secret) and "hunter2" not in str(secret)
+    assert "hunter2" not in f"{secret} {secret!r}"
+    assert "hunter2" not in repr(load_secrets({"VAPI_API_KEY": "hunter2"}))
+
+
+def test_config_path_rules(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="no config file"):
+        resolve_config_path(None, {})
+    (tmp_path / "voxd.toml").write_text("")
+    assert str(resolve_config_path(None, {})) == "voxd.toml"
+    other = tmp_path / "other.toml"
+    other.write_text("")
+    assert resolve_config_path(None, {"VOXD_CONFIG": str(other)}) == other
+    assert resolve_config_path(str(other), {"VOXD_CONFIG": "/nope"}) == other
+    with pytest.raises(ConfigError, match=r"\$VOXD_CONFIG: no such file: /nope"):
+        resolve_config_path(None, {"VOXD_CONFIG": "/nope"})
+    with pytest.raises(ConfigError, match="--config: no such file"):
+        resolve_config_path("/nope", {})
+
+
+def test_urls_derived_from_public_url():
+    settings = load_settings(None, TOKEN_ENV,
+                             text='[server]\npublic_url = "https://voice.example.com/"')
+    assert settings.webhook_url == "https://voice.example.com/twilio/voice"
+    assert settings.stream_url == "wss://voice.example.com/media-stream"
+    plain = load_settings(None, TOKEN_ENV, text='[server]\npublic_url = "http://[::1]:3000"')
+    assert plain.stream_url == "ws://[::1]:3000/media-stream"

@@ -1,0 +1,226 @@
+"""The ASGI application: Twilio's voice webhook, the media WebSocket, health and metrics.
+
+HTTP routes are a Quart-Trio app. The media WebSocket is served as bare ASGI (no framework
+between Hypercorn and the call): it carries 50 messages a second each way per call, and the
+framework's per-message queue and task cost more than all of voxd's audio work.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from twilio.request_validator import RequestValidator
+
+from voxd.call.session import CallerDisconnected, CallSession
+from voxd.config import Settings
+from voxd.errors import ProtocolError
+from voxd.observability import metrics
+from voxd.providers import build_provider
+from voxd.providers.base import Provider
+from voxd.twilio import twiml
+
+log = logging.getLogger("voxd.app")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class Runtime:
+    """What the running daemon serves with; replaced as a whole on reload, so a live call keeps
+    the settings and provider it started with."""
+
+    settings: Settings
+    provider: Provider
+    validator: RequestValidator | None = None
+    calls: set[CallSession] = field(default_factory=set)
+    _idle: trio.Event = field(default_factory=trio.Event)
+
+    def call_started(self, session: CallSession) -> None:
+        """Count a call in (for capacity, readiness and draining)."""
+        self.calls.add(session)
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def call_ended(self, session: CallSession) -> None:
+        """Count a call out."""
+        self.calls.discard(session)
+        if not self.calls:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no call is in progress."""
+        if self.calls:
+            await self._idle.wait()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Runtime:
+        """Build the provider and signature validator the settings ask for."""
+        token = settings.secrets.twilio_auth_token
+        validate = settings.config.twilio.validate_signatures and token is not None
+        return cls(
+            settings=settings,
+            provider=build_provider(settings),
+            validator=RequestValidator(token.reveal()) if validate and token else None,
+        )
+
+
+class AsgiTwilioSocket:
+    """The media WebSocket over raw ASGI messages, as `CallSession` wants it."""
+
+    __slots__ = ("_closed", "_receive", "_send")
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self._closed = False
+
+    async def receive(self) -> str:
+        """The next text frame from Twilio."""
+        message = await self._receive()
+        if message["type"] == "websocket.receive":
+            text = message.get("text")
+            if text is None:
+                raise ProtocolError("binary frame received; Twilio sends only text frames")
+            return text
+        self._closed = True
+        raise CallerDisconnected(f"socket closed (code {message.get('code')})")
+
+    async def send(self, text: str) -> None:
+        """Send one text frame to Twilio."""
+        if self._closed:
+            raise CallerDisconnected("socket already closed")
+        await self._send({"type": "websocket.send", "text": text})
+
+    async def close(self, code: int = 1000) -> None:
+        """Close the socket once."""
+        if not self._closed:
+            self._closed = True
+            await self._send({"type": "websocket.close", "code": code})
+
+
+def _peer(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "-"
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+class VoxdAsgi:
+    """Routes `/media-stream` WebSockets to calls, everything else to the Quart app."""
+
+    def __init__(self, runtime_ref: Callable[[], Runtime], http_app: QuartTrio) -> None:
+        self.runtime = runtime_ref
+        self.http_app = http_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == "/media-stream":
+            await self.media_stream(scope, receive, send)
+            return
+        if scope["type"] == "http":
+            send = _shielded(send)
+        await self.http_app(scope, receive, send)  # type: ignore[arg-type]
+
+    async def media_stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Accept Twilio's media WebSocket (after the signature check) and run the call."""
+        runtime = self.runtime()
+        peer = _peer(scope)
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        if runtime.validator is not None:
+            signature = _header(scope, b"x-twilio-signature") or ""
+            if not runtime.validator.validate(runtime.settings.stream_url, {}, signature):
+                log.warning("media stream from %s rejected: %s X-Twilio-Signature", peer,
+                            "invalid" if signature else "missing")
+                metrics.CALLS_REJECTED.labels(reason="signature").inc()
+                await send({"type": "websocket.close", "code": 1008})
+                return
+        await send({"type": "websocket.accept"})
+        session = CallSession(AsgiTwilioSocket(receive, send), runtime.settings,
+                              runtime.provider, peer)
+        runtime.call_started(session)
+        try:
+            await session.run()
+        finally:
+            runtime.call_ended(session)
+
+
+def _shielded(send: Send) -> Send:
+    """Hypercorn (trio) + Quart-Trio never close an HTTP connection after a response: Quart-Trio
+    cancels the request's nursery and Hypercorn's close runs inside that cancelled scope. Running
+    Hypercorn's `send` shielded lets the close complete (tested: tests/integration/test_http.py)."""
+
+    async def send_shielded(message: MutableMapping[str, Any]) -> None:
+        with trio.CancelScope(shield=True):
+            await send(message)
+
+    return send_shielded
+
+
+def create_app(runtime_ref: Callable[[], Runtime]) -> VoxdAsgi:
+    """The whole ASGI app; `runtime_ref()` gives the current Runtime (swapped on reload)."""
+    http = QuartTrio("voxd")
+    http.config["MAX_CONTENT_LENGTH"] = 64 * 1024
+
+    @http.post("/twilio/voice")
+    async def voice() -> Response | tuple[str, int]:
+        runtime = runtime_ref()
+        settings = runtime.settings
+        form = await request.form
+        if runtime.validator is not None:
+            url = settings.webhook_url
+            if request.query_string:
+                url += "?" + request.query_string.decode("latin-1")
+            signature = request.headers.get("X-Twilio-Signature", "")
+            if not runtime.validator.validate(url, form, signature):
+                log.warning("voice webhook from %s rejected: %s X-Twilio-Signature (signed URL "
+                            "must be %s)", request.remote_addr,
+                            "invalid" if signature else "missing", url)
+                metrics.CALLS_REJECTED.labels(reason="signature").inc()
+                return "invalid signature\n", 403
+        call_sid = form.get("CallSid", "")
+        if not call_sid:
+            log.warning("voice webhook from %s without CallSid", request.remote_addr)
+            return "missing CallSid\n", 400
+        if len(runtime.calls) >= settings.config.call.max_concurrent_calls:
+            log.warning("call_sid=%s voice webhook: at capacity (%d calls), answering the "
+                        "fallback", call_sid, len(runtime.calls))
+            metrics.CALLS_REJECTED.labels(reason="capacity").inc()
+            return Response(twiml.verbs_only(settings.config.call.fallback_twiml),
+                            content_type="text/xml")
+        parameters = {"from": form.get("From", ""), "to": form.get("To", "")}
+        body = twiml.connect_stream(settings.stream_url, parameters,
+                                    settings.config.call.fallback_twiml)
+        log.info("call_sid=%s voice webhook: connecting the stream (from=%s to=%s)",
+                 call_sid, parameters["from"] or "-", parameters["to"] or "-")
+        return Response(body, content_type="text/xml")
+
+    @http.get("/healthz")
+    async def healthz() -> tuple[str, int]:
+        return "ok\n", 200
+
+    @http.get("/readyz")
+    async def readyz() -> tuple[str, int]:
+        runtime = runtime_ref()
+        if len(runtime.calls) >= runtime.settings.config.call.max_concurrent_calls:
+            return "at capacity\n", 503
+        return "ready\n", 200
+
+    @http.get("/metrics")
+    async def metrics_page() -> Response:
+        return Response(metrics.render(), content_type="text/plain; version=0.0.4")
+
+    return VoxdAsgi(runtime_ref, http)

@@ -1,0 +1,332 @@
+"""One phone call, from Twilio's `start` to the summary line: the heart of voxd.
+
+Shape of a call (every task lives in the one nursery opened in `CallSession._bridge`):
+
+    inbound pump    Twilio text frame -> MediaStream.receive -> (transcode) -> assistant
+    outbound pump   assistant event -> (transcode) -> Playback -> Twilio
+    keep-alive      assistant.ping() every keepalive_interval, dead after keepalive_timeout
+    barge-in watch  caller speech started (local VAD, when enabled) while audio plays -> clear
+
+Invariants:
+- Whichever task finishes first decides the end reason (`_end`) and cancels the rest; nothing
+  outlives the call, and exactly one summary line is logged.
+- Errors of one call (bad input, a failing assistant) end that call with one clear log line;
+  they never propagate to the server, so other calls never notice.
+- Per-frame work stays in the pumps' own task (no channel hop per frame); the only channel
+  carries rare events (caller speech edges) to the barge-in watcher.
+- Both sockets are closed within `TEARDOWN_SECONDS` of the end, even if a peer stalls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from voxd.audio.transcode import InboundTranscoder, OutboundTranscoder
+from voxd.audio.vad import frame_energy_dbfs_ulaw
+from voxd.call.playback import Playback
+from voxd.call.turns import TurnTimer
+from voxd.config import Settings
+from voxd.errors import ProtocolError, UpstreamError, VoxdError
+from voxd.observability import metrics
+from voxd.observability.logging import CallLogContext, bind_call
+from voxd.providers.base import (
+    AssistantAudio,
+    AssistantEnded,
+    AssistantInterrupted,
+    AssistantSession,
+    CallInfo,
+    Provider,
+)
+from voxd.twilio.protocol import (
+    Connected,
+    Dtmf,
+    MarkPlayed,
+    MediaFrame,
+    MediaStream,
+    StreamStart,
+    StreamStop,
+)
+
+log = logging.getLogger("voxd.call")
+
+TEARDOWN_SECONDS = 1.0
+
+
+class CallerDisconnected(VoxdError):
+    """Twilio's socket closed without a `stop` message."""
+
+
+class TwilioSocket(Protocol):
+    """The media WebSocket as the call sees it (text frames only)."""
+
+    async def receive(self) -> str:
+        """The next text frame; CallerDisconnected when the socket closed, ProtocolError for a
+        binary frame."""
+        ...
+
+    async def send(self, text: str) -> None:
+        """Send one text frame."""
+        ...
+
+    async def close(self, code: int = 1000) -> None:
+        """Close the socket (idempotent)."""
+        ...
+
+
+@dataclass
+class CallStats:
+    """What the summary line reports."""
+
+    started_at: float = 0.0
+    frames_in: int = 0
+    frames_out: int = 0
+    frames_dropped_in: int = 0
+    frames_dropped_out: int = 0
+    barge_ins: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (p in 0..100), None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+class CallSession:
+    """Runs one call on an accepted Twilio media socket until either side ends it."""
+
+    def __init__(self, socket: TwilioSocket, settings: Settings, provider: Provider,
+                 peer: str = "-") -> None:
+        self.socket = socket
+        self.settings = settings
+        self.provider = provider
+        self.peer = peer
+        self.protocol = MediaStream(settings.config.call.max_message_bytes)
+        self.log_context = CallLogContext()
+        self.stats = CallStats()
+        self.end_reason: str | None = None
+        self.outcome = "completed"
+        self.call: CallInfo | None = None
+        self._cancel: trio.CancelScope | None = None
+
+    # -- lifecycle --
+
+    async def run(self) -> None:
+        """Run the call to its end; never raises for anything a peer did."""
+        bind_call(self.log_context)
+        self.stats.started_at = trio.current_time()
+        metrics.CALLS_ACTIVE.inc()
+        try:
+            start = await self._await_start()
+            if start is not None:
+                await self._bridge(start)
+        except Exception as exc:  # a bug: still end this call cleanly, and say so
+            log.exception("internal error, ending the call: %s", exc)
+            metrics.ERRORS.labels(kind="internal").inc()
+            self._end("internal-error", "error")
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(TEARDOWN_SECONDS):
+                await self.socket.close()
+            metrics.CALLS_ACTIVE.dec()
+            self._summarise()
+
+    def _end(self, reason: str, outcome: str = "completed") -> None:
+        """Record why the call ends (first reason wins) and cancel every task of the call."""
+        if self.end_reason is None:
+            self.end_reason = reason
+            self.outcome = outcome
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    async def _await_start(self) -> StreamStart | None:
+        timeout = self.settings.config.call.start_timeout
+        with trio.move_on_after(timeout):
+            try:
+                while True:
+                    event = self.protocol.receive(await self.socket.receive())
+                    if isinstance(event, StreamStart):
+                        return event
+                    if not isinstance(event, Connected):  # pragma: no cover - protocol forbids
+                        raise ProtocolError(f"unexpected {type(event).__name__} before start")
+            except ProtocolError as exc:
+                self._protocol_error(exc)
+                return None
+            except CallerDisconnected:
+                log.info("media socket from %s closed before the stream started", self.peer)
+                self._end("caller-disconnected-before-start", "error")
+                return None
+        log.warning("no 'start' within %.1fs of connecting (peer %s); closing", timeout, self.peer)
+        self._end("start-timeout", "error")
+        return None
+
+    async def _bridge(self, start: StreamStart) -> None:
+        params = start.custom_parameters
+        self.log_context.update(call_sid=start.call_sid, stream_sid=start.stream_sid)
+        self.call = CallInfo(
+            call_sid=start.call_sid,
+            stream_sid=start.stream_sid,
+            account_sid=start.account_sid,
+            from_number=params.get("from", ""),
+            to_number=params.get("to", ""),
+            parameters=dict(params),
+        )
+        log.info("call started: from=%s to=%s assistant=%s audio=%s peer=%s",
+                 self.call.from_number or "-", self.call.to_number or "-", self.provider.name,
+                 self.provider.audio, self.peer)
+        connect_started = trio.current_time()
+        try:
+            async with self.provider.connect(self.call) as assistant:
+                metrics.UPSTREAM_CONNECT_SECONDS.observe(trio.current_time() - connect_started)
+                await self._run_pumps(assistant)
+        except UpstreamError as exc:
+            log.error("assistant failed: %s", exc)
+            metrics.ERRORS.labels(kind="upstream").inc()
+            self._end("upstream-error", "error")
+
+    async def _run_pumps(self, assistant: AssistantSession) -> None:
+        playback = Playback(self.socket.send, self.protocol, trio.current_time)
+        barge = self.settings.config.barge_in
+        turns = TurnTimer(min_speech_ms=barge.min_speech_ms)
+        speech_tx, speech_rx = trio.open_memory_channel[float](8)
+        async with trio.open_nursery() as nursery:
+            self._cancel = nursery.cancel_scope
+            nursery.start_soon(self._guard, self._inbound(assistant, turns, speech_tx))
+            nursery.start_soon(self._guard, self._outbound(assistant, playback, turns))
+            nursery.start_soon(self._guard, self._keepalive(assistant))
+            nursery.start_soon(self._guard, self._barge_in_watcher(playback, speech_rx))
+        self._cancel = None
+        self.stats.frames_out = playback.frames_sent
+        self.stats.latencies = turns.latencies
+        if self.end_reason == "caller-hangup":
+            with trio.move_on_after(TEARDOWN_SECONDS) as scope:
+                scope.shield = True
+                await assistant.hang_up()
+
+    async def _guard(self, pump: object) -> None:
+        """Run one task of the call; map how it ended onto the call's end reason."""
+        try:
+            reason = await pump  # type: ignore[misc]
+            self._end(reason or "task-ended")
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+        except CallerDisconnected as exc:
+            log.info("Twilio closed the media socket without 'stop': %s", exc)
+            self._end("caller-disconnected")
+        except UpstreamError as exc:
+            log.error("assistant failed: %s", exc)
+            metrics.ERRORS.labels(kind="upstream").inc()
+            self._end("upstream-error", "error")
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        log.warning("protocol error from Twilio (peer %s), ending the call: %s", self.peer, exc)
+        metrics.ERRORS.labels(kind="protocol").inc()
+        self._end("protocol-error", "error")
+
+    # -- the four tasks --
+
+    async def _inbound(self, assistant: AssistantSession, turns: TurnTimer,
+                       speech: trio.MemorySendChannel[float]) -> str:
+        receive = self.socket.receive
+        parse = self.protocol.receive
+        send_audio = assistant.send_audio
+        transcode = (InboundTranscoder().process if self.provider.audio == "pcm16" else None)
+        clock = trio.current_time
+        stats = self.stats
+        while True:
+            event = parse(await receive())
+            if type(event) is MediaFrame:
+                stats.frames_in += 1
+                payload = event.payload
+                started = turns.caller_audio(
+                    event.timestamp_ms, len(payload), frame_energy_dbfs_ulaw(payload), clock()
+                )
+                if started:
+                    with contextlib.suppress(trio.WouldBlock):
+                        speech.send_nowait(clock())
+                await send_audio(transcode(payload) if transcode else payload)
+            elif type(event) is MarkPlayed:
+                log.debug("mark %s played", event.name)
+            elif type(event) is Dtmf:
+                log.info("caller pressed %s", event.digit)
+            elif type(event) is StreamStop:
+                return "caller-hangup"
+
+    async def _outbound(self, assistant: AssistantSession, playback: Playback,
+                        turns: TurnTimer) -> str:
+        transcode = (OutboundTranscoder().process if self.provider.audio == "pcm16" else None)
+        while True:
+            event = await assistant.receive()
+            if type(event) is AssistantAudio:
+                ulaw = transcode(event.data) if transcode else event.data
+                if await playback.play(ulaw) and playback.first_frame_at is not None:
+                    latency = turns.assistant_audio(playback.first_frame_at)
+                    if latency is not None:
+                        metrics.TURN_LATENCY_SECONDS.observe(latency)
+                        log.debug("turn %d: response latency %.0f ms",
+                                  len(turns.latencies), latency * 1000)
+            elif type(event) is AssistantInterrupted:
+                await self._barge_in(playback, "assistant")
+            elif type(event) is AssistantEnded:
+                await playback.flush()
+                return f"assistant-ended:{event.reason}"
+
+    async def _keepalive(self, assistant: AssistantSession) -> str:
+        interval = self.settings.config.call.keepalive_interval
+        timeout = self.settings.config.call.keepalive_timeout
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(timeout) as scope:
+                await assistant.ping()
+            if scope.cancelled_caught:
+                log.error("assistant did not answer a keep-alive within %.1fs", timeout)
+                metrics.ERRORS.labels(kind="keepalive").inc()
+                self.outcome = "error"
+                return "upstream-keepalive-timeout"
+
+    async def _barge_in_watcher(self, playback: Playback,
+                                speech: trio.MemoryReceiveChannel[float]) -> str:
+        enabled = self.settings.config.barge_in.local_vad
+        async for _ in speech:
+            if enabled and playback.playing:
+                await self._barge_in(playback, "vad")
+        return "barge-in-watcher-ended"  # pragma: no cover - the channel never closes first
+
+    async def _barge_in(self, playback: Playback, source: str) -> None:
+        dropped = await playback.interrupt()
+        if dropped > 0.0:
+            self.stats.barge_ins += 1
+            metrics.BARGE_INS.labels(source=source).inc()
+            log.info("barge-in (%s): dropped %.0f ms of queued assistant audio",
+                     source, dropped * 1000)
+
+    # -- the end --
+
+    def _summarise(self) -> None:
+        s = self.stats
+        duration = trio.current_time() - s.started_at
+        p50 = percentile(s.latencies, 50)
+        p95 = percentile(s.latencies, 95)
+        reason = self.end_reason or "unknown"
+        metrics.CALLS_TOTAL.labels(outcome=self.outcome).inc()
+        metrics.MEDIA_FRAMES.labels(direction="inbound").inc(s.frames_in)
+        metrics.MEDIA_FRAMES.labels(direction="outbound").inc(s.frames_out)
+        log.info(
+            "call ended: duration=%.1fs frames_in=%d frames_out=%d dropped_in=%d "
+            "dropped_out=%d turns=%d latency_p50=%s latency_p95=%s barge_ins=%d reason=%s",
+            duration, s.frames_in, s.frames_out, s.frames_dropped_in, s.frames_dropped_out,
+            len(s.latencies), _ms(p50), _ms(p95), s.barge_ins, reason,
+        )
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f}ms"
+

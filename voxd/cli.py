@@ -1,0 +1,143 @@
+"""The `voxd` command line: serve, check-config, call, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+from voxd import __version__
+from voxd.config import load_settings, resolve_config_path, summary
+from voxd.errors import ConfigError, VoxdError
+from voxd.observability.logging import configure_logging
+
+log = logging.getLogger("voxd")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="voxd", description="Bridge Twilio phone calls to voice-AI assistants.")
+    parser.add_argument("--version", action="version", version=f"voxd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("--config", metavar="PATH", help="voxd.toml to use")
+
+    check = sub.add_parser("check-config", help="validate the config and exit")
+    check.add_argument("--config", metavar="PATH", help="voxd.toml to check")
+
+    call = sub.add_parser("call", help="place a simulated Twilio call against a webhook")
+    call.add_argument("webhook_url", metavar="WEBHOOK_URL",
+                      help="e.g. http://127.0.0.1:3000/twilio/voice")
+    call.add_argument("--wav", metavar="IN", type=Path,
+                      help="caller audio, any PCM WAV (default: the bundled sample)")
+    call.add_argument("--record", metavar="OUT.wav", type=Path,
+                      help="write the call as stereo WAV (caller left, assistant right)")
+    call.add_argument("--seconds", type=float, metavar="N",
+                      help="call length (default: the audio plus 4 s to hear the reply)")
+    call.add_argument("--auth-token", metavar="T",
+                      help="Twilio auth token to sign with (default: $VOXD_TWILIO_AUTH_TOKEN)")
+
+    demo = sub.add_parser("demo", help="run voxd with the echo assistant and place one call")
+    demo.add_argument("--record", metavar="OUT.wav", type=Path, default=Path("voxd-demo.wav"),
+                      help="where to write the call (default: ./voxd-demo.wav)")
+    demo.add_argument("--audio", choices=("pcm16", "mulaw"), default="pcm16",
+                      help="audio format spoken to the assistant (default: pcm16)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one voxd command; returns the exit code (0 ok, 1 runtime failure, 2 bad usage)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            return _check_config(args)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "call":
+            return _call(args)
+        if args.command == "demo":
+            return _demo(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"voxd: {problem}", file=sys.stderr)
+        return 2
+    except VoxdError as exc:
+        print(f"voxd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("voxd: interrupted", file=sys.stderr)
+        return 130
+    return 2  # pragma: no cover - argparse requires a command
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from voxd.providers import build_provider
+
+    settings = load_settings(resolve_config_path(args.config))
+    build_provider(settings)
+    print(summary(settings))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from voxd.providers import build_provider
+    from voxd.server import run_daemon
+
+    settings = load_settings(resolve_config_path(args.config))
+    build_provider(settings)  # fail now, with the config key, not on the first call
+    configure_logging(settings.config.logging.level)
+    log.info("voxd %s starting: %s", __version__, summary(settings))
+    if not settings.config.twilio.validate_signatures:
+        log.warning("twilio.validate_signatures is false: ANYONE who can reach %s can place "
+                    "calls through this daemon. Use this only for local testing.",
+                    settings.config.server.public_url)
+    try:
+        trio.run(run_daemon, settings)
+    except OSError as exc:
+        print(f"voxd: server.listen: cannot listen on {settings.config.server.listen}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _call(args: argparse.Namespace) -> int:
+    from voxd.sim.caller import TwilioSimulator, read_wav
+    from voxd.sim.demo import TAIL_SECONDS, bundled_sample
+
+    if args.seconds is not None and args.seconds <= 0:
+        print("voxd: --seconds must be positive", file=sys.stderr)
+        return 2
+    if args.wav is not None and not args.wav.is_file():
+        print(f"voxd: --wav: no such file: {args.wav}", file=sys.stderr)
+        return 2
+    audio = read_wav(args.wav) if args.wav else bundled_sample()
+    token = args.auth_token or os.environ.get("VOXD_TWILIO_AUTH_TOKEN") or None
+    seconds = args.seconds if args.seconds is not None else len(audio) / 8000 + TAIL_SECONDS
+    simulator = TwilioSimulator(args.webhook_url, auth_token=token)
+    print(f"calling {args.webhook_url} for {seconds:.1f}s"
+          f"{' (signed)' if token else ' (unsigned)'} ...", flush=True)
+    report = trio.run(simulator.call, audio, seconds)
+    print(report.render())
+    if args.record:
+        report.write_wav(args.record)
+        print(f"recorded the call to {args.record} (left: caller, right: assistant as heard)")
+    return 0 if not report.errors else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from voxd.sim.demo import run_demo
+
+    configure_logging("info")
+    print("voxd demo: starting voxd with the echo assistant and calling it "
+          "(the echo repeats each sentence after a short pause) ...", flush=True)
+    report = trio.run(run_demo, args.audio)
+    print(report.render())
+    report.write_wav(args.record)
+    print(f"\nwrote {args.record}: left = caller, right = what the caller heard. "
+          "Play it with any audio player (e.g. `aplay` or `play`).")
+    return 0 if not report.errors else 1

@@ -1,0 +1,351 @@
+"""voxd.toml -> frozen typed settings, and secrets from the environment or systemd credentials.
+
+The file is parsed once (`load_settings`); nothing reads the raw TOML dict afterwards. Every
+problem is reported as one line naming its key ("call.keepalive_timeout: must be > 0"), all
+problems at once, so `voxd check-config` can print them together.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as _random
+import tomllib
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from voxd.errors import ConfigError
+
+SEARCH_PATHS = (Path("voxd.toml"), Path("/etc/voxd/voxd.toml"))
+"""Where the config is looked for when neither --config nor $VOXD_CONFIG names a file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ServerConfig(_Section):
+    """`[server]`: where voxd listens and how Twilio reaches it."""
+
+    listen: str = "127.0.0.1:3000"
+    public_url: str = "http://127.0.0.1:3000"
+    workers: Annotated[int, Field(ge=1)] = 1
+
+
+class TwilioConfig(_Section):
+    """`[twilio]`: signature checking and REST call control."""
+
+    validate_signatures: bool = True
+    account_sid: str = ""
+
+
+class AssistantConfig(_Section):
+    """`[assistant]`: which assistant answers, and the audio format spoken to it."""
+
+    provider: Literal["echo", "vapi", "websocket"] = "echo"
+    audio: Literal["pcm16", "mulaw"] = "pcm16"
+
+
+class VapiConfig(_Section):
+    """`[vapi]`: Vapi's API and the assistant to call."""
+
+    base_url: str = "https://api.vapi.ai"
+    assistant_id: str = ""
+
+
+class WebsocketConfig(_Section):
+    """`[websocket]`: a generic upstream speaking raw binary audio."""
+
+    url: str = ""
+
+
+class CallConfig(_Section):
+    """`[call]`: per-call behaviour and limits."""
+
+    keepalive_interval: Annotated[float, Field(gt=0)] = 10.0
+    keepalive_timeout: Annotated[float, Field(gt=0)] = 5.0
+    preconnect_buffer_seconds: Annotated[float, Field(ge=0)] = 5.0
+    max_concurrent_calls: Annotated[int, Field(ge=1)] = 200
+    fallback_twiml: str = "<Say>Sorry, the assistant is unavailable right now.</Say>"
+    start_timeout: Annotated[float, Field(gt=0)] = 10.0
+    max_message_bytes: Annotated[int, Field(ge=1024)] = 65536
+
+
+class BargeInConfig(_Section):
+    """`[barge_in]`: interrupting the assistant when the caller talks over it."""
+
+    local_vad: bool = False
+    min_speech_ms: Annotated[int, Field(ge=20, le=2000)] = 120
+
+
+class LoggingConfig(_Section):
+    """`[logging]`: verbosity."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Section):
+    """The whole voxd.toml."""
+
+    server: ServerConfig = ServerConfig()
+    twilio: TwilioConfig = TwilioConfig()
+    assistant: AssistantConfig = AssistantConfig()
+    vapi: VapiConfig = VapiConfig()
+    websocket: WebsocketConfig = WebsocketConfig()
+    call: CallConfig = CallConfig()
+    barge_in: BargeInConfig = BargeInConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+class Secret:
+    """A secret string whose repr and str are `***`, so it never lands in a log line."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself, for the one place that must use it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """Secrets, read from `$CREDENTIALS_DIRECTORY/NAME` or the environment, never from the file."""
+
+    twilio_auth_token: Secret | None = None
+    vapi_api_key: Secret | None = None
+    stream_secret: Secret = field(default_factory=lambda: Secret(_random.token_urlsafe(32)))
+
+
+SECRET_SOURCES = {
+    "twilio_auth_token": "VOXD_TWILIO_AUTH_TOKEN",
+    "vapi_api_key": "VAPI_API_KEY",
+    "stream_secret": "VOXD_STREAM_SECRET",
+}
+"""systemd credential name -> environment variable."""
+
+
+def read_secret(name: str, environ: dict[str, str] | None = None) -> Secret | None:
+    """One secret: the systemd credential file if present, else the environment variable."""
+    env = os.environ if environ is None else environ
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if cred_dir:
+        path = Path(cred_dir) / name
+        if path.is_file():
+            value = path.read_text(encoding="utf-8").strip()
+            if value:
+                return Secret(value)
+    value = env.get(SECRET_SOURCES[name], "").strip()
+    return Secret(value) if value else None
+
+
+def load_secrets(environ: dict[str, str] | None = None) -> Secrets:
+    """All secrets; the stream secret is generated when none is configured."""
+    stream = read_secret("stream_secret", environ)
+    return Secrets(
+        twilio_auth_token=read_secret("twilio_auth_token", environ),
+        vapi_api_key=read_secret("vapi_api_key", environ),
+        **({"stream_secret": stream} if stream else {}),
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Config plus secrets plus where the config came from: everything a running voxd reads."""
+
+    config: Config
+    secrets: Secrets
+    source: Path | None = None
+
+    @property
+    def webhook_url(self) -> str:
+        """The public URL Twilio POSTs the voice webhook to (and signs)."""
+        return self.config.server.public_url.rstrip("/") + "/twilio/voice"
+
+    @property
+    def stream_url(self) -> str:
+        """The public ws(s):// URL of the media endpoint put in the TwiML (and signed)."""
+        base = self.config.server.public_url.rstrip("/")
+        scheme, rest = base.split("://", 1)
+        return ("wss" if scheme == "https" else "ws") + "://" + rest + "/media-stream"
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        """`server.listen` as (host, port)."""
+        return parse_listen(self.config.server.listen)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split "host:port" (IPv6 as "[::1]:3000"); raises ValueError with a readable reason."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected host:port, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"port must be a number from 0 to 65535, got {port!r}")
+    return host, int(port)
+
+
+def resolve_config_path(explicit: str | None, environ: dict[str, str] | None = None) -> Path:
+    """--config, else $VOXD_CONFIG, else ./voxd.toml, else /etc/voxd/voxd.toml."""
+    env = os.environ if environ is None else environ
+    named = explicit or env.get("VOXD_CONFIG")
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            origin = "--config" if explicit else "$VOXD_CONFIG"
+            raise ConfigError([f"{origin}: no such file: {path}"])
+        return path
+    for path in SEARCH_PATHS:
+        if path.is_file():
+            return path
+    raise ConfigError(
+        ["no config file: pass --config PATH or set $VOXD_CONFIG "
+         f"(looked for {', '.join(str(p) for p in SEARCH_PATHS)})"]
+    )
+
+
+def load_settings(
+    path: Path | None, environ: dict[str, str] | None = None, *, text: str | None = None
+) -> Settings:
+    """Read, validate and freeze the config at `path` (or `text`) plus secrets; ConfigError lists
+    every problem."""
+    if text is None:
+        if path is None:
+            raise ConfigError(["no config file given"])
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path or 'config'}: not valid TOML: {exc}"]) from exc
+    config = parse_config(raw)
+    secrets = load_secrets(environ)
+    problems = check_settings(config, secrets)
+    if problems:
+        raise ConfigError(problems)
+    return Settings(config=config, secrets=secrets, source=path)
+
+
+def parse_config(raw: dict[str, Any]) -> Config:
+    """Validate the raw TOML table into a frozen Config, or raise ConfigError naming each key."""
+    problems: list[str] = []
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        problems = [_describe(err) for err in errors]
+        # Check the rest too, so one run reports every problem: drop what is wrong, retry.
+        raw = _without(raw, [err["loc"] for err in errors])
+        try:
+            config = Config.model_validate(raw)
+        except ValidationError:
+            raise ConfigError(problems) from None
+    problems += _check_values(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _without(raw: dict[str, Any], locations: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """A copy of the raw table without the keys at `locations` (their defaults apply)."""
+    copy = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for loc in locations:
+        if len(loc) == 1:
+            copy.pop(str(loc[0]), None)
+        elif isinstance(copy.get(str(loc[0])), dict):
+            copy[str(loc[0])].pop(str(loc[1]), None)
+    return copy
+
+
+def _describe(err: Any) -> str:
+    key = ".".join(str(part) for part in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if err["type"] == "model_type":
+        return f"{key}: must be a table ([{key}])"
+    msg = err["msg"]
+    msg = msg[0].lower() + msg[1:]
+    return f"{key}: {msg} (got {err['input']!r})"
+
+
+def _check_values(config: Config) -> list[str]:
+    problems: list[str] = []
+    try:
+        parse_listen(config.server.listen)
+    except ValueError as exc:
+        problems.append(f"server.listen: {exc}")
+    public = urlsplit(config.server.public_url)
+    if public.scheme not in ("http", "https") or not public.netloc:
+        problems.append(
+            "server.public_url: must be an http:// or https:// origin such as "
+            f"https://voice.example.com (got {config.server.public_url!r})"
+        )
+    elif public.query or public.fragment:
+        problems.append("server.public_url: must not carry a query or fragment")
+    if config.server.workers != 1:
+        problems.append("server.workers: only 1 is supported in this version")
+    if config.assistant.provider == "vapi":
+        if not config.vapi.assistant_id:
+            problems.append('vapi.assistant_id: required when assistant.provider = "vapi"')
+        if urlsplit(config.vapi.base_url).scheme not in ("http", "https"):
+            problems.append(f"vapi.base_url: must be an http(s) URL (got {config.vapi.base_url!r})")
+    if config.assistant.provider == "websocket":
+        if not config.websocket.url:
+            problems.append('websocket.url: required when assistant.provider = "websocket"')
+        elif urlsplit(config.websocket.url).scheme not in ("ws", "wss"):
+            problems.append(f"websocket.url: must be a ws:// or wss:// URL "
+                            f"(got {config.websocket.url!r})")
+    try:
+        ET.fromstring(f"<Response>{config.call.fallback_twiml}</Response>")
+    except ET.ParseError as exc:
+        problems.append(f"call.fallback_twiml: not valid TwiML verbs: {exc}")
+    return problems
+
+
+def check_settings(config: Config, secrets: Secrets) -> list[str]:
+    """Problems that need config and secrets together (e.g. a required secret is missing)."""
+    problems: list[str] = []
+    if config.twilio.validate_signatures and secrets.twilio_auth_token is None:
+        problems.append(
+            "twilio.validate_signatures: true needs the Twilio auth token "
+            "(set VOXD_TWILIO_AUTH_TOKEN or the systemd credential twilio_auth_token), "
+            "or set it to false for local testing"
+        )
+    if config.assistant.provider == "vapi" and secrets.vapi_api_key is None:
+        problems.append(
+            'assistant.provider: "vapi" needs the Vapi private API key '
+            "(set VAPI_API_KEY or the systemd credential vapi_api_key)"
+        )
+    return problems
+
+
+def summary(settings: Settings) -> str:
+    """One line describing a valid config, for `voxd check-config` and the start-up log."""
+    c = settings.config
+    signatures = "on" if c.twilio.validate_signatures else "OFF"
+    return (
+        f"ok: {settings.source or 'built-in defaults'}: listen {c.server.listen}, "
+        f"public {c.server.public_url}, assistant {c.assistant.provider} ({c.assistant.audio}), "
+        f"signatures {signatures}, max {c.call.max_concurrent_calls} calls"
+    )

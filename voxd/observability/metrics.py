@@ -1,0 +1,45 @@
+"""Process-wide Prometheus metrics (names are part of the public surface: interface.md).
+
+Per-frame counts are kept in plain integers by each call and added here in batches, so the
+per-frame path never takes prometheus-client's locks.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+CALLS_ACTIVE = Gauge("voxd_calls_active", "Calls bridged right now", registry=REGISTRY)
+CALLS_TOTAL = Counter(
+    "voxd_calls_total", "Calls ended, by outcome", ["outcome"], registry=REGISTRY
+)
+CALLS_REJECTED = Counter(
+    "voxd_calls_rejected_total", "Calls refused, by reason", ["reason"], registry=REGISTRY
+)
+MEDIA_FRAMES = Counter(
+    "voxd_media_frames_total", "Media frames moved, by direction", ["direction"],
+    registry=REGISTRY,
+)
+MEDIA_FRAMES_DROPPED = Counter(
+    "voxd_media_frames_dropped_total", "Media frames dropped, by direction and reason",
+    ["direction", "reason"], registry=REGISTRY,
+)
+UPSTREAM_CONNECT_SECONDS = Histogram(
+    "voxd_upstream_connect_seconds", "Time to open the assistant's connection",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=REGISTRY,
+)
+TURN_LATENCY_SECONDS = Histogram(
+    "voxd_turn_latency_seconds", "End of caller speech to first assistant audio sent",
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5), registry=REGISTRY,
+)
+BARGE_INS = Counter(
+    "voxd_barge_ins_total", "Assistant playback interrupted, by source", ["source"],
+    registry=REGISTRY,
+)
+ERRORS = Counter("voxd_errors_total", "Errors, by kind", ["kind"], registry=REGISTRY)
+
+
+def render() -> bytes:
+    """The Prometheus text exposition of every voxd metric."""
+    return generate_latest(REGISTRY)

@@ -1,0 +1,83 @@
+"""The provider interface: what a call needs from an assistant, whoever runs it.
+
+A `Provider` is built once from the config; `Provider.connect(call)` opens one call's
+`AssistantSession` as an async context manager (leaving it closes everything the session
+opened). The session takes caller audio and yields events, in the audio format the provider
+declared (`pcm16` = s16le 16 kHz, `mulaw` = G.711 8 kHz), so the call layer transcodes once
+and the provider never sees Twilio's protocol.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import msgspec
+
+AudioFormat = Literal["pcm16", "mulaw"]
+
+BYTES_PER_SECOND: dict[AudioFormat, int] = {"pcm16": 32000, "mulaw": 8000}
+"""Bytes of audio per second in each format (pcm16: 16 kHz x 2 bytes; mulaw: 8 kHz x 1)."""
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What is known about a call when its assistant is connected."""
+
+    call_sid: str
+    stream_sid: str
+    account_sid: str = ""
+    from_number: str = ""
+    to_number: str = ""
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+class AssistantAudio(msgspec.Struct, frozen=True):
+    """A piece of the assistant's speech, in the provider's audio format, any length."""
+
+    data: bytes
+
+
+class AssistantInterrupted(msgspec.Struct, frozen=True):
+    """The assistant noticed the caller talking over it: drop its queued speech now."""
+
+
+class AssistantEnded(msgspec.Struct, frozen=True):
+    """The assistant ended the call; `reason` goes into the call's summary line."""
+
+    reason: str
+
+
+AssistantEvent = AssistantAudio | AssistantInterrupted | AssistantEnded
+
+
+class AssistantSession(Protocol):
+    """One call's live connection to an assistant."""
+
+    async def send_audio(self, chunk: bytes) -> None:
+        """Deliver caller audio (provider format, in order, any length)."""
+        ...
+
+    async def receive(self) -> AssistantEvent:
+        """The next event from the assistant; raises UpstreamError if the connection failed."""
+        ...
+
+    async def ping(self) -> None:
+        """One keep-alive round trip; returns when the assistant answered."""
+        ...
+
+    async def hang_up(self) -> None:
+        """Tell the assistant the caller is gone (before the session is closed)."""
+        ...
+
+
+class Provider(Protocol):
+    """A kind of assistant (echo, vapi, websocket, ...), configured once, connected per call."""
+
+    name: str
+    audio: AudioFormat
+
+    def connect(self, call: CallInfo) -> AbstractAsyncContextManager[AssistantSession]:
+        """Open the assistant for one call; leaving the context closes it."""
+        ...

@@ -1,0 +1,36 @@
+"""The TwiML voxd answers Twilio's voice webhook with (built with the `twilio` package)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from twilio.twiml.voice_response import Connect, VoiceResponse
+
+MAX_PARAMETER_CHARS = 500
+"""Twilio's limit on a <Parameter>'s name plus value."""
+
+
+def connect_stream(stream_url: str, parameters: Mapping[str, str], fallback_verbs: str) -> str:
+    """`<Connect><Stream url=...>` with `<Parameter>`s, then the fallback verbs (raw TwiML,
+    validated at config load) that Twilio runs once the stream ends."""
+    response = VoiceResponse()
+    connect = Connect()
+    stream = connect.stream(url=stream_url)
+    for name, value in parameters.items():
+        value = value[: max(0, MAX_PARAMETER_CHARS - len(name) - 1)]
+        stream.parameter(name=name, value=value)
+    response.append(connect)
+    return _with_verbs(response, fallback_verbs)
+
+
+def verbs_only(verbs: str) -> str:
+    """A response made of the given verbs alone (e.g. the fallback when no stream can start)."""
+    return _with_verbs(VoiceResponse(), verbs)
+
+
+def _with_verbs(response: VoiceResponse, verbs: str) -> str:
+    xml = str(response)
+    if xml.endswith("<Response />"):
+        xml = xml[: -len("<Response />")] + "<Response></Response>"
+    head, tail = xml[: -len("</Response>")], "</Response>"
+    return head + verbs + tail
