@@ -197,19 +197,24 @@ class CallSession:
         barge = self.settings.config.barge_in
         turns = TurnTimer(min_speech_ms=barge.min_speech_ms)
         speech_tx, speech_rx = trio.open_memory_channel[float](8)
-        async with trio.open_nursery() as nursery:
-            self._cancel = nursery.cancel_scope
-            nursery.start_soon(self._guard, self._inbound(assistant, turns, speech_tx))
-            nursery.start_soon(self._guard, self._outbound(assistant, playback, turns))
-            nursery.start_soon(self._guard, self._keepalive(assistant))
-            nursery.start_soon(self._guard, self._barge_in_watcher(playback, speech_rx))
-        self._cancel = None
-        self.stats.frames_out = playback.frames_sent
-        self.stats.latencies = turns.latencies
-        if self.end_reason == "caller-hangup":
-            with trio.move_on_after(TEARDOWN_SECONDS) as scope:
-                scope.shield = True
-                await assistant.hang_up()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._cancel = nursery.cancel_scope
+                nursery.start_soon(self._guard, self._inbound(assistant, turns, speech_tx))
+                nursery.start_soon(self._guard, self._outbound(assistant, playback, turns))
+                nursery.start_soon(self._guard, self._keepalive(assistant))
+                nursery.start_soon(self._guard, self._barge_in_watcher(playback, speech_rx))
+        finally:
+            self._cancel = None
+            if self.end_reason is None:  # cancelled from outside: the server is stopping
+                self._end("server-shutdown", "error")
+            self.stats.frames_out = playback.frames_sent
+            self.stats.latencies = turns.latencies
+            # Unless the assistant ended the call itself (or is unreachable), tell it the call
+            # is over: a network assistant may otherwise keep the call open, and billing.
+            if not self.end_reason.startswith(("assistant-ended", "upstream")):
+                with trio.CancelScope(shield=True), trio.move_on_after(TEARDOWN_SECONDS):
+                    await assistant.hang_up()
 
     async def _guard(self, pump: object) -> None:
         """Run one task of the call; map how it ended onto the call's end reason."""

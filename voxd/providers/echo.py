@@ -33,6 +33,9 @@ from voxd.providers.base import (
 log = logging.getLogger("voxd.providers.echo")
 
 FRAME_SECONDS = 0.020
+PLAYBACK_LEAD_SECONDS = 0.1
+"""The echo runs this far ahead of real time, as a streaming voice does, so scheduling jitter
+never starves the caller's playback."""
 PREROLL_FRAMES = 10
 """Frames kept from before speech was confirmed, so the echo keeps the utterance's onset."""
 
@@ -113,7 +116,7 @@ class EchoAssistant:
 
     async def _play(self, frames: list[bytes], scope: trio.CancelScope) -> None:
         with scope:
-            start = trio.current_time()
+            start = trio.current_time() - PLAYBACK_LEAD_SECONDS
             for i, frame in enumerate(frames):
                 await trio.sleep_until(start + i * FRAME_SECONDS)
                 await self._events_tx.send(AssistantAudio(frame))
