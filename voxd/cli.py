@@ -105,6 +105,18 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record_problem(path: Path | None) -> str | None:
+    """Why the WAV cannot be written there (checked before the call, not after it)."""
+    if path is None:
+        return None
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        return f"voxd: --record: no such directory: {parent}"
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"voxd: --record: cannot write {path}: permission denied"
+    return None
+
+
 def _call(args: argparse.Namespace) -> int:
     from voxd.sim.caller import TwilioSimulator, read_wav
     from voxd.sim.demo import TAIL_SECONDS, bundled_sample
@@ -114,6 +126,9 @@ def _call(args: argparse.Namespace) -> int:
         return 2
     if args.wav is not None and not args.wav.is_file():
         print(f"voxd: --wav: no such file: {args.wav}", file=sys.stderr)
+        return 2
+    if problem := _record_problem(args.record):
+        print(problem, file=sys.stderr)
         return 2
     audio = read_wav(args.wav) if args.wav else bundled_sample()
     token = args.auth_token or os.environ.get("VOXD_TWILIO_AUTH_TOKEN") or None
@@ -132,6 +147,9 @@ def _call(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from voxd.sim.demo import run_demo
 
+    if problem := _record_problem(args.record):
+        print(problem, file=sys.stderr)
+        return 2
     configure_logging("info")
     print("voxd demo: starting voxd with the echo assistant and calling it "
           "(the echo repeats each sentence after a short pause) ...", flush=True)

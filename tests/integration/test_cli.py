@@ -55,6 +55,9 @@ def test_check_config_ok_and_bad(tmp_path):
 def test_call_usage_errors_are_one_line():
     missing = run("call", "http://127.0.0.1:9/twilio/voice", "--wav", "/no/such.wav")
     assert missing.returncode == 2 and missing.stderr == "voxd: --wav: no such file: /no/such.wav\n"
+    unwritable = run("demo", "--record", "/no/such/dir/demo.wav")
+    assert unwritable.returncode == 2
+    assert unwritable.stderr == "voxd: --record: no such directory: /no/such/dir\n"
     unreachable = run("call", f"http://127.0.0.1:{free_port()}/twilio/voice", "--seconds", "1")
     assert unreachable.returncode == 1
     assert unreachable.stderr.startswith("voxd: cannot reach the webhook")
