@@ -22,7 +22,7 @@ from voxd.config import Settings
 from voxd.errors import ProtocolError
 from voxd.observability import metrics
 from voxd.providers import build_provider
-from voxd.providers.base import Provider
+from voxd.providers.base import CallInfo, Provider
 from voxd.twilio import twiml
 
 log = logging.getLogger("voxd.app")
@@ -40,6 +40,8 @@ class Runtime:
     settings: Settings
     provider: Provider
     validator: RequestValidator | None = None
+    background: trio.Nursery | None = None
+    """Where work that outlives one request runs (e.g. creating an assistant call early)."""
     calls: set[CallSession] = field(default_factory=set)
     _idle: trio.Event = field(default_factory=trio.Event)
 
@@ -202,6 +204,12 @@ def create_app(runtime_ref: Callable[[], Runtime]) -> VoxdAsgi:
             return Response(twiml.verbs_only(settings.config.call.fallback_twiml),
                             content_type="text/xml")
         parameters = {"from": form.get("From", ""), "to": form.get("To", "")}
+        if runtime.background is not None:
+            runtime.provider.prepare(
+                CallInfo(call_sid=call_sid, stream_sid="", account_sid=form.get("AccountSid", ""),
+                         from_number=parameters["from"], to_number=parameters["to"],
+                         parameters=parameters),
+                runtime.background)
         body = twiml.connect_stream(settings.stream_url, parameters,
                                     settings.config.call.fallback_twiml)
         log.info("call_sid=%s voice webhook: connecting the stream (from=%s to=%s)",

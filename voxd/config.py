@@ -41,6 +41,8 @@ class TwilioConfig(_Section):
 
     validate_signatures: bool = True
     account_sid: str = ""
+    rest_fallback: bool = False
+    api_base_url: str = "https://api.twilio.com"
 
 
 class AssistantConfig(_Section):
@@ -55,12 +57,17 @@ class VapiConfig(_Section):
 
     base_url: str = "https://api.vapi.ai"
     assistant_id: str = ""
+    assistant: dict[str, Any] = {}
+    early_start: bool = True
+    create_timeout: Annotated[float, Field(gt=0)] = 8.0
+    create_attempts: Annotated[int, Field(ge=1, le=10)] = 3
 
 
 class WebsocketConfig(_Section):
     """`[websocket]`: a generic upstream speaking raw binary audio."""
 
     url: str = ""
+    headers: dict[str, str] = {}
 
 
 class CallConfig(_Section):
@@ -131,12 +138,14 @@ class Secrets:
 
     twilio_auth_token: Secret | None = None
     vapi_api_key: Secret | None = None
+    websocket_auth: Secret | None = None
     stream_secret: Secret = field(default_factory=lambda: Secret(_random.token_urlsafe(32)))
 
 
 SECRET_SOURCES = {
     "twilio_auth_token": "VOXD_TWILIO_AUTH_TOKEN",
     "vapi_api_key": "VAPI_API_KEY",
+    "websocket_auth": "VOXD_WEBSOCKET_AUTH",
     "stream_secret": "VOXD_STREAM_SECRET",
 }
 """systemd credential name -> environment variable."""
@@ -162,6 +171,7 @@ def load_secrets(environ: dict[str, str] | None = None) -> Secrets:
     return Secrets(
         twilio_auth_token=read_secret("twilio_auth_token", environ),
         vapi_api_key=read_secret("vapi_api_key", environ),
+        websocket_auth=read_secret("websocket_auth", environ),
         **({"stream_secret": stream} if stream else {}),
     )
 
@@ -306,8 +316,12 @@ def _check_values(config: Config) -> list[str]:
     if config.server.workers != 1:
         problems.append("server.workers: only 1 is supported in this version")
     if config.assistant.provider == "vapi":
-        if not config.vapi.assistant_id:
-            problems.append('vapi.assistant_id: required when assistant.provider = "vapi"')
+        if not config.vapi.assistant_id and not config.vapi.assistant:
+            problems.append('vapi.assistant_id: required when assistant.provider = "vapi" '
+                            "(or an inline [vapi.assistant] table)")
+        elif config.vapi.assistant_id and config.vapi.assistant:
+            problems.append("vapi.assistant: set either vapi.assistant_id or an inline "
+                            "[vapi.assistant], not both")
         if urlsplit(config.vapi.base_url).scheme not in ("http", "https"):
             problems.append(f"vapi.base_url: must be an http(s) URL (got {config.vapi.base_url!r})")
     if config.assistant.provider == "websocket":
@@ -320,6 +334,11 @@ def _check_values(config: Config) -> list[str]:
         ET.fromstring(f"<Response>{config.call.fallback_twiml}</Response>")
     except ET.ParseError as exc:
         problems.append(f"call.fallback_twiml: not valid TwiML verbs: {exc}")
+    if config.twilio.rest_fallback and not config.twilio.account_sid:
+        problems.append("twilio.account_sid: required when twilio.rest_fallback = true")
+    if urlsplit(config.twilio.api_base_url).scheme not in ("http", "https"):
+        problems.append(f"twilio.api_base_url: must be an http(s) URL "
+                        f"(got {config.twilio.api_base_url!r})")
     return problems
 
 
@@ -332,6 +351,9 @@ def check_settings(config: Config, secrets: Secrets) -> list[str]:
             "(set VOXD_TWILIO_AUTH_TOKEN or the systemd credential twilio_auth_token), "
             "or set it to false for local testing"
         )
+    if config.twilio.rest_fallback and secrets.twilio_auth_token is None:
+        problems.append("twilio.rest_fallback: true needs the Twilio auth token "
+                        "(set VOXD_TWILIO_AUTH_TOKEN or the systemd credential twilio_auth_token)")
     if config.assistant.provider == "vapi" and secrets.vapi_api_key is None:
         problems.append(
             'assistant.provider: "vapi" needs the Vapi private API key '

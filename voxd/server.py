@@ -75,15 +75,22 @@ async def serve(
     app = create_app(lambda: runtime)
     stop = shutdown if shutdown is not None else trio.Event()
 
-    async def started_serving(task_status: trio.TaskStatus[None]) -> None:
-        await hypercorn_serve(app, hypercorn_config(settings, sock),  # type: ignore[arg-type]
-                              shutdown_trigger=stop.wait, task_status=task_status)
+    try:
+        async with trio.open_nursery() as nursery:
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(started_serving)
-        log.info("listening on %s (public URL %s)", bound_origin(sock),
-                 settings.config.server.public_url)
-        task_status.started(runtime)
+            async def hypercorn(task_status: trio.TaskStatus[None]) -> None:
+                await hypercorn_serve(app, hypercorn_config(settings, sock),  # type: ignore[arg-type]
+                                      shutdown_trigger=stop.wait, task_status=task_status)
+                nursery.cancel_scope.cancel()  # served its last connection: end background work
+
+            runtime.background = nursery
+            await nursery.start(hypercorn)
+            log.info("listening on %s (public URL %s)", bound_origin(sock),
+                     settings.config.server.public_url)
+            task_status.started(runtime)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await runtime.provider.aclose()
 
 
 async def run_daemon(settings: Settings) -> None:

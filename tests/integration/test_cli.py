@@ -47,7 +47,8 @@ def test_check_config_ok_and_bad(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "voxd: server.listen: input should be a valid string (got 5)",
-        'voxd: vapi.assistant_id: required when assistant.provider = "vapi"',
+        'voxd: vapi.assistant_id: required when assistant.provider = "vapi" (or an inline '
+        "[vapi.assistant] table)",
     ]
     assert "Traceback" not in result.stderr
 

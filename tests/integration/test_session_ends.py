@@ -28,6 +28,12 @@ class ScriptedAssistant:
         self.closed = trio.Event()
         self.events_tx, self.events_rx = trio.open_memory_channel(16)
 
+    def prepare(self, call, nursery) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
     @asynccontextmanager
     async def connect(self, call):
         try:

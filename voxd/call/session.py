@@ -1,11 +1,14 @@
 """One phone call, from Twilio's `start` to the summary line: the heart of voxd.
 
-Shape of a call (every task lives in the one nursery opened in `CallSession._bridge`):
+Shape of a call (every task lives in the nursery opened in `CallSession._bridge`, or in the
+assistant side's nursery nested in it):
 
-    inbound pump    Twilio text frame -> MediaStream.receive -> (transcode) -> assistant
-    outbound pump   assistant event -> (transcode) -> Playback -> Twilio
-    keep-alive      assistant.ping() every keepalive_interval, dead after keepalive_timeout
-    barge-in watch  caller speech started (local VAD, when enabled) while audio plays -> clear
+    inbound pump    Twilio text frame -> MediaStream.receive -> (transcode) -> UpstreamFeed
+                    (held, bounded, while the assistant connects; then straight through)
+    assistant side  connect the assistant, deliver the held audio, then run:
+      outbound pump   assistant event -> (transcode) -> Playback -> Twilio
+      keep-alive      assistant.ping() every keepalive_interval, dead after keepalive_timeout
+      barge-in watch  caller speech started (local VAD, when enabled) while audio plays -> clear
 
 Invariants:
 - Whichever task finishes first decides the end reason (`_end`) and cancels the rest; nothing
@@ -31,15 +34,18 @@ from voxd.audio.transcode import InboundTranscoder, OutboundTranscoder
 from voxd.audio.vad import frame_energy_dbfs_ulaw
 from voxd.call.playback import Playback
 from voxd.call.turns import TurnTimer
+from voxd.call.upstream_feed import UpstreamFeed
 from voxd.config import Settings
 from voxd.errors import ProtocolError, UpstreamError, VoxdError
 from voxd.observability import metrics
 from voxd.observability.logging import CallLogContext, bind_call
 from voxd.providers.base import (
+    BYTES_PER_SECOND,
     AssistantAudio,
     AssistantEnded,
     AssistantInterrupted,
     AssistantSession,
+    CallerSpeechStarted,
     CallInfo,
     Provider,
 )
@@ -182,39 +188,61 @@ class CallSession:
         log.info("call started: from=%s to=%s assistant=%s audio=%s peer=%s",
                  self.call.from_number or "-", self.call.to_number or "-", self.provider.name,
                  self.provider.audio, self.peer)
-        connect_started = trio.current_time()
-        try:
-            async with self.provider.connect(self.call) as assistant:
-                metrics.UPSTREAM_CONNECT_SECONDS.observe(trio.current_time() - connect_started)
-                await self._run_pumps(assistant)
-        except UpstreamError as exc:
-            log.error("assistant failed: %s", exc)
-            metrics.ERRORS.labels(kind="upstream").inc()
-            self._end("upstream-error", "error")
-
-    async def _run_pumps(self, assistant: AssistantSession) -> None:
+        call = self.settings.config.call
+        feed = UpstreamFeed(int(call.preconnect_buffer_seconds *
+                                BYTES_PER_SECOND[self.provider.audio]))
         playback = Playback(self.socket.send, self.protocol, trio.current_time)
-        barge = self.settings.config.barge_in
-        turns = TurnTimer(min_speech_ms=barge.min_speech_ms)
+        turns = TurnTimer(min_speech_ms=self.settings.config.barge_in.min_speech_ms)
         speech_tx, speech_rx = trio.open_memory_channel[float](8)
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
-                nursery.start_soon(self._guard, self._inbound(assistant, turns, speech_tx))
-                nursery.start_soon(self._guard, self._outbound(assistant, playback, turns))
-                nursery.start_soon(self._guard, self._keepalive(assistant))
-                nursery.start_soon(self._guard, self._barge_in_watcher(playback, speech_rx))
+                nursery.start_soon(self._guard, self._inbound(feed, turns, speech_tx))
+                nursery.start_soon(self._guard,
+                                   self._assistant_side(feed, playback, turns, speech_rx))
         finally:
             self._cancel = None
             if self.end_reason is None:  # cancelled from outside: the server is stopping
                 self._end("server-shutdown", "error")
             self.stats.frames_out = playback.frames_sent
             self.stats.latencies = turns.latencies
-            # Unless the assistant ended the call itself (or is unreachable), tell it the call
-            # is over: a network assistant may otherwise keep the call open, and billing.
-            if not self.end_reason.startswith(("assistant-ended", "upstream")):
-                with trio.CancelScope(shield=True), trio.move_on_after(TEARDOWN_SECONDS):
-                    await assistant.hang_up()
+            self.stats.frames_dropped_in += feed.dropped_chunks
+
+    async def _assistant_side(self, feed: UpstreamFeed, playback: Playback, turns: TurnTimer,
+                              speech: trio.MemoryReceiveChannel[float]) -> str:
+        """Connect the assistant (the inbound pump is already running and its audio is held),
+        then run everything that needs it."""
+        assert self.call is not None
+        started = trio.current_time()
+        async with self.provider.connect(self.call) as assistant:
+            connect_seconds = trio.current_time() - started
+            metrics.UPSTREAM_CONNECT_SECONDS.observe(connect_seconds)
+            await feed.attach(assistant)
+            held = feed.held_chunks
+            log.info("assistant connected in %.0f ms%s", connect_seconds * 1000,
+                     f"; delivered {held - feed.dropped_chunks} held chunks of caller audio"
+                     if held else "")
+            if feed.dropped_chunks:
+                log.warning("dropped the oldest %d chunks (%.1f s) of caller audio: the "
+                            "assistant took longer than call.preconnect_buffer_seconds "
+                            "(%.1f s) to connect", feed.dropped_chunks,
+                            feed.dropped_bytes / BYTES_PER_SECOND[self.provider.audio],
+                            self.settings.config.call.preconnect_buffer_seconds)
+                metrics.MEDIA_FRAMES_DROPPED.labels(direction="inbound",
+                                                    reason="preconnect").inc(feed.dropped_chunks)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._guard, self._outbound(assistant, playback, turns))
+                    nursery.start_soon(self._guard, self._keepalive(assistant))
+                    nursery.start_soon(self._guard, self._barge_in_watcher(playback, speech))
+            finally:
+                # Unless the assistant ended the call (or is unreachable), tell it the call is
+                # over: a network assistant may otherwise keep the call open, and billing.
+                reason = self.end_reason or "server-shutdown"
+                if not reason.startswith(("assistant-ended", "upstream")):
+                    with trio.CancelScope(shield=True), trio.move_on_after(TEARDOWN_SECONDS):
+                        await assistant.hang_up()
+        return self.end_reason or "assistant-side-ended"  # pragma: no cover - tasks end first
 
     async def _guard(self, pump: object) -> None:
         """Run one task of the call; map how it ended onto the call's end reason."""
@@ -238,11 +266,11 @@ class CallSession:
 
     # -- the four tasks --
 
-    async def _inbound(self, assistant: AssistantSession, turns: TurnTimer,
+    async def _inbound(self, feed: UpstreamFeed, turns: TurnTimer,
                        speech: trio.MemorySendChannel[float]) -> str:
         receive = self.socket.receive
         parse = self.protocol.receive
-        send_audio = assistant.send_audio
+        send_audio = feed.send
         transcode = (InboundTranscoder().process if self.provider.audio == "pcm16" else None)
         clock = trio.current_time
         stats = self.stats
@@ -280,6 +308,9 @@ class CallSession:
                                   len(turns.latencies), latency * 1000)
             elif type(event) is AssistantInterrupted:
                 await self._barge_in(playback, "assistant")
+            elif type(event) is CallerSpeechStarted:
+                if playback.playing:
+                    await self._barge_in(playback, "assistant")
             elif type(event) is AssistantEnded:
                 await playback.flush()
                 return f"assistant-ended:{event.reason}"

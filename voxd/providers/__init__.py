@@ -19,4 +19,12 @@ def build_provider(settings: Settings) -> Provider:
         from voxd.providers.echo import EchoProvider
 
         return EchoProvider(config.assistant.audio)
+    if name == "vapi":
+        from voxd.providers.vapi import VapiProvider
+
+        return VapiProvider(settings)
+    if name == "websocket":
+        from voxd.providers.websocket import WebSocketProvider
+
+        return WebSocketProvider(settings)
     raise ConfigError([f'assistant.provider: "{name}" is not available in this version'])

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import msgspec
+import trio
 
 AudioFormat = Literal["pcm16", "mulaw"]
 
@@ -43,13 +44,17 @@ class AssistantInterrupted(msgspec.Struct, frozen=True):
     """The assistant noticed the caller talking over it: drop its queued speech now."""
 
 
+class CallerSpeechStarted(msgspec.Struct, frozen=True):
+    """The assistant heard the caller start speaking: an interruption if its audio is playing."""
+
+
 class AssistantEnded(msgspec.Struct, frozen=True):
     """The assistant ended the call; `reason` goes into the call's summary line."""
 
     reason: str
 
 
-AssistantEvent = AssistantAudio | AssistantInterrupted | AssistantEnded
+AssistantEvent = AssistantAudio | AssistantInterrupted | CallerSpeechStarted | AssistantEnded
 
 
 class AssistantSession(Protocol):
@@ -79,5 +84,16 @@ class Provider(Protocol):
     audio: AudioFormat
 
     def connect(self, call: CallInfo) -> AbstractAsyncContextManager[AssistantSession]:
-        """Open the assistant for one call; leaving the context closes it."""
+        """Open the assistant for one call; leaving the context closes it. Raises UpstreamError
+        when the assistant cannot be reached."""
+        ...
+
+    def prepare(self, call: CallInfo, nursery: trio.Nursery) -> None:
+        """The voice webhook has seen `call`: start whatever can start before the media stream
+        arrives (in `nursery`). `connect` must still work if this was never called, or was
+        called in another process."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the provider holds across calls (the server is stopping)."""
         ...

@@ -54,6 +54,13 @@ class EchoProvider:
         self.min_speech_ms = min_speech_ms
         self.max_utterance_seconds = max_utterance_seconds
 
+    def prepare(self, call: CallInfo, nursery: trio.Nursery) -> None:
+        """Nothing to prepare: the echo is in-process."""
+
+    async def aclose(self) -> None:
+        """Nothing held across calls."""
+        await trio.lowlevel.checkpoint()
+
     @asynccontextmanager
     async def connect(self, call: CallInfo) -> AsyncIterator[EchoAssistant]:
         """An echo assistant for one call; its playback task lives inside this context."""

@@ -1,0 +1,213 @@
+"""Vapi over its WebSocket transport: create the call over HTTPS, then one socket per call.
+
+Early start: the voice webhook already knows the call, so `prepare` begins `POST /call` while
+Twilio is still reading the TwiML and opening the media stream; `connect` then only opens the
+socket. The early call lives in this process's memory, keyed by CallSid: if the stream lands on
+another worker or host, that one creates its own call at stream start (always correct, just
+slower), and the unclaimed early call here is ended after EARLY_CLAIM_SECONDS so it is never
+left running on Vapi's side.
+
+Secrets: the API key and the websocketCallUrl are never logged (the call id is).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import httpx
+import trio
+
+from voxd.config import Settings
+from voxd.errors import UpstreamError
+from voxd.providers.base import (
+    AssistantEnded,
+    AssistantEvent,
+    AssistantInterrupted,
+    CallerSpeechStarted,
+    CallInfo,
+)
+from voxd.providers.vapi_protocol import (
+    END_CALL,
+    CreatedCall,
+    SpeechUpdate,
+    StatusUpdate,
+    UserInterrupted,
+    VapiCreateError,
+    create_call_body,
+    parse_control,
+    parse_create_response,
+)
+from voxd.providers.ws_upstream import WebSocketAssistant, open_upstream
+
+log = logging.getLogger("voxd.providers.vapi")
+
+EARLY_CLAIM_SECONDS = 30.0
+"""How long an early-created call waits for its media stream before it is ended."""
+FIRST_RETRY_DELAY = 0.25
+MAX_RETRY_DELAY = 2.0
+
+
+@dataclass
+class _EarlyCall:
+    done: trio.Event = field(default_factory=trio.Event)
+    claimed: trio.Event = field(default_factory=trio.Event)
+    created: CreatedCall | None = None
+    error: UpstreamError | None = None
+
+
+def translate(text: str) -> AssistantEvent | None:
+    """Vapi control message -> voxd event (None: nothing to act on)."""
+    event = parse_control(text)
+    if isinstance(event, UserInterrupted):
+        return AssistantInterrupted()
+    if isinstance(event, SpeechUpdate):
+        if event.role == "user" and event.status == "started":
+            return CallerSpeechStarted()
+        return None
+    if isinstance(event, StatusUpdate):
+        if event.status == "ended":
+            return AssistantEnded(f"vapi:{event.ended_reason or 'ended'}")
+        return None
+    log.debug("Vapi message %r (not acted on)", event.type)
+    return None
+
+
+class VapiProvider:
+    """`assistant.provider = "vapi"`."""
+
+    name = "vapi"
+
+    def __init__(self, settings: Settings) -> None:
+        config = settings.config
+        key = settings.secrets.vapi_api_key
+        if key is None:  # config.check_settings reports this first; this guards direct use
+            raise UpstreamError("the Vapi API key is not configured")
+        self.audio = config.assistant.audio
+        self.vapi = config.vapi
+        self.max_message_bytes = config.call.max_message_bytes
+        self._auth = {"Authorization": f"Bearer {key.reveal()}"}
+        self._early: dict[str, _EarlyCall] = {}
+        self._client: httpx.AsyncClient | None = None
+
+    # -- creating calls --
+
+    def _http(self) -> httpx.AsyncClient:
+        # One client for the process: its connection pool keeps TLS to Vapi warm between calls.
+        if self._client is None:
+            self._client = httpx.AsyncClient(base_url=self.vapi.base_url.rstrip("/"),
+                                             headers=self._auth)
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the HTTP connection pool."""
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def create_call(self, call: CallInfo) -> CreatedCall:
+        """`POST /call`, retrying 429/5xx/timeouts with backoff within `vapi.create_timeout`."""
+        body = create_call_body(
+            audio=self.audio, assistant_id=self.vapi.assistant_id,
+            assistant=self.vapi.assistant or None, call_sid=call.call_sid,
+            from_number=call.from_number, to_number=call.to_number,
+            parameters={k: v for k, v in call.parameters.items() if k not in ("from", "to")},
+        )
+        started = trio.current_time()
+        deadline = started + self.vapi.create_timeout
+        delay = FIRST_RETRY_DELAY
+        for attempt in range(1, self.vapi.create_attempts + 1):
+            try:
+                with trio.fail_after(max(0.0, deadline - trio.current_time())):
+                    response = await self._http().post("/call", json=body)
+                created = parse_create_response(response.status_code, response.content)
+                log.info("call_sid=%s Vapi call %s created in %.0f ms (attempt %d)",
+                         call.call_sid, created.id, (trio.current_time() - started) * 1000,
+                         attempt)
+                return created
+            except VapiCreateError as exc:
+                if not exc.retryable:
+                    raise
+                failure: UpstreamError = exc
+                wait = _retry_after(response, delay)
+            except (httpx.HTTPError, trio.TooSlowError) as exc:
+                failure = UpstreamError(f"cannot reach Vapi at {self.vapi.base_url}: "
+                                        f"{type(exc).__name__} {exc}".rstrip())
+                wait = delay
+            left = deadline - trio.current_time()
+            if attempt == self.vapi.create_attempts or wait >= left:
+                break
+            log.warning("call_sid=%s Vapi create-call attempt %d failed: %s; retrying in "
+                        "%.0f ms", call.call_sid, attempt, failure, wait * 1000)
+            await trio.sleep(wait)
+            delay = min(delay * 2, MAX_RETRY_DELAY)
+        raise UpstreamError(f"{failure} (gave up after {attempt} attempt(s) in "
+                            f"{trio.current_time() - started:.1f}s)")
+
+    # -- early start --
+
+    def prepare(self, call: CallInfo, nursery: trio.Nursery) -> None:
+        """Start creating the Vapi call now (from the voice webhook)."""
+        if not self.vapi.early_start or call.call_sid in self._early:
+            return
+        early = self._early[call.call_sid] = _EarlyCall()
+        nursery.start_soon(self._create_early, call, early)
+
+    async def _create_early(self, call: CallInfo, early: _EarlyCall) -> None:
+        try:
+            early.created = await self.create_call(call)
+        except UpstreamError as exc:
+            early.error = exc
+        finally:
+            early.done.set()
+        with trio.move_on_after(EARLY_CLAIM_SECONDS):
+            await early.claimed.wait()
+            return
+        # Nobody came for it: the stream went elsewhere, or the caller hung up first.
+        if self._early.get(call.call_sid) is early:
+            del self._early[call.call_sid]
+        if early.created is not None:
+            log.info("call_sid=%s Vapi call %s created early was never claimed by a media "
+                     "stream here; ending it", call.call_sid, early.created.id)
+            await self._end_unclaimed(early.created)
+
+    async def _end_unclaimed(self, created: CreatedCall) -> None:
+        with trio.move_on_after(5):
+            try:
+                async with open_upstream(created.websocket_call_url, list(self._auth.items()),
+                                         "Vapi", self.max_message_bytes) as ws:
+                    await ws.send_message(END_CALL)
+            except UpstreamError as exc:
+                log.warning("could not end the unclaimed Vapi call %s: %s", created.id, exc)
+
+    # -- one call --
+
+    @asynccontextmanager
+    async def connect(self, call: CallInfo) -> AsyncIterator[WebSocketAssistant]:
+        """Create (or claim the early-created) Vapi call and open its socket."""
+        early = self._early.pop(call.call_sid, None)
+        if early is not None:
+            early.claimed.set()
+            await early.done.wait()
+            if early.error is not None:
+                raise early.error
+            assert early.created is not None
+            created = early.created
+            log.info("using the Vapi call %s created early by the webhook", created.id)
+        else:
+            created = await self.create_call(call)
+        async with open_upstream(created.websocket_call_url, list(self._auth.items()),
+                                 "Vapi", self.max_message_bytes) as ws:
+            yield WebSocketAssistant(ws, "Vapi", translate, END_CALL)
+
+
+def _retry_after(response: httpx.Response, default: float) -> float:
+    """Honour a 429's Retry-After (seconds) when Vapi sends one."""
+    value = response.headers.get("retry-after", "")
+    try:
+        return min(max(float(value), 0.0), 10.0)
+    except ValueError:
+        return default
+

@@ -1,0 +1,176 @@
+"""Vapi's WebSocket transport, sans-I/O: the create-call request and response, and the call
+socket's JSON control messages (shared/reference/vapi-websocket-transport.md).
+
+Audio itself needs no parsing: it travels as binary frames of raw samples. Everything here is
+plain data in, typed values out; the HTTP client and the socket live in `providers/vapi.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import msgspec
+
+from voxd.errors import ProtocolError, UpstreamError
+
+AUDIO_FORMATS: dict[str, dict[str, Any]] = {
+    "pcm16": {"format": "pcm_s16le", "container": "raw", "sampleRate": 16000},
+    "mulaw": {"format": "mulaw", "container": "raw", "sampleRate": 8000},
+}
+"""voxd's `assistant.audio` -> Vapi's transport.audioFormat."""
+
+END_CALL = '{"type":"end-call"}'
+"""Client -> Vapi: end the call (sent before closing the socket, always)."""
+
+
+class VapiCreateError(UpstreamError):
+    """Vapi refused to create the call; `retryable` says whether trying again may help."""
+
+    def __init__(self, message: str, status: int | None, retryable: bool) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+def create_call_body(
+    *,
+    audio: Literal["pcm16", "mulaw"],
+    assistant_id: str = "",
+    assistant: Mapping[str, Any] | None = None,
+    call_sid: str,
+    from_number: str = "",
+    to_number: str = "",
+    parameters: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The JSON body of `POST /call` for one Twilio call, over the WebSocket transport.
+
+    The Twilio call's facts reach the assistant twice: as `assistantOverrides.variableValues`
+    (usable in prompts as {{callSid}}, {{from}}, {{to}}, ...) and as `metadata` (echoed back in
+    Vapi's server events and call logs)."""
+    facts = {"callSid": call_sid, "from": from_number, "to": to_number}
+    variables = {**facts, **(parameters or {})}
+    body: dict[str, Any] = {
+        "transport": {"provider": "vapi.websocket", "audioFormat": AUDIO_FORMATS[audio]},
+        "assistantOverrides": {"variableValues": variables},
+        "metadata": {"twilioCallSid": call_sid, "from": from_number, "to": to_number},
+    }
+    if assistant:
+        body["assistant"] = dict(assistant)
+    else:
+        body["assistantId"] = assistant_id
+    return body
+
+
+class _Transport(msgspec.Struct):
+    websocketCallUrl: str
+
+
+class _CreatedCall(msgspec.Struct):
+    transport: _Transport
+    id: str = ""
+
+
+class CreatedCall(msgspec.Struct, frozen=True):
+    """A call Vapi created: its id (safe to log) and socket URL (a secret: never log it)."""
+
+    id: str
+    websocket_call_url: str
+
+    def __repr__(self) -> str:
+        return f"CreatedCall(id={self.id!r}, websocket_call_url='***')"
+
+
+def parse_create_response(status: int, body: bytes) -> CreatedCall:
+    """Classify Vapi's answer to `POST /call`: a CreatedCall, or VapiCreateError saying what
+    went wrong and whether a retry may help (429 and 5xx may; 4xx will not)."""
+    if status in (200, 201):
+        try:
+            created = msgspec.json.decode(body, type=_CreatedCall)
+        except msgspec.DecodeError as exc:
+            raise VapiCreateError(f"Vapi's create-call answer is not what its API documents: "
+                                  f"{exc}", status, retryable=False) from None
+        url = created.transport.websocketCallUrl
+        if not url.startswith(("ws://", "wss://")):
+            raise VapiCreateError("Vapi's create-call answer has no WebSocket URL", status,
+                                  retryable=False)
+        return CreatedCall(created.id, url)
+    detail = _error_detail(body)
+    if status in (401, 403):
+        return _raise(f"Vapi rejected the API key (HTTP {status}{detail}): check VAPI_API_KEY "
+                      "or the vapi_api_key credential", status, retryable=False)
+    if status == 429 or status >= 500:
+        return _raise(f"Vapi is unavailable (HTTP {status}{detail})", status, retryable=True)
+    return _raise(f"Vapi refused the call (HTTP {status}{detail}): check vapi.assistant_id "
+                  "and vapi.assistant", status, retryable=False)
+
+
+def _raise(message: str, status: int, *, retryable: bool) -> CreatedCall:
+    raise VapiCreateError(message, status, retryable)
+
+
+def _error_detail(body: bytes) -> str:
+    try:
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return ""
+    if isinstance(data, dict):
+        message = data.get("message") or data.get("error")
+        if isinstance(message, list):
+            message = "; ".join(str(m) for m in message)
+        if message:
+            return f": {str(message)[:200]}"
+    return ""
+
+
+# -- control messages on the call socket ---------------------------------------------------
+
+
+class SpeechUpdate(msgspec.Struct, frozen=True):
+    """Someone started or stopped speaking (`role` user = the caller)."""
+
+    status: str
+    role: str
+    turn: int | None = None
+
+
+class UserInterrupted(msgspec.Struct, frozen=True):
+    """The caller barged in: drop the assistant audio still queued."""
+
+
+class StatusUpdate(msgspec.Struct, frozen=True):
+    """The call's status changed; `ended` comes with a reason."""
+
+    status: str
+    ended_reason: str = ""
+
+
+class OtherMessage(msgspec.Struct, frozen=True):
+    """A message voxd does not act on (transcript, model-output, hang, unknown types...)."""
+
+    type: str
+
+
+VapiEvent = SpeechUpdate | UserInterrupted | StatusUpdate | OtherMessage
+
+
+def parse_control(text: str) -> VapiEvent:
+    """One JSON text frame from Vapi as an event; ProtocolError if it is not a JSON object with
+    a string `type` (unknown types are not errors: they become OtherMessage). Lenient on the
+    other fields, which Vapi documents only loosely."""
+    try:
+        message = msgspec.json.decode(text)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"Vapi sent a control message that is not JSON: {exc}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ProtocolError("Vapi sent a control message without a string 'type'")
+    kind = message["type"]
+    if kind == "user-interrupted":
+        return UserInterrupted()
+    if kind == "speech-update":
+        turn = message.get("turn")
+        return SpeechUpdate(str(message.get("status", "")), str(message.get("role", "")),
+                            turn if isinstance(turn, int) else None)
+    if kind == "status-update":
+        return StatusUpdate(str(message.get("status", "")), str(message.get("endedReason", "")))
+    return OtherMessage(kind)

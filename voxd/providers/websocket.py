@@ -1,0 +1,93 @@
+"""`assistant.provider = "websocket"`: a self-hosted assistant behind a plain WebSocket.
+
+The protocol (documented in README.md, "Generic WebSocket assistants"):
+- voxd connects to `websocket.url` with the `websocket.headers` and, if configured, the secret
+  `websocket_auth` as the `Authorization` header;
+- voxd first sends one text frame `{"type":"start", "callSid", "streamSid", "from", "to",
+  "parameters", "audio"}`, then caller audio as binary frames (20 ms each, `assistant.audio`
+  format) and, when the caller hangs up, `{"type":"end"}` before closing;
+- the assistant sends its speech as binary frames (any size, same format) and may send text
+  frames `{"type":"interrupted"}` (drop its queued speech), `{"type":"speech-started"}` (the
+  caller started talking: an interruption if its speech is playing) and
+  `{"type":"end","reason":"..."}` (end the call). Other types are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import msgspec
+import trio
+
+from voxd.config import Settings
+from voxd.errors import ProtocolError
+from voxd.providers.base import (
+    AssistantEnded,
+    AssistantEvent,
+    AssistantInterrupted,
+    CallerSpeechStarted,
+    CallInfo,
+)
+from voxd.providers.ws_upstream import WebSocketAssistant, open_upstream
+
+END = '{"type":"end"}'
+
+
+def translate(text: str) -> AssistantEvent | None:
+    """A control frame from a generic assistant -> voxd event (None: ignored)."""
+    try:
+        message = msgspec.json.decode(text)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"assistant sent a control message that is not JSON: {exc}") \
+            from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ProtocolError("assistant sent a control message without a string 'type'")
+    kind = message["type"]
+    if kind == "interrupted":
+        return AssistantInterrupted()
+    if kind == "speech-started":
+        return CallerSpeechStarted()
+    if kind == "end":
+        return AssistantEnded(f"assistant:{message.get('reason') or 'ended'}")
+    return None
+
+
+def start_message(call: CallInfo, audio: str) -> str:
+    """The first frame voxd sends: who is calling, and in which audio format."""
+    return json.dumps({"type": "start", "callSid": call.call_sid, "streamSid": call.stream_sid,
+                       "from": call.from_number, "to": call.to_number,
+                       "parameters": call.parameters, "audio": audio})
+
+
+class WebSocketProvider:
+    """A generic upstream assistant speaking raw binary audio."""
+
+    name = "websocket"
+
+    def __init__(self, settings: Settings) -> None:
+        config = settings.config
+        self.audio = config.assistant.audio
+        self.url = config.websocket.url
+        self.max_message_bytes = config.call.max_message_bytes
+        headers = dict(config.websocket.headers)
+        if settings.secrets.websocket_auth is not None:
+            headers["Authorization"] = settings.secrets.websocket_auth.reveal()
+        self.headers = list(headers.items())
+
+    def prepare(self, call: CallInfo, nursery: trio.Nursery) -> None:
+        """Nothing to start before the stream: connecting is one step."""
+
+    async def aclose(self) -> None:
+        """Nothing held across calls."""
+        await trio.lowlevel.checkpoint()
+
+    @asynccontextmanager
+    async def connect(self, call: CallInfo) -> AsyncIterator[WebSocketAssistant]:
+        """Open the assistant's socket and introduce the call."""
+        async with open_upstream(self.url, self.headers, "the assistant",
+                                 self.max_message_bytes) as ws:
+            assistant = WebSocketAssistant(ws, "the assistant", translate, END)
+            await assistant.send(start_message(call, self.audio))
+            yield assistant
