@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from secrets import token_hex
 from typing import Any
 
 import pytest
 import trio
 
 from voxd.app import Runtime
-from voxd.config import Config, Secret, Secrets, Settings
+from voxd.config import Secret, Secrets, Settings, parse_config
 from voxd.server import bound_origin, open_listener, serve
 
 
@@ -32,13 +32,15 @@ class RunningVoxd:
         return self.runtime.settings.stream_url
 
 
-def make_settings(origin: str, token: str | None, **sections: dict[str, Any]) -> Settings:
+def make_settings(origin: str, token: str | None, secrets: dict[str, str] | None = None,
+                  **sections: dict[str, Any]) -> Settings:
     raw: dict[str, Any] = {k: dict(v) for k, v in sections.items()}
     raw.setdefault("server", {}).update(listen="127.0.0.1:0", public_url=origin)
     raw.setdefault("twilio", {}).setdefault("validate_signatures", token is not None)
-    config = Config.model_validate(raw)
+    config = parse_config(raw)  # the same checks as a config file gets
+    named = {k: Secret(v) for k, v in (secrets or {}).items()}
     return Settings(config=config,
-                    secrets=Secrets(twilio_auth_token=Secret(token) if token else None))
+                    secrets=Secrets(twilio_auth_token=Secret(token) if token else None, **named))
 
 
 @pytest.fixture
@@ -46,12 +48,13 @@ async def start_voxd(nursery: trio.Nursery) -> Callable[..., Any]:
     """`await start_voxd(signed=True, call={...}, assistant={...})` -> RunningVoxd."""
     sockets = []
 
-    async def start(signed: bool = True, **sections: dict[str, Any]) -> RunningVoxd:
+    async def start(signed: bool = True, secrets: dict[str, str] | None = None,
+                    **sections: dict[str, Any]) -> RunningVoxd:
         sock = open_listener("127.0.0.1:0")
         sockets.append(sock)
         origin = bound_origin(sock)
-        token = secrets.token_hex(16) if signed else None
-        settings = make_settings(origin, token, **sections)
+        token = token_hex(16) if signed else None
+        settings = make_settings(origin, token, secrets, **sections)
         runtime = await nursery.start(serve, settings, sock)
         return RunningVoxd(origin, token, runtime)
 

@@ -110,8 +110,8 @@ def configure_logging(level: str = "info") -> None:
     handler.setFormatter(VoxdFormatter(journal=stderr_is_journal()))
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # The web stack's own chatter stays at warning unless voxd itself is at debug.
-    quiet = logging.DEBUG if level == "debug" else logging.WARNING
+    # The web stack's own chatter stays at warning, even when voxd logs at debug: at debug
+    # these libraries log URLs and bytes (an assistant's websocketCallUrl is a secret).
     for name in ("hypercorn.error", "hypercorn.access", "quart.app", "quart.serving",
-                 "trio-websocket", "httpx", "httpcore"):
-        logging.getLogger(name).setLevel(quiet)
+                 "trio-websocket", "httpx", "httpcore", "twilio.http_client"):
+        logging.getLogger(name).setLevel(logging.WARNING)

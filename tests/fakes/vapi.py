@@ -1,0 +1,285 @@
+"""A fake Vapi that follows the documented WebSocket transport (shared/reference/...).
+
+- `POST /call` (HTTP, Quart-Trio on Hypercorn): checks `Authorization: Bearer`, validates the
+  body the way Vapi documents it, answers `{"id", "status", "transport": {"provider",
+  "websocketCallUrl"}}`, or the scripted failure (statuses, delay, no answer at all).
+- The call socket (trio-websocket, its own port, optionally behind a FreezableProxy): audio in
+  the negotiated format as binary frames both ways, JSON control as text. Its "assistant"
+  answers each caller utterance with that same audio after `response_delay`, bracketed by
+  speech-update messages, and says `user-interrupted` when the caller talks over it.
+  Scripted faults: abrupt drop, clean end (status-update ended), garbage, silence (freeze).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import hypercorn.trio
+import trio
+import trio_websocket
+from hypercorn.config import Config as HypercornConfig
+from quart import request
+from quart_trio import QuartTrio
+
+from tests.fakes.proxy import FreezableProxy
+from voxd.audio.vad import (
+    SpeechDetector,
+    SpeechEdge,
+    frame_energy_dbfs_pcm16,
+    frame_energy_dbfs_ulaw,
+)
+
+FORMATS = {("pcm_s16le", 16000): 640, ("mulaw", 8000): 160}
+"""(format, sampleRate) Vapi accepts -> bytes per 20 ms frame."""
+
+
+@dataclass
+class VapiScript:
+    """How the fake behaves; tests change fields before (or during) a call."""
+
+    api_key: str = "vapi-test-key"
+    create_statuses: list[int] = field(default_factory=list)
+    """Statuses answered (in order) before the call is created, e.g. [429, 503]."""
+    create_delay: float = 0.0
+    create_hangs: bool = False
+    retry_after: str | None = None
+    response_delay: float = 0.2
+    burst: bool = False
+    """Send each reply as fast as possible instead of in real time."""
+    first_message: bytes = b""
+    interrupt_message: str = "user-interrupted"
+    """'user-interrupted' or 'speech-update' (the documented fallback)."""
+    drop_after: float | None = None
+    end_after: float | None = None
+    garbage: bool = False
+
+
+@dataclass
+class FakeCall:
+    """One call as the fake saw it."""
+
+    id: str
+    body: dict[str, Any]
+    frame_bytes: int
+    socket_headers: dict[str, str] = field(default_factory=dict)
+    audio_in: bytearray = field(default_factory=bytearray)
+    control_in: list[dict[str, Any]] = field(default_factory=list)
+    replies: list[bytes] = field(default_factory=list)
+    reply_started: list[float] = field(default_factory=list)
+    interruptions: int = 0
+    connected: trio.Event = field(default_factory=trio.Event)
+    closed: trio.Event = field(default_factory=trio.Event)
+
+
+class FakeVapi:
+    """Start with `await nursery.start(fake.serve)`; then point vapi.base_url at `base_url`."""
+
+    def __init__(self, script: VapiScript | None = None, *, via_proxy: bool = False) -> None:
+        self.script = script or VapiScript()
+        self.via_proxy = via_proxy
+        self.calls: dict[str, FakeCall] = {}
+        self.create_requests: list[dict[str, Any]] = []
+        self.created = trio.Event()
+        """Set once the first call has been created."""
+        self.base_url = ""
+        self.proxy: FreezableProxy | None = None
+        self._ws_port = 0
+
+    @property
+    def last_call(self) -> FakeCall:
+        return list(self.calls.values())[-1]
+
+    async def serve(self, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            ws_server = await nursery.start(trio_websocket.serve_websocket, self._transport,
+                                            "127.0.0.1", 0, None)
+            self._ws_port = ws_server.port
+            if self.via_proxy:
+                self.proxy = FreezableProxy(self._ws_port)
+                self._ws_port = await nursery.start(self.proxy.serve)
+            config = HypercornConfig()
+            config.bind = ["127.0.0.1:0"]
+            config.accesslog = None
+            config.errorlog = None
+            binds = await nursery.start(hypercorn.trio.serve, self._http_app(), config)
+            self.base_url = binds[0]
+            task_status.started(self.base_url)
+
+    # -- POST /call --
+
+    def _http_app(self) -> QuartTrio:
+        app = QuartTrio("fake-vapi")
+
+        @app.post("/call")
+        async def create_call() -> tuple[dict[str, Any], int] | tuple[str, int, dict[str, str]]:
+            script = self.script
+            body = await request.get_json(force=True, silent=True)
+            self.create_requests.append({"headers": dict(request.headers), "body": body})
+            if script.create_hangs:
+                await trio.sleep_forever()
+            await trio.sleep(script.create_delay)
+            if request.headers.get("Authorization") != f"Bearer {script.api_key}":
+                return {"message": "Invalid Key. Hot tip, you may be using the private key "
+                        "instead of the public key, or vice versa.", "statusCode": 401}, 401
+            status = script.create_statuses.pop(0) if script.create_statuses else None
+            if status is not None:
+                headers = {"Retry-After": script.retry_after} if script.retry_after else {}
+                return json.dumps({"message": "try later", "statusCode": status}), status, headers
+            problem = _validate(body)
+            if problem:
+                return {"message": [problem], "error": "Bad Request", "statusCode": 400}, 400
+            fmt = body["transport"]["audioFormat"]
+            call = FakeCall(id=str(uuid.uuid4()), body=body,
+                            frame_bytes=FORMATS[(fmt["format"], fmt["sampleRate"])])
+            self.calls[call.id] = call
+            self.created.set()
+            url = f"ws://127.0.0.1:{self._ws_port}/{call.id}/transport"
+            return {"id": call.id, "status": "queued", "type": "vapi.websocketCall",
+                    "transport": {"provider": "vapi.websocket", "websocketCallUrl": url}}, 201
+
+        return app
+
+    # -- the call socket --
+
+    async def _transport(self, req: trio_websocket.WebSocketRequest) -> None:
+        call_id = req.path.strip("/").split("/")[0]
+        call = self.calls.get(call_id)
+        headers = {k.decode(): v.decode() for k, v in req.headers}
+        if call is None or headers.get("authorization") != f"Bearer {self.script.api_key}":
+            await req.reject(404 if call is None else 401)
+            return
+        ws = await req.accept()
+        call.socket_headers = headers
+        call.connected.set()
+        try:
+            async with trio.open_nursery() as nursery:
+                assistant = _Assistant(self.script, call, ws, nursery)
+                nursery.start_soon(assistant.listen)
+                nursery.start_soon(assistant.faults, nursery.cancel_scope)
+                if self.script.first_message:
+                    nursery.start_soon(assistant.speak, self.script.first_message)
+        except* trio_websocket.ConnectionClosed:
+            pass  # voxd hung up, or the script closed the socket
+        finally:
+            call.closed.set()
+
+
+class _Assistant:
+    def __init__(self, script: VapiScript, call: FakeCall,
+                 ws: trio_websocket.WebSocketConnection, nursery: trio.Nursery) -> None:
+        self.script = script
+        self.call = call
+        self.ws = ws
+        self.nursery = nursery
+        pcm = call.frame_bytes == 640
+        self.energy = frame_energy_dbfs_pcm16 if pcm else frame_energy_dbfs_ulaw
+        self.detector = SpeechDetector(min_speech_ms=60, hangover_ms=300)
+        self.utterance: list[bytes] = []
+        self.recent: collections.deque[bytes] = collections.deque(maxlen=10)
+        self.speaking: trio.CancelScope | None = None
+        self.pending = b""
+
+    async def listen(self) -> None:
+        size = self.call.frame_bytes
+        while True:
+            message = await self.ws.get_message()
+            if isinstance(message, str):
+                control = json.loads(message)
+                self.call.control_in.append(control)
+                if control.get("type") == "end-call":
+                    await self.ws.aclose()
+                    self.nursery.cancel_scope.cancel()
+                    return
+                continue
+            self.call.audio_in += message
+            self.pending += message
+            while len(self.pending) >= size:
+                frame, self.pending = self.pending[:size], self.pending[size:]
+                await self.on_frame(frame)
+
+    async def on_frame(self, frame: bytes) -> None:
+        detector = self.detector
+        edge = detector.update(self.energy(frame))
+        if edge is SpeechEdge.STARTED:
+            late = detector.frames_seen - 1 - (detector.speech_started_at_frame or 0)
+            self.utterance = list(self.recent)[len(self.recent) - late:] if late else []
+            if self.speaking is not None:  # the caller talks over the assistant
+                self.speaking.cancel()
+                self.speaking = None
+                self.call.interruptions += 1
+                if self.script.interrupt_message == "speech-update":
+                    await self.send({"type": "speech-update", "status": "started",
+                                     "role": "user", "turn": 1})
+                else:
+                    await self.send({"type": "user-interrupted", "turnId": "t1"})
+        if detector.in_speech or edge is SpeechEdge.STOPPED:
+            self.utterance.append(frame)
+        self.recent.append(frame)
+        if edge is SpeechEdge.STOPPED:
+            hangover = detector.frames_seen - 1 - (detector.speech_ended_at_frame or 0)
+            self.nursery.start_soon(self.reply, b"".join(self.utterance[:-hangover]))
+
+    async def reply(self, audio: bytes) -> None:
+        await trio.sleep(self.script.response_delay)
+        await self.speak(audio)
+
+    async def speak(self, audio: bytes) -> None:
+        scope = self.speaking = trio.CancelScope()
+        with scope:
+            self.call.replies.append(audio)
+            self.call.reply_started.append(trio.current_time())
+            await self.send({"type": "speech-update", "status": "started", "role": "assistant"})
+            size = self.call.frame_bytes
+            start = trio.current_time()
+            for i in range(0, len(audio), size):
+                if not self.script.burst:
+                    await trio.sleep_until(start + (i // size) * 0.020)
+                await self.ws.send_message(audio[i:i + size])
+            await self.send({"type": "speech-update", "status": "stopped", "role": "assistant"})
+        if self.speaking is scope:
+            self.speaking = None
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.ws.send_message(json.dumps(message))
+        if self.script.garbage:
+            await self.ws.send_message("{this is not json")
+            await self.ws.send_message('{"no_type": true}')
+
+    async def faults(self, scope: trio.CancelScope) -> None:
+        script = self.script
+        if script.garbage:
+            await self.ws.send_message("garbage!")
+            await self.send({"type": "transcript", "role": "user", "transcriptType": "partial",
+                             "transcript": "hel"})
+            await self.send({"type": "something-new", "x": 1})
+        if script.drop_after is not None:
+            await trio.sleep(script.drop_after)
+            await self.ws._stream.aclose()  # abrupt: no close frame (code 1006 at voxd)
+            scope.cancel()
+        elif script.end_after is not None:
+            await trio.sleep(script.end_after)
+            await self.send({"type": "status-update", "status": "ended",
+                             "endedReason": "assistant-ended-call"})
+            await self.ws.aclose()
+            scope.cancel()
+
+
+def _validate(body: Any) -> str | None:
+    """The checks Vapi documents for a websocket call (what a 400 would name)."""
+    if not isinstance(body, dict):
+        return "body must be a JSON object"
+    if bool(body.get("assistantId")) == bool(body.get("assistant")):
+        return "exactly one of assistantId or assistant must be given"
+    if "phoneNumberId" in body or "phoneNumber" in body:
+        return "phoneNumber is not allowed with the vapi.websocket transport"
+    transport = body.get("transport")
+    if not isinstance(transport, dict) or transport.get("provider") != "vapi.websocket":
+        return "transport.provider must be vapi.websocket"
+    fmt = transport.get("audioFormat", {})
+    if fmt.get("container") != "raw" or (fmt.get("format"), fmt.get("sampleRate")) not in FORMATS:
+        return f"unsupported transport.audioFormat {fmt}"
+    return None
