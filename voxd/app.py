@@ -177,17 +177,19 @@ def create_app(runtime_ref: Callable[[], Runtime]) -> VoxdAsgi:
     http = QuartTrio("voxd")
     http.config["MAX_CONTENT_LENGTH"] = 64 * 1024
 
-    @http.post("/twilio/voice")
+    @http.route("/twilio/voice", methods=["POST", "GET"])
     async def voice() -> Response | tuple[str, int]:
         runtime = runtime_ref()
         settings = runtime.settings
-        form = await request.form
+        # A number may be configured to GET: then the parameters are in the (signed) URL.
+        form = await request.form if request.method == "POST" else request.args
         if runtime.validator is not None:
             url = settings.webhook_url
             if request.query_string:
                 url += "?" + request.query_string.decode("latin-1")
             signature = request.headers.get("X-Twilio-Signature", "")
-            if not runtime.validator.validate(url, form, signature):
+            signed = form if request.method == "POST" else {}
+            if not runtime.validator.validate(url, signed, signature):
                 log.warning("voice webhook from %s rejected: %s X-Twilio-Signature (signed URL "
                             "must be %s)", request.remote_addr,
                             "invalid" if signature else "missing", url)

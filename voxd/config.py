@@ -41,7 +41,7 @@ class TwilioConfig(_Section):
 
     validate_signatures: bool = True
     account_sid: str = ""
-    rest_fallback: bool = False
+    rest_call_control: bool = False
     api_base_url: str = "https://api.twilio.com"
 
 
@@ -79,6 +79,7 @@ class CallConfig(_Section):
     max_concurrent_calls: Annotated[int, Field(ge=1)] = 200
     fallback_twiml: str = "<Say>Sorry, the assistant is unavailable right now.</Say>"
     start_timeout: Annotated[float, Field(gt=0)] = 10.0
+    media_timeout: Annotated[float, Field(gt=0)] = 5.0
     max_message_bytes: Annotated[int, Field(ge=1024)] = 65536
 
 
@@ -334,8 +335,8 @@ def _check_values(config: Config) -> list[str]:
         ET.fromstring(f"<Response>{config.call.fallback_twiml}</Response>")
     except ET.ParseError as exc:
         problems.append(f"call.fallback_twiml: not valid TwiML verbs: {exc}")
-    if config.twilio.rest_fallback and not config.twilio.account_sid:
-        problems.append("twilio.account_sid: required when twilio.rest_fallback = true")
+    if config.twilio.rest_call_control and not config.twilio.account_sid:
+        problems.append("twilio.account_sid: required when twilio.rest_call_control = true")
     if urlsplit(config.twilio.api_base_url).scheme not in ("http", "https"):
         problems.append(f"twilio.api_base_url: must be an http(s) URL "
                         f"(got {config.twilio.api_base_url!r})")
@@ -351,8 +352,8 @@ def check_settings(config: Config, secrets: Secrets) -> list[str]:
             "(set VOXD_TWILIO_AUTH_TOKEN or the systemd credential twilio_auth_token), "
             "or set it to false for local testing"
         )
-    if config.twilio.rest_fallback and secrets.twilio_auth_token is None:
-        problems.append("twilio.rest_fallback: true needs the Twilio auth token "
+    if config.twilio.rest_call_control and secrets.twilio_auth_token is None:
+        problems.append("twilio.rest_call_control: true needs the Twilio auth token "
                         "(set VOXD_TWILIO_AUTH_TOKEN or the systemd credential twilio_auth_token)")
     if config.assistant.provider == "vapi" and secrets.vapi_api_key is None:
         problems.append(

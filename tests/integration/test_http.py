@@ -51,6 +51,17 @@ async def test_webhook_signature_is_checked_against_the_public_url(start_voxd):
     assert good.status_code == 200 and good_query.status_code == 200
 
 
+async def test_webhook_by_get_is_signed_over_the_url(start_voxd):
+    """A number can be configured to GET the webhook: the parameters are in the signed URL."""
+    voxd = await start_voxd()
+    url = str(httpx.URL(voxd.webhook, params=FORM))
+    async with httpx.AsyncClient() as client:
+        good = await client.get(url, headers=signed(voxd, url, {}))
+        bad = await client.get(url, headers=signed(voxd, voxd.webhook, {}))
+    assert good.status_code == 200 and "<Connect>" in good.text
+    assert bad.status_code == 403
+
+
 async def test_webhook_without_validation_needs_no_signature(start_voxd):
     voxd = await start_voxd(signed=False)
     async with httpx.AsyncClient() as client:

@@ -103,3 +103,34 @@ async def test_no_start_within_the_timeout_closes_the_socket(start_voxd, caplog)
         with trio.fail_after(1.5), pytest.raises(trio_websocket.ConnectionClosed):
             await ws.get_message()
     assert any("no 'start' within 0.3s" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_silent_twilio_socket_ends_the_call(start_voxd, caplog):
+    """No FIN, no RST, just nothing: the call must not hold its slot forever."""
+    caplog.set_level(logging.INFO)
+    voxd = await start_voxd(call={"media_timeout": 0.5})
+    async with await open_stream(voxd) as ws:
+        for message in (CONNECTED, start_message(), media()):
+            await ws.send_message(message)
+        with trio.fail_after(2), pytest.raises(trio_websocket.ConnectionClosed):
+            await ws.get_message()  # voxd closes it
+    with trio.fail_after(1):
+        await voxd.runtime.wait_idle()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("no message from Twilio for 0.5s" in line for line in lines)
+    assert any("reason=twilio-silent" in line for line in lines)
+
+
+async def test_dtmf_digits_are_never_logged(start_voxd, caplog):
+    caplog.set_level(logging.DEBUG)
+    voxd = await start_voxd()
+    async with await open_stream(voxd) as ws:
+        for message in (CONNECTED, start_message()):
+            await ws.send_message(message)
+        await ws.send_message(json.dumps({"event": "dtmf", "streamSid": SID,
+                                          "dtmf": {"track": "inbound_track", "digit": "7"}}))
+        await ws.send_message(json.dumps({"event": "stop", "streamSid": SID}))
+    with trio.fail_after(1):
+        await voxd.runtime.wait_idle()
+    dtmf = [r.getMessage() for r in caplog.records if "DTMF" in r.getMessage()]
+    assert dtmf and not any("7" in line for line in dtmf)

@@ -14,6 +14,7 @@ import trio
 from tests.fakes.vapi import FakeVapi, VapiScript
 from tests.integration.audio import best_alignment, burst, silence, snr_db
 from voxd.audio.g711 import ulaw_decode
+from voxd.observability import metrics
 from voxd.observability.logging import configure_logging
 from voxd.providers import vapi as vapi_module
 from voxd.sim.caller import TwilioSimulator
@@ -265,8 +266,13 @@ async def test_socket_drop_mid_call_closes_the_stream(vapi_voxd, caplog):
     assert any("Vapi connection dropped" in r.getMessage() for r in caplog.records)
 
 
+def calls_total(outcome: str) -> float:
+    return metrics.REGISTRY.get_sample_value("voxd_calls_total", {"outcome": outcome}) or 0.0
+
+
 async def test_silent_vapi_is_declared_dead_by_the_keepalive(vapi_voxd, caplog):
     caplog.set_level(logging.INFO)
+    errors_before = calls_total("error")
     voxd, fake = await vapi_voxd(via_proxy=True,
                                  call={"keepalive_interval": 0.3, "keepalive_timeout": 0.3})
 
@@ -281,6 +287,7 @@ async def test_silent_vapi_is_declared_dead_by_the_keepalive(vapi_voxd, caplog):
         report = await place_call(voxd, burst(0.3), seconds=4)
     await stream_closed_within(report, 1.5)
     assert "reason=upstream-keepalive-timeout" in await summary(voxd, caplog)
+    assert calls_total("error") == errors_before + 1  # a failed call, not a completed one
 
 
 async def test_garbage_control_messages_are_logged_and_ignored(vapi_voxd, caplog):

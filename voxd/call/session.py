@@ -25,8 +25,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import trio
 
@@ -36,7 +37,7 @@ from voxd.call.playback import Playback
 from voxd.call.turns import TurnTimer
 from voxd.call.upstream_feed import UpstreamFeed
 from voxd.config import Settings
-from voxd.errors import ProtocolError, UpstreamError, VoxdError
+from voxd.errors import ProtocolError, VoxdError
 from voxd.observability import metrics
 from voxd.observability.logging import CallLogContext, bind_call
 from voxd.providers.base import (
@@ -62,6 +63,13 @@ from voxd.twilio.protocol import (
 log = logging.getLogger("voxd.call")
 
 TEARDOWN_SECONDS = 1.0
+
+
+class Ending(NamedTuple):
+    """How a task of the call ended it: the reason (summary line) and outcome (metrics)."""
+
+    reason: str
+    outcome: str = "completed"
 
 
 class CallerDisconnected(VoxdError):
@@ -123,6 +131,7 @@ class CallSession:
         self.outcome = "completed"
         self.call: CallInfo | None = None
         self._cancel: trio.CancelScope | None = None
+        self._last_in = 0.0
 
     # -- lifecycle --
 
@@ -135,6 +144,9 @@ class CallSession:
             start = await self._await_start()
             if start is not None:
                 await self._bridge(start)
+        except trio.Cancelled:
+            self._end("server-shutdown", "error")
+            raise
         except Exception as exc:  # a bug: still end this call cleanly, and say so
             log.exception("internal error, ending the call: %s", exc)
             metrics.ERRORS.labels(kind="internal").inc()
@@ -197,7 +209,9 @@ class CallSession:
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
+                self._last_in = trio.current_time()
                 nursery.start_soon(self._guard, self._inbound(feed, turns, speech_tx))
+                nursery.start_soon(self._guard, self._twilio_watchdog())
                 nursery.start_soon(self._guard,
                                    self._assistant_side(feed, playback, turns, speech_rx))
         finally:
@@ -209,7 +223,7 @@ class CallSession:
             self.stats.frames_dropped_in += feed.dropped_chunks
 
     async def _assistant_side(self, feed: UpstreamFeed, playback: Playback, turns: TurnTimer,
-                              speech: trio.MemoryReceiveChannel[float]) -> str:
+                              speech: trio.MemoryReceiveChannel[float]) -> Ending:
         """Connect the assistant (the inbound pump is already running and its audio is held),
         then run everything that needs it."""
         assert self.call is not None
@@ -242,20 +256,29 @@ class CallSession:
                 if not reason.startswith(("assistant-ended", "upstream")):
                     with trio.CancelScope(shield=True), trio.move_on_after(TEARDOWN_SECONDS):
                         await assistant.hang_up()
-        return self.end_reason or "assistant-side-ended"  # pragma: no cover - tasks end first
+        return Ending(self.end_reason or "assistant-side-ended")  # pragma: no cover
 
-    async def _guard(self, pump: object) -> None:
-        """Run one task of the call; map how it ended onto the call's end reason."""
+    async def _guard(self, task: Awaitable[Ending]) -> None:
+        """Run one task of the call; whatever way it ends, end the call with a reason."""
         try:
-            reason = await pump  # type: ignore[misc]
-            self._end(reason or "task-ended")
-        except ProtocolError as exc:
-            self._protocol_error(exc)
-        except CallerDisconnected as exc:
-            log.info("Twilio closed the media socket without 'stop': %s", exc)
+            ending = await task
+        except (VoxdError, BaseExceptionGroup) as exc:
+            error = _voxd_error(exc)
+            if error is None:
+                raise
+            self._fail(error)
+        else:
+            self._end(*ending)
+
+    def _fail(self, error: VoxdError) -> None:
+        """End the call because of `error`, with the one log line it deserves."""
+        if isinstance(error, ProtocolError):
+            self._protocol_error(error)
+        elif isinstance(error, CallerDisconnected):
+            log.info("Twilio closed the media socket without 'stop': %s", error)
             self._end("caller-disconnected")
-        except UpstreamError as exc:
-            log.error("assistant failed: %s", exc)
+        else:
+            log.error("assistant failed: %s", error)
             metrics.ERRORS.labels(kind="upstream").inc()
             self._end("upstream-error", "error")
 
@@ -267,7 +290,7 @@ class CallSession:
     # -- the four tasks --
 
     async def _inbound(self, feed: UpstreamFeed, turns: TurnTimer,
-                       speech: trio.MemorySendChannel[float]) -> str:
+                       speech: trio.MemorySendChannel[float]) -> Ending:
         receive = self.socket.receive
         parse = self.protocol.receive
         send_audio = feed.send
@@ -276,25 +299,26 @@ class CallSession:
         stats = self.stats
         while True:
             event = parse(await receive())
+            self._last_in = now = clock()
             if type(event) is MediaFrame:
                 stats.frames_in += 1
                 payload = event.payload
                 started = turns.caller_audio(
-                    event.timestamp_ms, len(payload), frame_energy_dbfs_ulaw(payload), clock()
+                    event.timestamp_ms, len(payload), frame_energy_dbfs_ulaw(payload), now
                 )
                 if started:
                     with contextlib.suppress(trio.WouldBlock):
-                        speech.send_nowait(clock())
+                        speech.send_nowait(now)
                 await send_audio(transcode(payload) if transcode else payload)
             elif type(event) is MarkPlayed:
                 log.debug("mark %s played", event.name)
             elif type(event) is Dtmf:
-                log.info("caller pressed %s", event.digit)
+                log.info("caller pressed a key (DTMF; digits are never logged)")
             elif type(event) is StreamStop:
-                return "caller-hangup"
+                return Ending("caller-hangup")
 
     async def _outbound(self, assistant: AssistantSession, playback: Playback,
-                        turns: TurnTimer) -> str:
+                        turns: TurnTimer) -> Ending:
         transcode = (OutboundTranscoder().process if self.provider.audio == "pcm16" else None)
         while True:
             event = await assistant.receive()
@@ -313,9 +337,21 @@ class CallSession:
                     await self._barge_in(playback, "assistant")
             elif type(event) is AssistantEnded:
                 await playback.flush()
-                return f"assistant-ended:{event.reason}"
+                return Ending(f"assistant-ended:{event.reason}")
 
-    async def _keepalive(self, assistant: AssistantSession) -> str:
+    async def _twilio_watchdog(self) -> Ending:
+        """Twilio sends 50 media messages a second: a long silence means the socket is dead
+        even if TCP has not noticed (no FIN, no RST), and the call must not hold its slot."""
+        timeout = self.settings.config.call.media_timeout
+        while True:
+            await trio.sleep_until(self._last_in + timeout)
+            if trio.current_time() - self._last_in >= timeout:
+                log.warning("no message from Twilio for %.1fs (call.media_timeout); ending the "
+                            "call", timeout)
+                metrics.ERRORS.labels(kind="twilio_silent").inc()
+                return Ending("twilio-silent", "error")
+
+    async def _keepalive(self, assistant: AssistantSession) -> Ending:
         interval = self.settings.config.call.keepalive_interval
         timeout = self.settings.config.call.keepalive_timeout
         while True:
@@ -325,16 +361,15 @@ class CallSession:
             if scope.cancelled_caught:
                 log.error("assistant did not answer a keep-alive within %.1fs", timeout)
                 metrics.ERRORS.labels(kind="keepalive").inc()
-                self.outcome = "error"
-                return "upstream-keepalive-timeout"
+                return Ending("upstream-keepalive-timeout", "error")
 
     async def _barge_in_watcher(self, playback: Playback,
-                                speech: trio.MemoryReceiveChannel[float]) -> str:
+                                speech: trio.MemoryReceiveChannel[float]) -> Ending:
         enabled = self.settings.config.barge_in.local_vad
         async for _ in speech:
             if enabled and playback.playing:
                 await self._barge_in(playback, "vad")
-        return "barge-in-watcher-ended"  # pragma: no cover - the channel never closes first
+        return Ending("barge-in-watcher-ended")  # pragma: no cover - the channel stays open
 
     async def _barge_in(self, playback: Playback, source: str) -> None:
         dropped = await playback.interrupt()
@@ -361,6 +396,21 @@ class CallSession:
             duration, s.frames_in, s.frames_out, s.frames_dropped_in, s.frames_dropped_out,
             len(s.latencies), _ms(p50), _ms(p95), s.barge_ins, reason,
         )
+
+
+def _voxd_error(exc: BaseException) -> VoxdError | None:
+    """The VoxdError behind `exc`, also when trio delivers it inside an exception group (a
+    provider's own nursery does that); None if anything else is in there too."""
+    if isinstance(exc, VoxdError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(VoxdError)
+        if matched is not None and rest is None:
+            leaf: BaseException = matched
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            return leaf if isinstance(leaf, VoxdError) else None
+    return None
 
 
 def _ms(seconds: float | None) -> str:

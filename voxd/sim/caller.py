@@ -273,6 +273,9 @@ class TwilioSimulator:
                 response = await client.post(self.webhook_url, data=form,
                                              headers=dict(self._signature(self.webhook_url,
                                                                           form)))
+        except httpx.InvalidURL as exc:
+            raise SimulatorError(f"not a usable webhook URL {self.webhook_url!r}: {exc}") \
+                from None
         except httpx.HTTPError as exc:
             raise SimulatorError(f"cannot reach the webhook {self.webhook_url}: {exc}") from None
         if response.status_code != 200:
@@ -331,6 +334,14 @@ class _Stream:
         await self.ws.send_message(json.dumps(message, separators=(",", ":")))
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        except trio_websocket.ConnectionClosed as exc:  # closed before the call got going
+            self.report.closed_by = "voxd"
+            code = exc.reason.code if exc.reason else "?"
+            self.report.events.append((0.0, f"voxd closed the stream at once (code {code})"))
+
+    async def _run(self) -> None:
         sid = self.sim.stream_sid
         await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
         await self.send({"event": "start", "streamSid": sid, "start": {
