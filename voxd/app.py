@@ -7,6 +7,7 @@ framework's per-message queue and task cost more than all of voxd's audio work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -99,13 +100,24 @@ class AsgiTwilioSocket:
         """Send one text frame to Twilio."""
         if self._closed:
             raise CallerDisconnected("socket already closed")
-        await self._send({"type": "websocket.send", "text": text})
+        try:
+            await self._send({"type": "websocket.send", "text": text})
+        except _GONE as exc:
+            self._closed = True
+            raise CallerDisconnected(f"socket gone while sending ({type(exc).__name__})") \
+                from None
 
     async def close(self, code: int = 1000) -> None:
-        """Close the socket once."""
+        """Close the socket once (quietly, if the peer is already gone)."""
         if not self._closed:
             self._closed = True
-            await self._send({"type": "websocket.close", "code": code})
+            with contextlib.suppress(*_GONE):
+                await self._send({"type": "websocket.close", "code": code})
+
+
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError)
+"""What Hypercorn's send raises when the connection is closing under us (its own close path
+sends EOF without its send lock, so a send racing it sees BusyResourceError)."""
 
 
 def _peer(scope: Scope) -> str:

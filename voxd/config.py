@@ -80,6 +80,7 @@ class CallConfig(_Section):
     fallback_twiml: str = "<Say>Sorry, the assistant is unavailable right now.</Say>"
     start_timeout: Annotated[float, Field(gt=0)] = 10.0
     media_timeout: Annotated[float, Field(gt=0)] = 5.0
+    playback_queue_seconds: Annotated[float, Field(gt=0)] = 60.0
     max_message_bytes: Annotated[int, Field(ge=1024)] = 65536
 
 
@@ -88,6 +89,7 @@ class BargeInConfig(_Section):
 
     local_vad: bool = False
     min_speech_ms: Annotated[int, Field(ge=20, le=2000)] = 120
+    playback_lead_ms: Annotated[int, Field(ge=20, le=2000)] = 200
 
 
 class LoggingConfig(_Section):

@@ -96,9 +96,14 @@ async def test_assistant_ending_closes_the_twilio_stream_without_hang_up(scripte
         sent = []
         with trio.fail_after(1), pytest.raises(trio_websocket.ConnectionClosed):
             while True:
-                sent.append(json.loads(await ws.get_message()))
-    # 200 bytes became a full frame and a padded one, flushed before the stream was closed
-    assert [len(m["media"]["payload"]) for m in sent] == [216, 216]
+                message = json.loads(await ws.get_message())
+                sent.append(message)
+                if message["event"] == "mark":  # echo it, as Twilio does once played
+                    await ws.send_message(json.dumps(message))
+    # 200 bytes became a full frame and a padded one, then a mark; the stream was closed only
+    # once Twilio confirmed the assistant's last words had played.
+    assert [m["event"] for m in sent] == ["media", "media", "mark"]
+    assert [len(m["media"]["payload"]) for m in sent[:2]] == [216, 216]
     with trio.fail_after(1):
         await voxd.runtime.wait_idle()
     assert assistant.hung_up == 0

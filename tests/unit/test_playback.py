@@ -1,66 +1,144 @@
-"""Playback: fixed 160-byte frames to Twilio, and an exact idea of what is still queued there."""
+"""Playback: 160-byte frames, paced a bounded lead ahead of real time, dropped instantly."""
 
 from __future__ import annotations
 
+import base64
 import json
 
-from voxd.call.playback import Playback
+import pytest
+import trio
+
+from voxd.call.playback import END_MARK, Playback
 from voxd.twilio.protocol import MediaStream
 
 START = json.dumps({"event": "start", "streamSid": "MZ1",
                     "start": {"streamSid": "MZ1", "callSid": "CA1"}})
 
 
-class Clock:
+class Twilio:
+    """Records what the playout sent, with the (virtual) time it was sent."""
+
     def __init__(self) -> None:
-        self.now = 100.0
+        self.sent: list[tuple[float, dict]] = []
+        self.marked = trio.Event()
 
-    def __call__(self) -> float:
-        return self.now
+    async def send(self, text: str) -> None:
+        message = json.loads(text)
+        self.sent.append((trio.current_time(), message))
+        if message["event"] == "mark":
+            self.marked.set()
+
+    def media(self) -> list[tuple[float, bytes]]:
+        return [(t, base64.b64decode(m["media"]["payload"]))
+                for t, m in self.sent if m["event"] == "media"]
+
+    def events(self) -> list[str]:
+        return [m["event"] for _, m in self.sent]
 
 
-def make() -> tuple[Playback, list[dict], Clock]:
+@pytest.fixture
+async def playout(nursery):
+    """(make, twilio): tests request `autojump_clock` themselves (pytest-trio looks for the
+    clock among the test's own fixtures), so virtual time makes the timing exact."""
     stream = MediaStream()
     stream.receive(START)
-    sent: list[dict] = []
-    clock = Clock()
+    twilio = Twilio()
 
-    async def send(text: str) -> None:
-        sent.append(json.loads(text))
+    def make(**kw) -> Playback:
+        playback = Playback(twilio.send, stream, **kw)
+        nursery.start_soon(playback.run)
+        return playback
 
-    return Playback(send, stream, clock), sent, clock
+    return make, twilio
 
 
-async def test_audio_is_recut_into_twenty_ms_frames():
-    playback, sent, _ = make()
-    assert await playback.play(b"\x01" * 100) == 0  # held until a whole frame is there
-    assert await playback.play(b"\x02" * 300) == 2
-    await playback.flush()
-    import base64
-
-    payloads = [base64.b64decode(m["media"]["payload"]) for m in sent]
+async def test_audio_is_recut_into_frames_and_a_paused_partial_is_flushed(playout, autojump_clock):
+    make, twilio = playout
+    playback = make()
+    await playback.enqueue(b"\x01" * 100)  # less than a frame: held for a moment...
+    await playback.enqueue(b"\x02" * 300)
+    await trio.sleep(1)  # ...then the assistant pauses: the partial frame goes out, padded
+    payloads = [p for _, p in twilio.media()]
     assert [len(p) for p in payloads] == [160, 160, 160]
     assert b"".join(payloads) == b"\x01" * 100 + b"\x02" * 300 + b"\xff" * 80
 
 
-async def test_queued_time_follows_real_time_and_clear_drops_it():
-    playback, sent, clock = make()
-    await playback.play(b"\x00" * 160 * 50)  # one second of audio
-    assert playback.playing and abs(playback.queued_seconds - 1.0) < 1e-9
-    clock.now += 0.4
-    assert abs(playback.queued_seconds - 0.6) < 1e-9
-    dropped = await playback.interrupt()
-    assert abs(dropped - 0.6) < 1e-9
-    assert sent[-1] == {"event": "clear", "streamSid": "MZ1"}
-    assert not playback.playing
-    assert await playback.interrupt() == 0.0 and playback.clears_sent == 1  # nothing new sent
+async def test_a_burst_is_sent_at_once_up_to_the_lead_then_in_real_time(playout, autojump_clock):
+    make, twilio = playout
+    playback = make(lead=0.1)
+    t0 = trio.current_time()
+    bursts: list[float] = []
+    playback._on_burst = bursts.append
+    await playback.enqueue(b"\x00" * 160 * 50)  # 1 s of audio, all at once
+    await trio.sleep(2)
+    times = [t - t0 for t, _ in twilio.media()]
+    assert len(times) == 50
+    assert times[:5] == [0.0] * 5  # the first 100 ms (the lead) go out immediately
+    # then one frame per 20 ms, each as soon as Twilio would hold no more than 100 ms with it
+    for i in range(5, 50):
+        assert abs(times[i] - ((i + 1) * 0.02 - 0.1)) < 1e-6
+    assert bursts == [t0]  # one burst, starting at once: no delay added
 
 
-async def test_a_burst_after_silence_starts_from_now():
-    playback, _, clock = make()
-    await playback.play(b"\x00" * 160)
-    first = playback.first_frame_at
-    clock.now += 5
-    await playback.play(b"\x00" * 160)
-    assert playback.first_frame_at == first + 5
-    assert abs(playback.queued_seconds - 0.02) < 1e-9
+async def test_interrupt_drops_everything_and_clear_goes_out_at_once(playout, autojump_clock):
+    make, twilio = playout
+    playback = make(lead=0.2)
+    await playback.enqueue(b"\x00" * 160 * 100)  # 2 s
+    await trio.sleep(0.5)
+    assert playback.playing
+    assert abs(playback.queued_seconds - 0.2) < 0.021  # Twilio holds no more than the lead
+    assert abs(playback.held_seconds - 1.3) < 0.021  # the rest waits in voxd
+    dropped = playback.interrupt()
+    assert abs(dropped - 1.5) < 0.021
+    interrupted_at = trio.current_time()
+    await trio.sleep(1)
+    clear = [t for t, m in twilio.sent if m["event"] == "clear"]
+    assert clear == [interrupted_at]  # not after the pacing wait
+    assert twilio.events()[-1] == "clear"  # and nothing of the old turn after it
+    assert not playback.playing and playback.interrupt() == 0.0
+    assert twilio.events().count("clear") == 1  # nothing sent since: no second clear
+
+
+async def test_new_audio_after_a_clear_is_a_new_burst(playout, autojump_clock):
+    make, twilio = playout
+    bursts: list[float] = []
+    playback = make(on_burst=bursts.append)
+    await playback.enqueue(b"\x00" * 1600)
+    await trio.sleep(0.05)
+    playback.interrupt()
+    await trio.sleep(0.01)
+    await playback.enqueue(b"\x05" * 160)
+    await trio.sleep(0.5)
+    assert len(bursts) == 2
+    assert twilio.events()[-2:] == ["clear", "media"]
+
+
+async def test_drain_waits_for_twilio_to_confirm_the_last_words(playout, autojump_clock):
+    make, twilio = playout
+    playback = make()
+    await playback.enqueue(b"\x00" * 160 * 25)  # 0.5 s
+
+    async def twilio_echoes_marks():
+        await twilio.marked.wait()
+        await trio.sleep(0.5)  # Twilio plays the rest, then echoes
+        playback.mark_played(END_MARK)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(twilio_echoes_marks)
+        assert await playback.drain(grace=1.0) is True
+    assert twilio.events()[-1] == "mark" and len(twilio.media()) == 25
+    assert await playback.drain(grace=0.2) is False  # no echo this time: gives up in bounds
+
+
+async def test_a_full_queue_holds_the_assistant_back(playout, autojump_clock):
+    """An assistant sending 1 s of audio at once into a 0.2 s queue is held back until the
+    audio plays out (backpressure), and none of it is lost."""
+    make, twilio = playout
+    playback = make(max_queue_seconds=0.2, lead=0.02)
+    t0 = trio.current_time()
+    for _ in range(50):
+        await playback.enqueue(b"\x00" * 160)
+    waited = trio.current_time() - t0
+    assert 0.75 <= waited <= 0.8  # (1 s - 0.2 s queued - 0.02 s lead) of playing out
+    await trio.sleep(1)
+    assert len(twilio.media()) == 50

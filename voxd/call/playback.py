@@ -1,16 +1,31 @@
-"""Assistant audio on its way to the caller: framing, sending, and knowing what is still playing.
+"""Assistant audio on its way to the caller: framing, pacing, and knowing what is still queued.
 
+Theory of operation
+-------------------
 Twilio plays the media it is sent in order, in real time, from the moment it arrives. So voxd
-can tell without asking how long Twilio's queue is: every 20 ms frame sent extends the expected
-end of playback by 20 ms, starting from now if the queue had run dry. `clear` empties Twilio's
-queue; marks confirm playback but are echoed early by a clear, so they are not trusted to
-prove the audio was heard.
+knows without asking how much Twilio has queued: every 20 ms frame sent extends the expected
+end of playback (`_play_end`) by 20 ms, starting from now if Twilio's queue had run dry.
+
+Assistants may deliver audio faster than real time. voxd keeps it in its own queue and sends a
+frame only while Twilio holds less than `lead` seconds, so:
+- a barge-in drops voxd's queue instantly and Twilio's (`clear`) holds at most `lead`;
+- the bytes in flight stay small even if Twilio stops reading (nothing piles up in the kernel);
+- the lead absorbs network and scheduling jitter, so the caller never hears a gap.
+The lead adds no delay: the first frames of a reply go out at once.
+
+One task (`run`, the playout) sends everything to Twilio: media, `clear` and marks, in the
+order the call asked for them. `enqueue` and `interrupt` only change state and wake it.
+A `clear` echoes every pending mark without playing the audio, so marks are not proof of
+hearing; voxd uses them to confirm the end of playback, and tracks what it cleared itself.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Awaitable, Callable
+
+import trio
 
 from voxd.audio.framing import FrameCutter
 from voxd.audio.g711 import ULAW_SILENCE
@@ -20,70 +35,162 @@ log = logging.getLogger(__name__)
 
 FRAME_BYTES = 160
 FRAME_SECONDS = 0.020
+END_MARK = "voxd-end"
+_EPSILON = 1e-6  # seconds; float sums of 0.02 must not make the pacing wait spin at its edge
 
 
 class Playback:
-    """Sends assistant audio to Twilio as 160-byte mu-law frames and tracks what is queued there."""
+    """The assistant's side of one call's Twilio socket: queue, pace, clear, mark."""
 
     def __init__(
         self,
         send: Callable[[str], Awaitable[None]],
         protocol: MediaStream,
-        clock: Callable[[], float],
+        *,
+        lead: float = 0.2,
+        max_queue_seconds: float = 60.0,
+        on_burst: Callable[[float], None] | None = None,
     ) -> None:
         self._send = send
+        self._on_burst = on_burst
         self._protocol = protocol
-        self._clock = clock
+        self.lead = lead
+        self._max_frames = max(1, int(max_queue_seconds / FRAME_SECONDS))
         self._cutter = FrameCutter(FRAME_BYTES, ULAW_SILENCE)
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._wake = trio.Event()      # something to do (audio, clear, mark)
+        self._urgent = trio.Event()    # a clear or mark must not wait for the pacing
+        self._room = trio.Event()
         self._play_end = 0.0
         self._sent_since_clear = False
+        self._clear_owed = False
+        self._mark_owed: str | None = None
+        self._marks_played: dict[str, trio.Event] = {}
         self.frames_sent = 0
         self.clears_sent = 0
-        self.first_frame_at: float | None = None
-        """Clock time the first frame of the current burst of assistant audio was sent."""
+        self.burst_started_at: float | None = None
+        """When the first frame of the current burst of assistant audio was sent."""
+        self.bursts = 0
 
-    @property
-    def playing(self) -> bool:
-        """True while audio sent to Twilio is (by our reckoning) still queued or playing."""
-        return self._clock() < self._play_end
+    # -- what the caller hears --
 
     @property
     def queued_seconds(self) -> float:
-        """Audio sent to Twilio that has not played yet."""
-        return max(0.0, self._play_end - self._clock())
+        """Audio sent to Twilio that has not played yet (by our reckoning)."""
+        return max(0.0, self._play_end - trio.current_time())
 
-    async def play(self, ulaw: bytes) -> int:
-        """Send mu-law audio (any length) as whole 20 ms frames; returns frames sent."""
+    @property
+    def held_seconds(self) -> float:
+        """Audio in voxd's own queue, not yet sent to Twilio."""
+        return len(self._queue) * FRAME_SECONDS + self._cutter.pending / 8000
+
+    @property
+    def playing(self) -> bool:
+        """True while assistant audio is queued here or at Twilio."""
+        return bool(self._queue) or self.queued_seconds > 0.0
+
+    # -- called by the outbound pump and the barge-in watcher --
+
+    async def enqueue(self, ulaw: bytes) -> None:
+        """Queue mu-law audio (any length) for playout; waits while the queue is full, which
+        holds back the assistant (backpressure) rather than dropping its audio."""
+        while len(self._queue) >= self._max_frames:
+            self._room = trio.Event()
+            await self._room.wait()
         frames = self._cutter.push(ulaw)
-        for frame in frames:
-            await self._send_frame(frame)
-        return len(frames)
+        if frames:
+            self._queue.extend(frames)
+            self._wake.set()
 
-    async def flush(self) -> None:
-        """Send a held partial frame, padded with silence (end of the assistant's turn)."""
+    def flush(self) -> None:
+        """Queue a held partial frame, padded with silence (the assistant paused or ended)."""
         frame = self._cutter.flush()
         if frame is not None:
-            await self._send_frame(frame)
+            self._queue.append(frame)
+            self._wake.set()
 
-    async def _send_frame(self, frame: bytes) -> None:
-        now = self._clock()
-        if now >= self._play_end:
-            self._play_end = now
-            self.first_frame_at = now
-        self._play_end += FRAME_SECONDS
-        self._sent_since_clear = True
-        self.frames_sent += 1
-        await self._send(self._protocol.media(frame))
-
-    async def interrupt(self) -> float:
-        """Drop everything not yet played: held bytes and Twilio's queue. Returns the seconds of
-        audio dropped by our reckoning. `clear` is sent whenever audio went out since the last
-        one (our reckoning of Twilio's queue can be a network delay short)."""
+    def interrupt(self) -> float:
+        """Drop all unplayed assistant audio now (voxd's queue at once, Twilio's by a `clear`
+        that the playout sends next). Returns the seconds dropped."""
+        dropped = self.held_seconds + self.queued_seconds
+        self._queue.clear()
         self._cutter.clear()
-        dropped = self.queued_seconds
-        self._play_end = min(self._play_end, self._clock())
+        self._play_end = min(self._play_end, trio.current_time())
         if self._sent_since_clear:
+            self._clear_owed = True
             self._sent_since_clear = False
-            self.clears_sent += 1
-            await self._send(self._protocol.clear())
+            self._wake.set()
+            self._urgent.set()
+        self._room.set()
         return dropped
+
+    def mark_played(self, name: str) -> None:
+        """Twilio echoed the mark `name` (played, or cleared)."""
+        event = self._marks_played.pop(name, None)
+        if event is not None:
+            event.set()
+
+    async def drain(self, grace: float) -> bool:
+        """Play out everything queued and wait (at most `grace` beyond the audio's own
+        length) for Twilio to confirm it played; True if it did."""
+        self.flush()
+        done = self._marks_played[END_MARK] = trio.Event()
+        self._mark_owed = END_MARK
+        self._wake.set()
+        self._urgent.set()
+        with trio.move_on_after(self.held_seconds + self.queued_seconds + grace):
+            await done.wait()
+            return True
+        return False
+
+    # -- the playout task --
+
+    async def run(self) -> None:
+        """Send queued audio to Twilio, paced to stay `lead` ahead of real time. Runs for the
+        life of the call."""
+        queue = self._queue
+        media = self._protocol.media
+        send = self._send
+        while True:
+            if self._clear_owed:
+                self._clear_owed = False
+                self.clears_sent += 1
+                await send(self._protocol.clear())
+            if not queue:
+                if self._mark_owed is not None:
+                    name, self._mark_owed = self._mark_owed, None
+                    await send(self._protocol.mark(name))
+                    continue
+                self._wake = trio.Event()
+                if self._cutter.pending:
+                    # A partial frame waits for more audio; if none comes within two frames,
+                    # the assistant paused: send it padded rather than hold it to the next turn.
+                    with trio.move_on_after(2 * FRAME_SECONDS):
+                        await self._wake.wait()
+                    if not queue and not self._clear_owed:
+                        self.flush()
+                else:
+                    await self._wake.wait()
+                continue
+            now = trio.current_time()
+            # Send the next frame only if Twilio then holds at most `lead`; else wait until it
+            # does (the deadline is then always in the future, so this never spins).
+            ends_at = max(self._play_end, now) + FRAME_SECONDS
+            if ends_at - now > self.lead + _EPSILON:
+                self._urgent = trio.Event()
+                with trio.move_on_at(ends_at - self.lead):
+                    await self._urgent.wait()  # an interrupt must not wait for the pacing
+                continue
+            frame = queue.popleft()
+            if len(queue) < self._max_frames:
+                self._room.set()
+            if now >= self._play_end:
+                self._play_end = now
+                self.burst_started_at = now
+                self.bursts += 1
+                if self._on_burst is not None:
+                    self._on_burst(now)
+            self._play_end += FRAME_SECONDS
+            self._sent_since_clear = True
+            self.frames_sent += 1
+            await send(media(frame))

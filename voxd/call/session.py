@@ -152,10 +152,12 @@ class CallSession:
             metrics.ERRORS.labels(kind="internal").inc()
             self._end("internal-error", "error")
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(TEARDOWN_SECONDS):
-                await self.socket.close()
-            metrics.CALLS_ACTIVE.dec()
-            self._summarise()
+            try:
+                with trio.CancelScope(shield=True), trio.move_on_after(TEARDOWN_SECONDS):
+                    await self.socket.close()
+            finally:
+                metrics.CALLS_ACTIVE.dec()
+                self._summarise()
 
     def _end(self, reason: str, outcome: str = "completed") -> None:
         """Record why the call ends (first reason wins) and cancel every task of the call."""
@@ -203,15 +205,20 @@ class CallSession:
         call = self.settings.config.call
         feed = UpstreamFeed(int(call.preconnect_buffer_seconds *
                                 BYTES_PER_SECOND[self.provider.audio]))
-        playback = Playback(self.socket.send, self.protocol, trio.current_time)
-        turns = TurnTimer(min_speech_ms=self.settings.config.barge_in.min_speech_ms)
+        barge_in = self.settings.config.barge_in
+        turns = TurnTimer(min_speech_ms=barge_in.min_speech_ms)
+        playback = Playback(self.socket.send, self.protocol,
+                            lead=barge_in.playback_lead_ms / 1000,
+                            max_queue_seconds=call.playback_queue_seconds,
+                            on_burst=lambda at: self._answer_started(turns, at))
         speech_tx, speech_rx = trio.open_memory_channel[float](8)
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
                 self._last_in = trio.current_time()
-                nursery.start_soon(self._guard, self._inbound(feed, turns, speech_tx))
+                nursery.start_soon(self._guard, self._inbound(feed, turns, playback, speech_tx))
                 nursery.start_soon(self._guard, self._twilio_watchdog())
+                nursery.start_soon(self._guard, self._playout(playback))
                 nursery.start_soon(self._guard,
                                    self._assistant_side(feed, playback, turns, speech_rx))
         finally:
@@ -289,8 +296,9 @@ class CallSession:
 
     # -- the four tasks --
 
-    async def _inbound(self, feed: UpstreamFeed, turns: TurnTimer,
+    async def _inbound(self, feed: UpstreamFeed, turns: TurnTimer, playback: Playback,
                        speech: trio.MemorySendChannel[float]) -> Ending:
+        mark_played = playback.mark_played
         receive = self.socket.receive
         parse = self.protocol.receive
         send_audio = feed.send
@@ -311,7 +319,7 @@ class CallSession:
                         speech.send_nowait(now)
                 await send_audio(transcode(payload) if transcode else payload)
             elif type(event) is MarkPlayed:
-                log.debug("mark %s played", event.name)
+                mark_played(event.name)
             elif type(event) is Dtmf:
                 log.info("caller pressed a key (DTMF; digits are never logged)")
             elif type(event) is StreamStop:
@@ -323,21 +331,28 @@ class CallSession:
         while True:
             event = await assistant.receive()
             if type(event) is AssistantAudio:
-                ulaw = transcode(event.data) if transcode else event.data
-                if await playback.play(ulaw) and playback.first_frame_at is not None:
-                    latency = turns.assistant_audio(playback.first_frame_at)
-                    if latency is not None:
-                        metrics.TURN_LATENCY_SECONDS.observe(latency)
-                        log.debug("turn %d: response latency %.0f ms",
-                                  len(turns.latencies), latency * 1000)
+                await playback.enqueue(transcode(event.data) if transcode else event.data)
             elif type(event) is AssistantInterrupted:
-                await self._barge_in(playback, "assistant")
+                self._barge_in(playback, "assistant")
             elif type(event) is CallerSpeechStarted:
                 if playback.playing:
-                    await self._barge_in(playback, "assistant")
+                    self._barge_in(playback, "assistant")
             elif type(event) is AssistantEnded:
-                await playback.flush()
+                # Let the caller hear the assistant's last words before the stream closes.
+                if not await playback.drain(grace=TEARDOWN_SECONDS):
+                    log.info("Twilio did not confirm the end of playback; closing anyway")
                 return Ending(f"assistant-ended:{event.reason}")
+
+    async def _playout(self, playback: Playback) -> Ending:
+        await playback.run()
+        return Ending("playout-ended")  # pragma: no cover - runs for the life of the call
+
+    def _answer_started(self, turns: TurnTimer, at: float) -> None:
+        """The assistant's audio started going out: if it answers a caller turn, time it."""
+        latency = turns.assistant_audio(at)
+        if latency is not None:
+            metrics.TURN_LATENCY_SECONDS.observe(latency)
+            log.debug("turn %d: response latency %.0f ms", len(turns.latencies), latency * 1000)
 
     async def _twilio_watchdog(self) -> Ending:
         """Twilio sends 50 media messages a second: a long silence means the socket is dead
@@ -368,11 +383,11 @@ class CallSession:
         enabled = self.settings.config.barge_in.local_vad
         async for _ in speech:
             if enabled and playback.playing:
-                await self._barge_in(playback, "vad")
+                self._barge_in(playback, "vad")
         return Ending("barge-in-watcher-ended")  # pragma: no cover - the channel stays open
 
-    async def _barge_in(self, playback: Playback, source: str) -> None:
-        dropped = await playback.interrupt()
+    def _barge_in(self, playback: Playback, source: str) -> None:
+        dropped = playback.interrupt()
         if dropped > 0.0:
             self.stats.barge_ins += 1
             metrics.BARGE_INS.labels(source=source).inc()
