@@ -25,6 +25,7 @@ from voxd.observability import metrics
 from voxd.providers import build_provider
 from voxd.providers.base import CallInfo, Provider
 from voxd.twilio import twiml
+from voxd.twilio.rest import CallControl
 
 log = logging.getLogger("voxd.app")
 
@@ -41,6 +42,7 @@ class Runtime:
     settings: Settings
     provider: Provider
     validator: RequestValidator | None = None
+    call_control: CallControl | None = None
     background: trio.Nursery | None = None
     """Where work that outlives one request runs (e.g. creating an assistant call early)."""
     calls: set[CallSession] = field(default_factory=set)
@@ -72,6 +74,8 @@ class Runtime:
             settings=settings,
             provider=build_provider(settings),
             validator=RequestValidator(token.reveal()) if validate and token else None,
+            call_control=(CallControl(settings) if settings.config.twilio.rest_call_control
+                          else None),
         )
 
 
@@ -164,7 +168,7 @@ class VoxdAsgi:
                 return
         await send({"type": "websocket.accept"})
         session = CallSession(AsgiTwilioSocket(receive, send), runtime.settings,
-                              runtime.provider, peer)
+                              runtime.provider, peer, call_control=runtime.call_control)
         runtime.call_started(session)
         try:
             await session.run()

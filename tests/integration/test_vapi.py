@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import trio
 
+from tests.fakes.twilio_rest import FakeTwilioRest
 from tests.fakes.vapi import FakeVapi, VapiScript
 from tests.integration.audio import best_alignment, burst, silence, snr_db
 from voxd.audio.g711 import ulaw_decode
@@ -297,3 +298,37 @@ async def test_garbage_control_messages_are_logged_and_ignored(vapi_voxd, caplog
     assert report.closed_by == "caller" and report.turns()[0].latency is not None
     warnings = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
     assert 1 <= len(warnings) <= 3  # bounded: a chatty peer cannot flood the log
+
+
+async def test_rest_call_control_redirects_to_the_fallback_after_a_failure(
+        vapi_voxd, nursery, caplog):
+    caplog.set_level(logging.INFO)
+    token = "rest-token"
+    rest = FakeTwilioRest(account_sid="AC" + "7" * 32, auth_token=token)
+    await nursery.start(rest.serve)
+    voxd, _ = await vapi_voxd(
+        VapiScript(drop_after=0.5),
+        twilio={"rest_call_control": True, "account_sid": rest.account_sid,
+                "api_base_url": rest.base_url})
+    rest.auth_token = voxd.token  # voxd's Twilio auth token: signatures and REST alike
+    report = await place_call(voxd, burst(0.3), seconds=4)
+    assert report.closed_by == "voxd"
+    [update] = rest.updates
+    assert update["call_sid"] == report.call_sid
+    assert update["Twiml"] == ("<Response><Say>Sorry, the assistant is unavailable right now."
+                               "</Say></Response>")
+    assert any("redirect to the fallback done" in r.getMessage() for r in caplog.records)
+
+
+async def test_rest_call_control_hangs_up_after_a_normal_end(vapi_voxd, nursery):
+    rest = FakeTwilioRest(account_sid="AC" + "7" * 32, auth_token="")
+    await nursery.start(rest.serve)
+    voxd, _ = await vapi_voxd(
+        VapiScript(end_after=0.5),
+        twilio={"rest_call_control": True, "account_sid": rest.account_sid,
+                "api_base_url": rest.base_url})
+    rest.auth_token = voxd.token
+    report = await place_call(voxd, burst(0.3), seconds=4)
+    assert report.closed_by == "voxd"
+    [update] = rest.updates
+    assert update["Status"] == "completed"  # no fallback apology after a goodbye

@@ -59,6 +59,7 @@ from voxd.twilio.protocol import (
     StreamStart,
     StreamStop,
 )
+from voxd.twilio.rest import CallControl
 
 log = logging.getLogger("voxd.call")
 
@@ -119,8 +120,10 @@ class CallSession:
     """Runs one call on an accepted Twilio media socket until either side ends it."""
 
     def __init__(self, socket: TwilioSocket, settings: Settings, provider: Provider,
-                 peer: str = "-") -> None:
+                 peer: str = "-", call_control: CallControl | None = None) -> None:
         self.socket = socket
+        self.call_control = call_control
+        self._caller_released = False
         self.settings = settings
         self.provider = provider
         self.peer = peer
@@ -225,6 +228,7 @@ class CallSession:
             self._cancel = None
             if self.end_reason is None:  # cancelled from outside: the server is stopping
                 self._end("server-shutdown", "error")
+            await self._release_caller()
             self.stats.frames_out = playback.frames_sent
             self.stats.latencies = turns.latencies
             self.stats.frames_dropped_in += feed.dropped_chunks
@@ -257,6 +261,7 @@ class CallSession:
                     nursery.start_soon(self._guard, self._keepalive(assistant))
                     nursery.start_soon(self._guard, self._barge_in_watcher(playback, speech))
             finally:
+                await self._release_caller()  # the caller first: never a silent line
                 # Unless the assistant ended the call (or is unreachable), tell it the call is
                 # over: a network assistant may otherwise keep the call open, and billing.
                 reason = self.end_reason or "server-shutdown"
@@ -264,6 +269,25 @@ class CallSession:
                     with trio.CancelScope(shield=True), trio.move_on_after(TEARDOWN_SECONDS):
                         await assistant.hang_up()
         return Ending(self.end_reason or "assistant-side-ended")  # pragma: no cover
+
+    async def _release_caller(self) -> None:
+        """End the Twilio side of the call, once: with REST call control, first hang up after a
+        normal end of the assistant, or redirect to the fallback after a failure of it; then
+        close the stream (without REST, Twilio runs the TwiML after `</Connect>`)."""
+        if self._caller_released:
+            return
+        self._caller_released = True
+        reason = self.end_reason or "server-shutdown"
+        with trio.CancelScope(shield=True):
+            if self.call_control is not None and self.call is not None:
+                sid = self.call.call_sid
+                if reason.startswith("assistant-ended"):
+                    await self.call_control.hang_up(sid)
+                elif reason.startswith(("upstream", "internal")):
+                    fallback = self.settings.config.call.fallback_twiml
+                    await self.call_control.redirect(sid, f"<Response>{fallback}</Response>")
+            with trio.move_on_after(TEARDOWN_SECONDS):
+                await self.socket.close()
 
     async def _guard(self, task: Awaitable[Ending]) -> None:
         """Run one task of the call; whatever way it ends, end the call with a reason."""
