@@ -1,0 +1,66 @@
+"""A self-hosted assistant speaking voxd's generic WebSocket protocol (README, "Generic
+WebSocket assistants"): it plays the caller's audio straight back (a loopback), and can be
+scripted to interrupt, to end the call, or to refuse the connection."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import trio_websocket
+
+
+@dataclass
+class FakeAssistant:
+    """Start with `await nursery.start(fake.serve)`; point websocket.url at `url`."""
+
+    refuse_with: int | None = None
+    end_after: float | None = None
+    interrupt_after: float | None = None
+    url: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    start: dict[str, Any] = field(default_factory=dict)
+    control_in: list[dict[str, Any]] = field(default_factory=list)
+    audio_in: bytearray = field(default_factory=bytearray)
+    closed: trio.Event = field(default_factory=trio.Event)
+
+    async def serve(self, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(trio_websocket.serve_websocket, self._handle,
+                                         "127.0.0.1", 0, None)
+            self.url = f"ws://127.0.0.1:{server.port}/assistant"
+            task_status.started(self.url)
+
+    async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
+        self.headers = {k.decode().lower(): v.decode() for k, v in request.headers}
+        if self.refuse_with is not None:
+            await request.reject(self.refuse_with)
+            return
+        ws = await request.accept()
+        try:
+            self.start = json.loads(await ws.get_message())
+            async with trio.open_nursery() as nursery:
+                if self.end_after is not None:
+                    nursery.start_soon(self._later, ws, self.end_after,
+                                       {"type": "end", "reason": "done"})
+                if self.interrupt_after is not None:
+                    nursery.start_soon(self._later, ws, self.interrupt_after,
+                                       {"type": "interrupted"})
+                while True:
+                    message = await ws.get_message()
+                    if isinstance(message, bytes):
+                        self.audio_in += message
+                        await ws.send_message(message)  # straight back
+                    else:
+                        self.control_in.append(json.loads(message))
+        except* trio_websocket.ConnectionClosed:
+            pass
+        finally:
+            self.closed.set()
+
+    async def _later(self, ws: trio_websocket.WebSocketConnection, delay: float,
+                     message: dict[str, Any]) -> None:
+        await trio.sleep(delay)
+        await ws.send_message(json.dumps(message))
