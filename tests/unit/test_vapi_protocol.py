@@ -1,0 +1,114 @@
+"""Vapi's transport, sans-I/O: the create-call request, its answers, the control messages."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from voxd.errors import ProtocolError
+from voxd.providers.base import AssistantEnded, AssistantInterrupted, CallerSpeechStarted
+from voxd.providers.vapi import translate
+from voxd.providers.vapi_protocol import (
+    CreatedCall,
+    OtherMessage,
+    SpeechUpdate,
+    StatusUpdate,
+    UserInterrupted,
+    VapiCreateError,
+    create_call_body,
+    parse_control,
+    parse_create_response,
+)
+
+
+def test_create_body_for_each_audio_mode_and_assistant_kind():
+    body = create_call_body(audio="mulaw", assistant_id="a1", call_sid="CA1",
+                            from_number="+1", to_number="+2", parameters={"lang": "de"})
+    assert body["assistantId"] == "a1" and "assistant" not in body
+    assert body["transport"] == {"provider": "vapi.websocket", "audioFormat":
+                                 {"format": "mulaw", "container": "raw", "sampleRate": 8000}}
+    assert body["assistantOverrides"]["variableValues"] == {
+        "callSid": "CA1", "from": "+1", "to": "+2", "lang": "de"}
+    assert body["metadata"] == {"twilioCallSid": "CA1", "from": "+1", "to": "+2"}
+    assert "phoneNumberId" not in body and "phoneNumber" not in body
+    inline = create_call_body(audio="pcm16", assistant={"firstMessage": "hi"}, call_sid="CA2")
+    assert inline["assistant"] == {"firstMessage": "hi"} and "assistantId" not in inline
+    assert inline["transport"]["audioFormat"] == {"format": "pcm_s16le", "container": "raw",
+                                                  "sampleRate": 16000}
+
+
+def test_a_created_call_keeps_its_url_out_of_reprs():
+    answer = {"id": "c1", "status": "queued",
+              "transport": {"provider": "vapi.websocket",
+                            "websocketCallUrl": "wss://x/c1/transport"}}
+    created = parse_create_response(201, json.dumps(answer).encode())
+    assert created == CreatedCall("c1", "wss://x/c1/transport")
+    assert "wss://" not in repr(created)
+
+
+@pytest.mark.parametrize(("status", "body", "retryable", "words"), [
+    (401, b'{"message":"Invalid Key"}', False, "rejected the API key (HTTP 401: Invalid Key)"),
+    (403, b"", False, "rejected the API key (HTTP 403)"),
+    (400, b'{"message":["assistantId must be a UUID"]}', False,
+     "refused the call (HTTP 400: assistantId must be a UUID)"),
+    (404, b"not json", False, "refused the call (HTTP 404)"),
+    (429, b"", True, "unavailable (HTTP 429)"),
+    (503, b'{"error":"down"}', True, "unavailable (HTTP 503: down)"),
+    (201, b'{"id":"x"}', False, "not what its API documents"),
+    (201, b'{"id":"x","transport":{"websocketCallUrl":"https://x"}}', False, "no WebSocket URL"),
+])
+def test_create_errors_are_classified(status, body, retryable, words):
+    with pytest.raises(VapiCreateError) as error:
+        parse_create_response(status, body)
+    assert error.value.retryable is retryable and error.value.status == status
+    assert words in str(error.value)
+
+
+@pytest.mark.parametrize(("text", "event"), [
+    ('{"type":"user-interrupted","turnId":"t"}', UserInterrupted()),
+    ('{"type":"speech-update","status":"started","role":"user","turn":2}',
+     SpeechUpdate("started", "user", 2)),
+    ('{"type":"speech-update","status":"stopped","role":"assistant","turn":"x"}',
+     SpeechUpdate("stopped", "assistant", None)),
+    ('{"type":"status-update","status":"ended","endedReason":"customer-ended-call"}',
+     StatusUpdate("ended", "customer-ended-call")),
+    ('{"type":"hang"}', OtherMessage("hang")),
+    ('{"type":"transcript","role":"user","transcript":"hi"}', OtherMessage("transcript")),
+])
+def test_control_messages(text, event):
+    assert parse_control(text) == event
+
+
+@pytest.mark.parametrize("text", ["nope", "[]", '{"kind":"x"}', '{"type":3}'])
+def test_unreadable_control_messages_are_protocol_errors(text):
+    with pytest.raises(ProtocolError):
+        parse_control(text)
+
+
+def test_what_voxd_acts_on():
+    assert translate('{"type":"user-interrupted"}') == AssistantInterrupted()
+    assert translate('{"type":"speech-update","status":"started","role":"user"}') == \
+        CallerSpeechStarted()
+    assert translate('{"type":"speech-update","status":"started","role":"assistant"}') is None
+    assert translate('{"type":"status-update","status":"ended","endedReason":"silence"}') == \
+        AssistantEnded("vapi:silence")
+    assert translate('{"type":"status-update","status":"in-progress"}') is None
+    assert translate('{"type":"hang"}') is None  # "hang" is a delay notice, not a hang-up
+
+
+@given(st.text(max_size=200))
+def test_arbitrary_text_is_an_event_or_a_protocol_error(text):
+    with contextlib.suppress(ProtocolError):
+        parse_control(text)
+
+
+@given(st.dictionaries(st.sampled_from(["type", "status", "role", "turn", "endedReason"]),
+                       st.none() | st.booleans() | st.integers() | st.text(max_size=10)
+                       | st.lists(st.integers(), max_size=2), max_size=5))
+def test_arbitrary_objects_are_an_event_or_a_protocol_error(value):
+    with contextlib.suppress(ProtocolError):
+        translate(json.dumps(value))
