@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="write the call as stereo WAV (caller left, assistant right)")
     call.add_argument("--seconds", type=float, metavar="N",
                       help="call length (default: the audio plus 4 s to hear the reply)")
+    call.add_argument("--line-echo", metavar="DB", type=float,
+                      help="mix what the caller hears back into what it says, DB quieter and "
+                           "120 ms later, like a phone line's echo (e.g. 20)")
     call.add_argument("--auth-token", metavar="T",
                       help="Twilio auth token to sign with (default: $VOXD_TWILIO_AUTH_TOKEN)")
 
@@ -133,7 +136,8 @@ def _call(args: argparse.Namespace) -> int:
     audio = read_wav(args.wav) if args.wav else bundled_sample()
     token = args.auth_token or os.environ.get("VOXD_TWILIO_AUTH_TOKEN") or None
     seconds = args.seconds if args.seconds is not None else len(audio) / 8000 + TAIL_SECONDS
-    simulator = TwilioSimulator(args.webhook_url, auth_token=token)
+    echo = (args.line_echo, 120.0) if args.line_echo is not None else None
+    simulator = TwilioSimulator(args.webhook_url, auth_token=token, line_echo=echo)
     print(f"calling {args.webhook_url} for {seconds:.1f}s"
           f"{' (signed)' if token else ' (unsigned)'} ...", flush=True)
     report = trio.run(simulator.call, audio, seconds)

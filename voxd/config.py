@@ -87,9 +87,11 @@ class CallConfig(_Section):
 class BargeInConfig(_Section):
     """`[barge_in]`: interrupting the assistant when the caller talks over it."""
 
-    local_vad: bool = False
-    min_speech_ms: Annotated[int, Field(ge=20, le=2000)] = 120
+    local_vad: bool | Literal["auto"] = "auto"
+    min_speech_ms: Annotated[int, Field(ge=20, le=2000)] = 100
     playback_lead_ms: Annotated[int, Field(ge=20, le=2000)] = 200
+    echo_margin_db: Annotated[float, Field(ge=0, le=60)] = 15.0
+    resume_after_ms: Annotated[int, Field(ge=20, le=5000)] = 300
 
 
 class LoggingConfig(_Section):
@@ -267,9 +269,9 @@ def parse_config(raw: dict[str, Any]) -> Config:
         config = Config.model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors()
-        problems = [_describe(err) for err in errors]
+        problems = _describe_all(errors)
         # Check the rest too, so one run reports every problem: drop what is wrong, retry.
-        raw = _without(raw, [err["loc"] for err in errors])
+        raw = _without(raw, [tuple(_key(err["loc"]).split(".")) for err in errors])
         try:
             config = Config.model_validate(raw)
         except ValidationError:
@@ -291,8 +293,35 @@ def _without(raw: dict[str, Any], locations: list[tuple[Any, ...]]) -> dict[str,
     return copy
 
 
+_TYPE_TAGS = {"bool", "int", "float", "str"}
+
+
+def _key(loc: tuple[Any, ...]) -> str:
+    """The config key of an error location, without pydantic's union-member tags."""
+    parts = [str(p) for p in loc]
+    while len(parts) > 2 and (parts[-1] in _TYPE_TAGS or "[" in parts[-1]):
+        parts.pop()
+    return ".".join(parts)
+
+
+def _describe_all(errors: list[Any]) -> list[str]:
+    """One line per key: a value failing every member of a union is one problem."""
+    lines: dict[str, list[str]] = {}
+    for err in errors:
+        key, _, message = _describe(err).partition(": ")
+        lines.setdefault(key, []).append(message.rsplit(" (got ", 1)[0])
+    got = {_key(err["loc"]): err.get("input") for err in errors}
+    result = []
+    for key, messages in lines.items():
+        if len(messages) == 1:
+            result.extend(_describe(e) for e in errors if _key(e["loc"]) == key)
+        else:
+            result.append(f"{key}: {' or '.join(messages)} (got {got[key]!r})")
+    return result
+
+
 def _describe(err: Any) -> str:
-    key = ".".join(str(part) for part in err["loc"])
+    key = _key(err["loc"])
     if err["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     if err["type"] == "model_type":

@@ -19,6 +19,12 @@ class FakeAssistant:
     refuse_with: int | None = None
     end_after: float | None = None
     interrupt_after: float | None = None
+    loopback: bool = True
+    """Play the caller's audio straight back."""
+    reply: bytes = b""
+    reply_at: float = 0.5
+    """Speak `reply` (20 ms frames in real time) this long after the call starts, whatever
+    the caller does: an assistant with no barge-in of its own."""
     url: str = ""
     headers: dict[str, str] = field(default_factory=dict)
     start: dict[str, Any] = field(default_factory=dict)
@@ -48,17 +54,28 @@ class FakeAssistant:
                 if self.interrupt_after is not None:
                     nursery.start_soon(self._later, ws, self.interrupt_after,
                                        {"type": "interrupted"})
+                if self.reply:
+                    nursery.start_soon(self._speak, ws)
                 while True:
                     message = await ws.get_message()
                     if isinstance(message, bytes):
                         self.audio_in += message
-                        await ws.send_message(message)  # straight back
+                        if self.loopback:
+                            await ws.send_message(message)  # straight back
                     else:
                         self.control_in.append(json.loads(message))
         except* trio_websocket.ConnectionClosed:
             pass
         finally:
             self.closed.set()
+
+    async def _speak(self, ws: trio_websocket.WebSocketConnection) -> None:
+        await trio.sleep(self.reply_at)
+        start = trio.current_time()
+        size = 640 if self.start.get("audio") == "pcm16" else 160
+        for i in range(0, len(self.reply), size):
+            await trio.sleep_until(start + i // size * 0.02)
+            await ws.send_message(self.reply[i:i + size])
 
     async def _later(self, ws: trio_websocket.WebSocketConnection, delay: float,
                      message: dict[str, Any]) -> None:

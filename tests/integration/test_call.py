@@ -50,6 +50,10 @@ async def test_demo_places_a_full_call_with_the_bundled_sample(tmp_path):
     report = await run_demo("pcm16")
     turns = report.turns()
     assert len(turns) == 2
+    # the caller talks over the first echo: a barge-in, in the timeline
+    assert report.clears == 1
+    assert any(what.startswith("clear:") for _, what in report.events)
+    assert sorted(report.voxd_latencies) == [1, 2]  # voxd's own figures came through
     assert all(t.latency is not None and t.latency < 1.0 for t in turns)
     assert report.closed_by == "caller" and report.errors == []
     out = tmp_path / "demo.wav"

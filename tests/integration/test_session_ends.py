@@ -53,6 +53,9 @@ class ScriptedAssistant:
     async def hang_up(self) -> None:
         self.hung_up += 1
 
+    async def barge_in(self, heard_seconds: float) -> None:
+        pass
+
 
 async def connect(voxd):
     signature = RequestValidator(voxd.token).compute_signature(voxd.stream_url, {})

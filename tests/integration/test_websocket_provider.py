@@ -17,6 +17,9 @@ from voxd.sim.caller import TwilioSimulator
 @pytest.fixture
 def ws_voxd(start_voxd, nursery):
     async def start(fake: FakeAssistant, audio: str = "mulaw", **sections):
+        # The fake plays the caller straight back, talking while the caller talks: voxd's own
+        # barge-in would rightly cut it off, so these transport tests turn it off.
+        sections.setdefault("barge_in", {"local_vad": False})
         await nursery.start(fake.serve)
         voxd = await start_voxd(
             secrets={"websocket_auth": "Bearer sekrit"},

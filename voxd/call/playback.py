@@ -29,6 +29,7 @@ import trio
 
 from voxd.audio.framing import FrameCutter
 from voxd.audio.g711 import ULAW_SILENCE
+from voxd.audio.vad import ENERGY_FLOOR_DBFS, frame_energy_dbfs_ulaw
 from voxd.twilio.protocol import MediaStream
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,12 @@ FRAME_BYTES = 160
 FRAME_SECONDS = 0.020
 END_MARK = "voxd-end"
 _EPSILON = 1e-6  # seconds; float sums of 0.02 must not make the pacing wait spin at its edge
+BURST_GAP = 0.25
+"""Twilio's queue must have been dry this long for new audio to count as a new burst (a new
+answer); shorter underruns of an assistant streaming in real time belong to the same turn."""
+ECHO_DECAY_DB_PER_SECOND = 30.0
+"""How fast the echo reference falls once assistant audio has played: a line's echo arrives a
+few hundred ms late at most, so 30 dB/s covers it without gating the caller for long after."""
 
 
 class Playback:
@@ -49,7 +56,8 @@ class Playback:
         *,
         lead: float = 0.2,
         max_queue_seconds: float = 60.0,
-        on_burst: Callable[[float], None] | None = None,
+        on_burst: Callable[[float], str | None] | None = None,
+        resume_after: float = 0.3,
     ) -> None:
         self._send = send
         self._on_burst = on_burst
@@ -71,6 +79,12 @@ class Playback:
         self.burst_started_at: float | None = None
         """When the first frame of the current burst of assistant audio was sent."""
         self.bursts = 0
+        self._burst_frames = 0
+        self._echo_ref = ENERGY_FLOOR_DBFS
+        self._echo_ref_at = 0.0
+        self.resume_after = resume_after
+        self._muted = False
+        self._last_enqueue = 0.0
 
     # -- what the caller hears --
 
@@ -91,9 +105,28 @@ class Playback:
 
     # -- called by the outbound pump and the barge-in watcher --
 
+    def echo_level(self, now: float) -> float:
+        """Loudness (dBFS) of the assistant audio playing around `now`: what the caller's line
+        may echo back. Falls off once the assistant stops."""
+        late = max(0.0, now - self._echo_ref_at)
+        return self._echo_ref - late * ECHO_DECAY_DB_PER_SECOND
+
+    @property
+    def heard_seconds(self) -> float:
+        """How much of the current burst the caller has heard (sent minus still queued)."""
+        return max(0.0, self._burst_frames * FRAME_SECONDS - self.queued_seconds)
+
     async def enqueue(self, ulaw: bytes) -> None:
         """Queue mu-law audio (any length) for playout; waits while the queue is full, which
-        holds back the assistant (backpressure) rather than dropping its audio."""
+        holds back the assistant (backpressure) rather than dropping its audio. After a
+        barge-in that the assistant did not notice itself (`interrupt(mute=True)`), the rest of
+        its turn is dropped: audio is muted until the assistant pauses for `resume_after`."""
+        now = trio.current_time()
+        last, self._last_enqueue = self._last_enqueue, now
+        if self._muted:
+            if now - last < self.resume_after:
+                return
+            self._muted = False
         while len(self._queue) >= self._max_frames:
             self._room = trio.Event()
             await self._room.wait()
@@ -109,13 +142,17 @@ class Playback:
             self._queue.append(frame)
             self._wake.set()
 
-    def interrupt(self) -> float:
+    def interrupt(self, mute: bool = False) -> float:
         """Drop all unplayed assistant audio now (voxd's queue at once, Twilio's by a `clear`
-        that the playout sends next). Returns the seconds dropped."""
+        that the playout sends next). With `mute`, also drop what the assistant still sends of
+        this turn (see `enqueue`). Returns the seconds dropped."""
         dropped = self.held_seconds + self.queued_seconds
+        if mute:
+            self._muted = True
         self._queue.clear()
         self._cutter.clear()
-        self._play_end = min(self._play_end, trio.current_time())
+        # Twilio's queue is empty now: what comes next is a new burst.
+        self._play_end = min(self._play_end, trio.current_time() - BURST_GAP)
         if self._sent_since_clear:
             self._clear_owed = True
             self._sent_since_clear = False
@@ -185,12 +222,20 @@ class Playback:
             if len(queue) < self._max_frames:
                 self._room.set()
             if now >= self._play_end:
+                new_burst = now >= self._play_end + BURST_GAP or self.bursts == 0
                 self._play_end = now
-                self.burst_started_at = now
-                self.bursts += 1
-                if self._on_burst is not None:
-                    self._on_burst(now)
+                if new_burst:
+                    self.burst_started_at = now
+                    self.bursts += 1
+                    self._burst_frames = 0
+                    mark = self._on_burst(now) if self._on_burst is not None else None
+                    if mark is not None:  # before the frame: echoed when the answer starts
+                        await send(self._protocol.mark(mark))
             self._play_end += FRAME_SECONDS
+            self._burst_frames += 1
+            level = frame_energy_dbfs_ulaw(frame)
+            if level >= self.echo_level(self._play_end):  # referenced to when it has played
+                self._echo_ref, self._echo_ref_at = level, self._play_end
             self._sent_since_clear = True
             self.frames_sent += 1
             await send(media(frame))

@@ -32,7 +32,7 @@ from typing import NamedTuple, Protocol
 import trio
 
 from voxd.audio.transcode import InboundTranscoder, OutboundTranscoder
-from voxd.audio.vad import frame_energy_dbfs_ulaw
+from voxd.audio.vad import ENERGY_FLOOR_DBFS, frame_energy_dbfs_ulaw
 from voxd.call.playback import Playback
 from voxd.call.turns import TurnTimer
 from voxd.call.upstream_feed import UpstreamFeed
@@ -124,6 +124,10 @@ class CallSession:
         self.socket = socket
         self.call_control = call_control
         self._caller_released = False
+        local_vad = settings.config.barge_in.local_vad
+        self.local_vad = (provider.name != "vapi") if local_vad == "auto" else local_vad
+        """Barge in on voxd's own detection of caller speech ("auto": not for Vapi, whose own
+        interruption signal is trusted)."""
         self.settings = settings
         self.provider = provider
         self.peer = peer
@@ -213,7 +217,8 @@ class CallSession:
         playback = Playback(self.socket.send, self.protocol,
                             lead=barge_in.playback_lead_ms / 1000,
                             max_queue_seconds=call.playback_queue_seconds,
-                            on_burst=lambda at: self._answer_started(turns, at))
+                            on_burst=lambda at: self._answer_started(turns, at),
+                            resume_after=barge_in.resume_after_ms / 1000)
         speech_tx, speech_rx = trio.open_memory_channel[float](8)
         try:
             async with trio.open_nursery() as nursery:
@@ -259,7 +264,8 @@ class CallSession:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._guard, self._outbound(assistant, playback, turns))
                     nursery.start_soon(self._guard, self._keepalive(assistant))
-                    nursery.start_soon(self._guard, self._barge_in_watcher(playback, speech))
+                    nursery.start_soon(self._guard,
+                                       self._barge_in_watcher(assistant, playback, speech))
             finally:
                 await self._release_caller()  # the caller first: never a silent line
                 # Unless the assistant ended the call (or is unreachable), tell it the call is
@@ -323,6 +329,8 @@ class CallSession:
     async def _inbound(self, feed: UpstreamFeed, turns: TurnTimer, playback: Playback,
                        speech: trio.MemorySendChannel[float]) -> Ending:
         mark_played = playback.mark_played
+        echo_level = playback.echo_level
+        margin = self.settings.config.barge_in.echo_margin_db
         receive = self.socket.receive
         parse = self.protocol.receive
         send_audio = feed.send
@@ -335,9 +343,10 @@ class CallSession:
             if type(event) is MediaFrame:
                 stats.frames_in += 1
                 payload = event.payload
-                started = turns.caller_audio(
-                    event.timestamp_ms, len(payload), frame_energy_dbfs_ulaw(payload), now
-                )
+                energy = frame_energy_dbfs_ulaw(payload)
+                if energy < echo_level(now) - margin:
+                    energy = ENERGY_FLOOR_DBFS  # at most the assistant's own echo: not speech
+                started = turns.caller_audio(event.timestamp_ms, len(payload), energy, now)
                 if started:
                     with contextlib.suppress(trio.WouldBlock):
                         speech.send_nowait(now)
@@ -371,12 +380,17 @@ class CallSession:
         await playback.run()
         return Ending("playout-ended")  # pragma: no cover - runs for the life of the call
 
-    def _answer_started(self, turns: TurnTimer, at: float) -> None:
-        """The assistant's audio started going out: if it answers a caller turn, time it."""
+    def _answer_started(self, turns: TurnTimer, at: float) -> str | None:
+        """The assistant's audio started going out: if it answers a caller turn, time it, and
+        name a mark to send ahead of it (Twilio echoes it when the answer starts playing; the
+        simulator reads voxd's figure from its name)."""
         latency = turns.assistant_audio(at)
-        if latency is not None:
-            metrics.TURN_LATENCY_SECONDS.observe(latency)
-            log.debug("turn %d: response latency %.0f ms", len(turns.latencies), latency * 1000)
+        if latency is None:
+            return None
+        metrics.TURN_LATENCY_SECONDS.observe(latency)
+        turn = len(turns.latencies)
+        log.debug("turn %d: response latency %.0f ms", turn, latency * 1000)
+        return f"voxd:turn={turn};latency_ms={latency * 1000:.0f}"
 
     async def _twilio_watchdog(self) -> Ending:
         """Twilio sends 50 media messages a second: a long silence means the socket is dead
@@ -402,21 +416,27 @@ class CallSession:
                 metrics.ERRORS.labels(kind="keepalive").inc()
                 return Ending("upstream-keepalive-timeout", "error")
 
-    async def _barge_in_watcher(self, playback: Playback,
+    async def _barge_in_watcher(self, assistant: AssistantSession, playback: Playback,
                                 speech: trio.MemoryReceiveChannel[float]) -> Ending:
-        enabled = self.settings.config.barge_in.local_vad
+        """The caller started speaking (voxd's own VAD, echo-gated): if assistant audio is
+        playing, interrupt it, drop the rest of its turn, and tell the assistant how much of
+        it the caller heard."""
         async for _ in speech:
-            if enabled and playback.playing:
-                self._barge_in(playback, "vad")
+            if self.local_vad and playback.playing:
+                heard = self._barge_in(playback, "vad", mute=True)
+                await assistant.barge_in(heard)
         return Ending("barge-in-watcher-ended")  # pragma: no cover - the channel stays open
 
-    def _barge_in(self, playback: Playback, source: str) -> None:
-        dropped = playback.interrupt()
+    def _barge_in(self, playback: Playback, source: str, mute: bool = False) -> float:
+        """Drop unplayed assistant audio; count and log it. Returns seconds of it heard."""
+        heard = playback.heard_seconds
+        dropped = playback.interrupt(mute)
         if dropped > 0.0:
             self.stats.barge_ins += 1
             metrics.BARGE_INS.labels(source=source).inc()
-            log.info("barge-in (%s): dropped %.0f ms of queued assistant audio",
-                     source, dropped * 1000)
+            log.info("barge-in (%s): caller heard %.0f ms of the assistant's turn; dropped "
+                     "%.0f ms", source, heard * 1000, dropped * 1000)
+        return heard
 
     # -- the end --
 

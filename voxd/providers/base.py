@@ -76,6 +76,11 @@ class AssistantSession(Protocol):
         """Tell the assistant the caller is gone (before the session is closed)."""
         ...
 
+    async def barge_in(self, heard_seconds: float) -> None:
+        """voxd cut the assistant's speech short (the caller talked over it) after the caller
+        had heard `heard_seconds` of it; a no-op where the protocol cannot say so."""
+        ...
+
 
 class Provider(Protocol):
     """A kind of assistant (echo, vapi, websocket, ...), configured once, connected per call."""

@@ -141,3 +141,10 @@ class EchoAssistant:
     async def hang_up(self) -> None:
         """Nothing to tell."""
         await trio.lowlevel.checkpoint()
+
+    async def barge_in(self, heard_seconds: float) -> None:
+        """voxd heard the caller first: stop the playback (the echo would a frame later)."""
+        if self._playing is not None:
+            self._playing.cancel()
+            self._playing = None
+        await trio.lowlevel.checkpoint()

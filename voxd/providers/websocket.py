@@ -10,6 +10,9 @@ The protocol (documented in README.md, "Generic WebSocket assistants"):
   frames `{"type":"interrupted"}` (drop its queued speech), `{"type":"speech-started"}` (the
   caller started talking: an interruption if its speech is playing) and
   `{"type":"end","reason":"..."}` (end the call). Other types are ignored.
+- when voxd itself hears the caller talk over the assistant (barge_in.local_vad), it stops the
+  assistant's audio, drops the rest of that turn, and sends
+  `{"type":"barge-in","heard_ms":N}`: how much of the turn the caller heard.
 """
 
 from __future__ import annotations
@@ -54,6 +57,11 @@ def translate(text: str) -> AssistantEvent | None:
     return None
 
 
+def barge_in_message(heard_seconds: float) -> str:
+    """voxd cut the assistant short: how much of its turn the caller heard."""
+    return json.dumps({"type": "barge-in", "heard_ms": round(heard_seconds * 1000)})
+
+
 def start_message(call: CallInfo, audio: str) -> str:
     """The first frame voxd sends: who is calling, and in which audio format."""
     return json.dumps({"type": "start", "callSid": call.call_sid, "streamSid": call.stream_sid,
@@ -88,6 +96,6 @@ class WebSocketProvider:
         """Open the assistant's socket and introduce the call."""
         async with open_upstream(self.url, self.headers, "the assistant",
                                  self.max_message_bytes) as ws:
-            assistant = WebSocketAssistant(ws, "the assistant", translate, END)
+            assistant = WebSocketAssistant(ws, "the assistant", translate, END, barge_in_message)
             await assistant.send(start_message(call, self.audio))
             yield assistant

@@ -60,7 +60,9 @@ class WebSocketAssistant:
         what: str,
         translate: Callable[[str], AssistantEvent | None],
         end_message: str | None,
+        barge_in_message: Callable[[float], str] | None = None,
     ) -> None:
+        self._barge_in_message = barge_in_message
         self._ws = ws
         self._what = what
         self._translate = translate
@@ -109,6 +111,13 @@ class WebSocketAssistant:
             await self._ws.ping()
         except trio_websocket.ConnectionClosed as exc:
             raise UpstreamError(f"{self._what} connection closed ({_reason(exc)})") from None
+
+    async def barge_in(self, heard_seconds: float) -> None:
+        """Tell the assistant how much of its interrupted turn was heard, if it can be told."""
+        if self._barge_in_message is None:
+            await trio.lowlevel.checkpoint()
+            return
+        await self.send(self._barge_in_message(heard_seconds))
 
     async def hang_up(self) -> None:
         """Tell the assistant the call is over (then the socket is closed)."""

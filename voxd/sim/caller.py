@@ -140,6 +140,8 @@ class CallReport:
     closed_by: str = "caller"
     after_stream: str = ""
     errors: list[str] = field(default_factory=list)
+    voxd_latencies: dict[int, float] = field(default_factory=dict)
+    """Turn number -> voxd's own measured response latency (from its marks)."""
 
     def caller_speech(self) -> list[tuple[float, float]]:
         """When the caller spoke."""
@@ -181,12 +183,18 @@ class CallReport:
         for t, what in sorted(rows, key=lambda r: r[0]):
             lines.append(f"  {t:7.2f}s  {what}")
         lines.append("")
-        lines.append("  turn  caller stopped  assistant heard  response latency")
+        lines.append("  turn  caller stopped  assistant heard  latency (caller)  latency (voxd)")
         turns = self.turns()
+        voxd = sorted(self.voxd_latencies.items())
         for n, turn in enumerate(turns, 1):
             heard = "-" if turn.reply_start is None else f"{turn.reply_start:.2f}s"
             latency = "no reply" if turn.latency is None else f"{turn.latency * 1000:.0f} ms"
-            lines.append(f"  {n:4d}  {turn.caller_end:13.2f}s  {heard:>15}  {latency:>16}")
+            # voxd numbers the turns it answered; match them to the caller's in order
+            answered = sum(1 for t in turns[:n] if t.latency is not None)
+            mine = (f"{voxd[answered - 1][1] * 1000:.0f} ms"
+                    if turn.latency is not None and answered <= len(voxd) else "-")
+            lines.append(f"  {n:4d}  {turn.caller_end:13.2f}s  {heard:>15}  {latency:>16}"
+                         f"  {mine:>14}")
         if not turns:
             lines.append("  (the caller did not speak)")
         lines.append("")
@@ -246,8 +254,12 @@ class TwilioSimulator:
     """Places one simulated call against a voxd webhook."""
 
     def __init__(self, webhook_url: str, *, auth_token: str | None = None,
-                 from_number: str = "+15005550006", to_number: str = "+15005550001") -> None:
+                 from_number: str = "+15005550006", to_number: str = "+15005550001",
+                 line_echo: tuple[float, float] | None = None) -> None:
         self.webhook_url = webhook_url
+        self.line_echo = line_echo
+        """(attenuation dB, delay ms): mix what the caller hears back into what it sends, as
+        a phone line's echo does."""
         self.validator = RequestValidator(auth_token) if auth_token else None
         self.from_number = from_number
         self.to_number = to_number
@@ -360,9 +372,12 @@ class _Stream:
         """Every 20 ms: send the caller's next frame, play one frame of assistant audio."""
         sid = self.sim.stream_sid
         silence = bytes([ULAW_SILENCE]) * FRAME_BYTES
+        echo = self.sim.line_echo
         try:
             for i, frame in enumerate(self.frames):
                 await trio.sleep_until(self.t0 + i * FRAME_SECONDS)
+                if echo is not None:
+                    frame = _with_echo(frame, self.report.heard_frames, *echo)
                 payload = binascii.b2a_base64(frame, newline=False).decode()
                 await self.send({"event": "media", "streamSid": sid, "media": {
                     "track": "inbound", "chunk": str(i + 1), "timestamp": str(i * 20),
@@ -407,7 +422,9 @@ class _Stream:
                         self.queue += audio
                         self.queued += len(audio)
                     elif event == "mark":
-                        self.marks.append((self.queued, message["mark"]["name"]))
+                        name = message["mark"]["name"]
+                        _read_voxd_mark(name, report)
+                        self.marks.append((self.queued, name))
                         await self.echo_marks(lambda pos: pos <= self.played)
                     elif event == "clear":
                         report.clears += 1
@@ -429,6 +446,29 @@ class _Stream:
                 report.events.append((self.now(), f"voxd closed the stream (code "
                                                   f"{reason.code if reason else '?'})"))
                 call_scope.cancel()
+
+
+def _with_echo(frame: bytes, heard: list[bytes], attenuation_db: float,
+               delay_ms: float) -> bytes:
+    """The caller's frame plus the line's echo of what it heard `delay_ms` earlier."""
+    back = round(delay_ms / 20)
+    if back < 1 or len(heard) < back:
+        return frame
+    gain = 10 ** (-attenuation_db / 20)
+    mixed = (ulaw_decode(np.frombuffer(frame, np.uint8)).astype(np.float32)
+             + gain * ulaw_decode(np.frombuffer(heard[-back], np.uint8)))
+    return pcm16_to_ulaw(np.clip(mixed, -32768, 32767).astype("<i2").tobytes())
+
+
+def _read_voxd_mark(name: str, report: CallReport) -> None:
+    """voxd names the mark ahead of each answer `voxd:turn=N;latency_ms=X`: its own figure."""
+    if not name.startswith("voxd:turn="):
+        return
+    try:
+        fields = dict(part.split("=", 1) for part in name[5:].split(";"))
+        report.voxd_latencies[int(fields["turn"])] = int(fields["latency_ms"]) / 1000
+    except (ValueError, KeyError):
+        report.errors.append(f"unreadable voxd mark {name!r}")
 
 
 def _stop_sent(report: CallReport) -> bool:
