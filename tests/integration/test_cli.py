@@ -102,7 +102,7 @@ def test_call_against_a_running_daemon(daemon, tmp_path):
     result = run("call", origin + "/twilio/voice", "--wav", str(caller), "--record", str(out),
                  "--seconds", "2.5", "--auth-token", "test-token-123")
     assert result.returncode == 0, result.stderr
-    assert "response latency" in result.stdout
+    assert "latency (caller)" in result.stdout and "latency (voxd)" in result.stdout
     assert "no reply" not in result.stdout
     assert "ended by caller" in result.stdout
     with wave.open(str(out)) as wav:
