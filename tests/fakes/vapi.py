@@ -70,6 +70,10 @@ class FakeCall:
     control_in: list[dict[str, Any]] = field(default_factory=list)
     replies: list[bytes] = field(default_factory=list)
     reply_started: list[float] = field(default_factory=list)
+    frame_arrivals: list[float] = field(default_factory=list)
+    """When each whole frame of caller audio arrived."""
+    turn_ends: list[int] = field(default_factory=list)
+    """For each reply to the caller: the index of the last voiced frame it answers."""
     interruptions: int = 0
     connected: trio.Event = field(default_factory=trio.Event)
     closed: trio.Event = field(default_factory=trio.Event)
@@ -199,6 +203,7 @@ class _Assistant:
             self.pending += message
             while len(self.pending) >= size:
                 frame, self.pending = self.pending[:size], self.pending[size:]
+                self.call.frame_arrivals.append(trio.current_time())
                 await self.on_frame(frame)
 
     async def on_frame(self, frame: bytes) -> None:
@@ -220,6 +225,7 @@ class _Assistant:
             self.utterance.append(frame)
         self.recent.append(frame)
         if edge is SpeechEdge.STOPPED:
+            self.call.turn_ends.append(detector.speech_ended_at_frame or 0)
             hangover = detector.frames_seen - 1 - (detector.speech_ended_at_frame or 0)
             self.nursery.start_soon(self.reply, b"".join(self.utterance[:-hangover]))
 

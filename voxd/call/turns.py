@@ -34,11 +34,14 @@ class TurnTimer:
     def caller_audio(self, timestamp_ms: int, nbytes: int, energy_dbfs: float,
                      arrived_at: float) -> bool:
         """Account one caller frame (mu-law, `nbytes` long); True when caller speech starts."""
-        offset = arrived_at - timestamp_ms / 1000
+        end_ms = timestamp_ms + nbytes // ULAW_BYTES_PER_MS
+        # A frame can be sent only once its audio has been captured: map its end, not its
+        # start, onto the arrival time (else every turn end lands one frame late).
+        offset = arrived_at - end_ms / 1000
         if offset < self._offset:
             self._offset = offset
         if energy_dbfs > self.threshold_dbfs:  # the same test as the detector
-            self._last_loud_end_ms = timestamp_ms + nbytes // ULAW_BYTES_PER_MS
+            self._last_loud_end_ms = end_ms
         edge = self.detector.update(energy_dbfs)
         if edge is SpeechEdge.STARTED:
             self._pending_end = None

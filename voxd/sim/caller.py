@@ -369,13 +369,15 @@ class _Stream:
             nursery.cancel_scope.cancel()
 
     async def pace(self) -> None:
-        """Every 20 ms: send the caller's next frame, play one frame of assistant audio."""
+        """Every 20 ms: send the caller's frame just captured, play one frame of assistant
+        audio."""
         sid = self.sim.stream_sid
         silence = bytes([ULAW_SILENCE]) * FRAME_BYTES
         echo = self.sim.line_echo
         try:
             for i, frame in enumerate(self.frames):
-                await trio.sleep_until(self.t0 + i * FRAME_SECONDS)
+                # as Twilio does: a frame leaves once its 20 ms have been captured
+                await trio.sleep_until(self.t0 + (i + 1) * FRAME_SECONDS)
                 if echo is not None:
                     frame = _with_echo(frame, self.report.heard_frames, *echo)
                 payload = binascii.b2a_base64(frame, newline=False).decode()
