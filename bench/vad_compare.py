@@ -1,42 +1,47 @@
 """Barge-in VAD choice, measured: voxd's energy detector vs webrtcvad, per 20 ms mu-law frame.
 
-Run: .venv/bin/python bench/vad_compare.py            (about 30-60 s; prints tables)
+Run: .venv/bin/python bench/vad_compare.py               (about 10 s; prints tables)
      .venv/bin/python bench/vad_compare.py --regen-data  (rewrite bench/data/utt_*.wav)
 
-Needs webrtcvad-wheels in the venv for the webrtcvad rows (`.venv/bin/pip install
-webrtcvad-wheels`; a measurement tool only, not a voxd dependency; without it those rows are
-skipped). Speech: voxd/data/hello.wav (split at its pauses) plus the short espeak-ng phrases in
-bench/data/utt_*.wav (UTTERANCES below: 5 languages, 11 voices, -s 130..180, resampled to 8 kHz
-16-bit with soxr). Those files are committed (~190 kB); if they are missing the script makes them
-in a temp dir, which then needs /usr/bin/espeak-ng.
+Needs webrtcvad-wheels in the venv for the W* rows (`.venv/bin/pip install webrtcvad-wheels`; a
+measurement tool, not a voxd dependency; without it those rows are skipped). Speech:
+voxd/data/hello.wav (cut at its pauses) plus the short barge-in phrases of UTTERANCES in
+bench/data/utt_*.wav (espeak-ng 1.51, 5 languages, 11 voices, -s 130..180, resampled to 8 kHz
+with soxr, stored as G.711 mu-law WAV: ~170 kB). If those files are missing the script makes
+them in a temp dir, which then needs /usr/bin/espeak-ng.
 
-Everything the detectors see is what voxd sees: G.711 mu-law 8 kHz cut into 160-byte frames,
-energy from voxd.audio.vad.frame_energy_dbfs_ulaw, voxd's SpeechDetector state machine
-(threshold -40 dBFS, hangover 300 ms). Candidates:
-  E60/E100/E120/E140  energy detector with min_speech_ms 60/100/120/140 (100 = voxd's default in
-                      voxd/config.py, 120 = the sample voxd.toml)
-  W1/W2/W3            webrtcvad mode 1/2/3 on the decoded s16 frame (voxd.audio.g711), its per-frame
-                      verdicts fed to the same SpeechDetector with a 100 ms (5 frame) minimum
-Levels: caller speech is normalised to an active level of -26 dBFS (ITU nominal, -26 dBov), the
-assistant (whose echo comes back) to -20 dBFS. True speech start = first sample of the first
-10 ms window of the clean, normalised utterance above -50 dBFS (sample-accurate). The STARTED
-decision is due at the end of the frame that produced it, so onset delay = end of that frame -
-true start; network and jitter-buffer delay come on top. Each (utterance, condition) is run with
-several seeded sub-frame offsets and 0.8-1.2 s of lead-in (noise, echo or silence).
+The detectors see what voxd sees: G.711 mu-law 8 kHz in 160-byte frames, energy from
+voxd.audio.vad.frame_energy_dbfs_ulaw, voxd's SpeechDetector state machine (threshold -40 dBFS,
+hangover 300 ms) turning per-frame verdicts into STARTED. Candidates:
+  E60..E140  energy > -40 dBFS for min_speech_ms 60/80/100/120/140 ms (80 = voxd's default,
+             chosen from these numbers)
+  W1/W2/W3   webrtcvad mode 1/2/3 on the decoded s16 frame (voxd.audio.g711), voiced for 5
+             consecutive frames (100 ms)
+  W2+E       webrtcvad mode 2 AND energy > -40 dBFS, 5 consecutive frames
+Levels: caller speech at an active level of -26 dBFS (ITU nominal -26 dBov; "quiet" = -36),
+the assistant (whose echo comes back) at -20 dBFS. True speech start = first sample of the first
+10 ms window of the clean, normalised utterance above -50 dBFS (sample-accurate). STARTED is
+due at the end of the frame that produced it, so onset delay = end of that frame - true start;
+network and jitter-buffer delay come on top. Each (utterance, condition) runs with several
+seeded sub-frame offsets after 0.8-1.2 s of lead-in (noise, echo or just the line's floor).
+Every caller stream, speech or noise, carries a -70 dBFS white noise floor (a real line is never
+digitally silent, and webrtcvad misbehaves on exact zeros followed by faint noise).
 
-Echo rows: the caller line carries only the assistant's own speech, attenuated by the echo
-return loss (ERL) and delayed 6 frames (120 ms). The echo gate (voxd/call/session.py _inbound)
-turns a caller frame into silence when its energy < reference - echo_margin_db (15 dB). Two
-references: "aligned" = the level of the unattenuated assistant frame that made this echo
-(6 frames earlier), the brief's model; "voxd" = Playback.echo_level as the code computes it
-(peak hold of the frames sent, 200 ms playback lead, decay ECHO_DECAY_DB_PER_SECOND), evaluated
-when the caller frame arrives. webrtcvad rows get the same gate (voiced AND not gated).
+Echo rows: the caller's line carries only the assistant's own speech, attenuated by the echo
+return loss (ERL) and 6 frames (120 ms) late. voxd's echo gate (voxd/call/session.py _inbound)
+makes a caller frame silence when its energy < reference - echo_margin_db (15 dB). Two
+references: "aligned" = the level of the unattenuated assistant frame that made this echo (the
+frame 6 earlier); "voxd" = Playback.echo_level replayed (peak hold of the frames as they are
+sent, up to 200 ms ahead of playout, decaying ECHO_DECAY_DB_PER_SECOND), read when the caller
+frame arrives. W* rows get the same gate: voiced AND not gated (webrtcvad still sees every frame).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,7 +83,7 @@ ASSISTANT_LEVEL_DBFS = -20.0
 ONSET_WINDOW = 80  # 10 ms
 ONSET_DBFS = -50.0
 DETECT_WITHIN_MS = 1000
-OFFSETS_PER_TRIAL = 4
+OFFSETS_PER_TRIAL = 8
 NOISE_SECONDS = 60
 COST_FRAMES = 30000
 TARGET_P95_MS = 150.0
@@ -163,7 +168,11 @@ def utterance_files(regen: bool) -> list[Path]:
     names = [f"utt_{i:02d}.wav" for i in range(len(UTTERANCES))]
     if not regen and all((DATA / n).exists() for n in names):
         return [DATA / n for n in names]
-    out = DATA if regen else Path(tempfile.mkdtemp(prefix="vad_compare_"))
+    if regen:
+        out = DATA
+    else:
+        out = Path(tempfile.mkdtemp(prefix="vad_compare_"))
+        atexit.register(shutil.rmtree, out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     for n, (voice, wpm, text) in zip(names, UTTERANCES, strict=True):
         write_ulaw_wav(out / n, synthesize(voice, wpm, text))
@@ -357,9 +366,10 @@ class AssistantStream:
     def gate_voxd(self) -> list[float]:
         """Per caller frame: Playback.echo_level(now) - margin, replaying voxd's bookkeeping.
 
-        Assistant frame j plays during [20j, 20j+20) ms and is sent PLAYBACK_LEAD_MS ahead;
-        Playback references its level to its play end (20j+20). Caller frame k (carrying the
-        echo of frame k-6) is handled when it has fully arrived, at 20k+20 ms.
+        Assistant frame j plays during [20j, 20j+20) ms; Playback lets its level join the
+        echo reference once it starts playing (frames sent ahead by the lead do not count yet)
+        and references it to its play end (20j+20). Caller frame k (carrying the echo of frame
+        k-6) is handled when it has fully arrived, at 20k+20 ms.
         """
         decay = ECHO_DECAY_DB_PER_SECOND / 1000.0  # dB per ms
         ref, ref_at = ENERGY_FLOOR_DBFS, 0.0
@@ -368,7 +378,7 @@ class AssistantStream:
         gates = []
         for k in range(n):
             now = 20.0 * k + 20.0
-            while sent < n and 20.0 * sent - PLAYBACK_LEAD_MS <= now:
+            while sent < n and 20.0 * sent <= now:  # frame `sent` has started playing
                 end = 20.0 * sent + 20.0
                 if self.levels[sent] >= ref - max(0.0, end - ref_at) * decay:
                     ref, ref_at = self.levels[sent], end
@@ -393,3 +403,581 @@ def assistant_stream(rng: np.random.Generator, utts: Sequence[Utterance],
     return AssistantStream(ulaw, levels)
 
 
+# -- detectors -----------------------------------------------------------------------------------
+
+
+LINE_FLOOR_DBFS = -70.0  # every caller stream carries white noise this loud: no line is silent
+_FLOOR_RNG = np.random.default_rng(SEED + 1)
+
+
+@dataclass
+class Stream:
+    """One stretch of caller audio as voxd receives it, with its echo gate per frame."""
+
+    frames: list[bytes]
+    energy: list[float]
+    gate: list[float] | None = None
+    _pcm: list[bytes] | None = field(default=None, repr=False)
+    _vad: dict[int, list[bool]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, x: Float, gate: list[float] | None = None) -> Stream:
+        """Caller audio x, plus the line's own noise floor, as voxd receives it."""
+        b = to_ulaw(x + _FLOOR_RNG.standard_normal(len(x)) * FS * 10 ** (LINE_FLOOR_DBFS / 20))
+        frames = [b[i:i + FRAME] for i in range(0, len(b) - FRAME + 1, FRAME)]
+        return cls(frames, [frame_energy_dbfs_ulaw(f) for f in frames],
+                   None if gate is None else gate[:len(frames)])
+
+    def passed(self) -> list[bool]:
+        """Per frame: True unless voxd's echo gate turns it into silence."""
+        if self.gate is None:
+            return [True] * len(self.frames)
+        return [e >= g for e, g in zip(self.energy, self.gate, strict=True)]
+
+    def loud(self) -> list[bool]:
+        return [e > THRESHOLD_DBFS for e in self.energy]
+
+    def vad(self, mode: int) -> list[bool]:
+        """webrtcvad's verdict on every frame, one fresh Vad fed the whole stream in order."""
+        if mode not in self._vad:
+            if self._pcm is None:
+                self._pcm = [ulaw_to_pcm16(f) for f in self.frames]
+            is_speech = webrtcvad.Vad(mode).is_speech
+            self._vad[mode] = [is_speech(p, SR) for p in self._pcm]
+        return self._vad[mode]
+
+
+@dataclass
+class Detector:
+    name: str
+    desc: str
+    voiced: Callable[[Stream], list[bool]]  # per-frame verdict, before the echo gate
+    min_speech_ms: int
+    make_step: Callable[[], Callable[[bytes], object]]  # one frame of the work, for timing
+
+    def feed(self, s: Stream) -> list[float]:
+        """What SpeechDetector.update gets: 0 dBFS for a voiced frame the gate lets through."""
+        return [0.0 if v and ok else ENERGY_FLOOR_DBFS
+                for v, ok in zip(self.voiced(s), s.passed(), strict=True)]
+
+
+def energy_detector(min_ms: int, note: str = "") -> Detector:
+    def make_step() -> Callable[[bytes], object]:
+        update = SpeechDetector(THRESHOLD_DBFS, min_ms, HANGOVER_MS).update
+        energy = frame_energy_dbfs_ulaw
+
+        def step(frame: bytes) -> object:
+            return update(energy(frame))
+        return step
+
+    return Detector(f"E{min_ms}", f"energy > {THRESHOLD_DBFS:g} dBFS for {min_ms} ms{note}",
+                    Stream.loud, min_ms, make_step)
+
+
+def webrtc_detector(mode: int, with_energy: bool = False) -> Detector:
+    def voiced(s: Stream) -> list[bool]:
+        if with_energy:
+            return [v and e for v, e in zip(s.vad(mode), s.loud(), strict=True)]
+        return s.vad(mode)
+
+    def make_step() -> Callable[[bytes], object]:
+        update = SpeechDetector(THRESHOLD_DBFS, 100, HANGOVER_MS).update
+        is_speech, decode, energy = webrtcvad.Vad(mode).is_speech, ulaw_to_pcm16, \
+            frame_energy_dbfs_ulaw
+        floor, thr = ENERGY_FLOOR_DBFS, THRESHOLD_DBFS
+
+        def step(frame: bytes) -> object:
+            return update(0.0 if is_speech(decode(frame), SR) else floor)
+
+        def step_e(frame: bytes) -> object:
+            e = energy(frame)  # voxd needs it anyway, for the echo gate
+            return update(0.0 if is_speech(decode(frame), SR) and e > thr else floor)
+        return step_e if with_energy else step
+
+    if with_energy:
+        return Detector(f"W{mode}+E", f"webrtcvad mode {mode} AND energy > {THRESHOLD_DBFS:g} "
+                        "dBFS, for 100 ms (5 frames)", voiced, 100, make_step)
+    return Detector(f"W{mode}", f"webrtcvad mode {mode} voiced for 100 ms (5 frames)", voiced,
+                    100, make_step)
+
+
+def run(det: Detector, s: Stream) -> tuple[list[int], list[bool]]:
+    """Frames at which STARTED fired, and whether the detector was in speech after each frame."""
+    sd = SpeechDetector(THRESHOLD_DBFS, det.min_speech_ms, HANGOVER_MS)
+    update = sd.update
+    starts, states = [], []
+    for i, v in enumerate(det.feed(s)):
+        if update(v) is SpeechEdge.STARTED:
+            starts.append(i)
+        states.append(sd.in_speech)
+    return starts, states
+
+
+# -- onset trials --------------------------------------------------------------------------------
+
+
+@dataclass
+class Trial:
+    condition: str
+    utt: str
+    stream: Stream
+    onset: int  # true speech start, samples from stream start
+
+
+@dataclass
+class Outcome:
+    delays: list[float] = field(default_factory=list)
+    misses: int = 0
+    early: int = 0  # already in speech (set off by noise/echo) when the caller started
+    early_utts: list[str] = field(default_factory=list)
+    by_utt: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, other: Outcome) -> None:
+        self.delays += other.delays
+        self.misses += other.misses
+        self.early += other.early
+
+
+CONDITIONS = {  # name -> short column label
+    "clean, -26 dBFS": "clean",
+    "quiet, -36 dBFS": "quiet",
+    "white noise 20 dB SNR": "white20",
+    "white noise 10 dB SNR": "white10",
+    "pink noise 20 dB SNR": "pink20",
+    "pink noise 10 dB SNR": "pink10",
+    "over assistant echo ERL 20 dB, voxd gate": "echo20",
+}
+NOMINAL = ("clean", "white20", "pink20")
+
+
+def make_trials(rng: np.random.Generator, utts: Sequence[Utterance],
+                echo: AssistantStream) -> list[Trial]:
+    echo20 = echo.echo(20.0)
+    echo_gate = echo.gate_voxd()
+    talking = np.flatnonzero(np.asarray(echo_gate) > ASSISTANT_LEVEL_DBFS - ECHO_MARGIN_DB - 10)
+    trials = []
+    for short in CONDITIONS.values():
+        gain = 10 ** (-10 / 20) if short == "quiet" else 1.0
+        for u in utts:
+            for _ in range(OFFSETS_PER_TRIAL):
+                lead = int(rng.uniform(0.8, 1.2) * SR)
+                n = (lead + len(u.x) + SR) // FRAME * FRAME
+                x = np.zeros(n)
+                x[lead:lead + len(u.x)] = u.x * gain
+                onset = lead + u.onset
+                gate = None
+                if short.startswith(("white", "pink")):
+                    level = CALLER_LEVEL_DBFS - float(short[-2:])
+                    x += (white if short.startswith("white") else pink)(rng, n, level)
+                elif short == "echo20":
+                    # line up the echo so that the assistant is talking when the caller starts
+                    f0 = onset // FRAME
+                    pick = talking[(talking >= f0) & (talking < len(echo_gate) - n // FRAME + f0)]
+                    s0 = int(rng.choice(pick)) - f0
+                    x += echo20[s0 * FRAME:s0 * FRAME + n]
+                    gate = echo_gate[s0:s0 + n // FRAME]
+                trials.append(Trial(short, u.name, Stream.of(x, gate), onset))
+    return trials
+
+
+def score(det: Detector, trials: Sequence[Trial]) -> dict[str, Outcome]:
+    out: dict[str, Outcome] = {}
+    for t in trials:
+        o = out.setdefault(t.condition, Outcome())
+        starts, states = run(det, t.stream)
+        first = t.onset // FRAME  # the frame holding the first speech sample
+        if first > 0 and states[first - 1]:
+            o.early += 1
+            o.early_utts.append(t.utt)
+            continue
+        late = [(i + 1) * FRAME - t.onset for i in starts if i >= first]
+        if late and late[0] <= DETECT_WITHIN_MS * SR // 1000:
+            o.delays.append(late[0] * 1000 / SR)
+            o.by_utt.setdefault(t.utt, []).append(late[0] * 1000 / SR)
+        else:
+            o.misses += 1
+    return out
+
+
+# -- noise-only rows -----------------------------------------------------------------------------
+
+WARMUP_FRAMES = 50  # the first second of every noise sample is not counted (webrtcvad adapts)
+
+
+@dataclass
+class NoiseRow:
+    name: str
+    group: str  # "stationary", "click", "cough", "echo", "echo-ungated"
+    stream: Stream
+    events: list[tuple[int, int]] | None = None
+
+
+def make_noise_rows(rng: np.random.Generator, echo: AssistantStream) -> list[NoiseRow]:
+    n = NOISE_SECONDS * SR
+    rows = [NoiseRow(f"white {lv} dBFS", "stationary", Stream.of(white(rng, n, lv)))
+            for lv in (-50, -40, -35)]
+    rows += [NoiseRow(f"pink {lv} dBFS", "stationary", Stream.of(pink(rng, n, lv)))
+             for lv in (-50, -40, -35)]
+    rows += [NoiseRow(f"hum 50 Hz+harmonics {lv} dBFS", "stationary", Stream.of(hum(rng, n, lv)))
+             for lv in (-45, -35)]
+    for ms in (5, 20):
+        x, ev = clicks(rng, n, ms)
+        rows.append(NoiseRow(f"click {ms} ms full-scale, 1/s", "click", Stream.of(x), ev))
+    rows.append(NoiseRow("keyboard ticks", "click", Stream.of(keyboard(rng, n))))
+    x, ev = coughs(rng, n)
+    rows.append(NoiseRow(f"{len(ev)} coughs 150-250 ms -20 dBFS", "cough", Stream.of(x), ev))
+    aligned, voxd = echo.gate_aligned(), echo.gate_voxd()
+    for erl in (15, 20, 25):
+        e = echo.echo(erl)
+        rows.append(NoiseRow(f"echo ERL {erl} dB, aligned gate", "echo", Stream.of(e, aligned)))
+        rows.append(NoiseRow(f"echo ERL {erl} dB, voxd gate", "echo", Stream.of(e, voxd)))
+    for erl in (15, 25):
+        rows.append(NoiseRow(f"echo ERL {erl} dB, NO gate", "echo-ungated",
+                             Stream.of(echo.echo(erl))))
+    return rows
+
+
+# -- cost ----------------------------------------------------------------------------------------
+
+
+def timer_overhead_ns(n: int) -> float:
+    pc = time.perf_counter_ns
+    d = [0] * n
+    for i in range(n):
+        t0 = pc()
+        d[i] = pc() - t0
+    return statistics.median(d)
+
+
+def time_per_frame(step: Callable[[bytes], object], frames: Sequence[bytes]) -> tuple[float, float]:
+    """(median, mean) ns per call of step over frames, timed one frame at a time."""
+    pc = time.perf_counter_ns
+    for f in frames[:2000]:
+        step(f)
+    d = [0] * len(frames)
+    gc.disable()
+    try:
+        for i, f in enumerate(frames):
+            t0 = pc()
+            step(f)
+            d[i] = pc() - t0
+    finally:
+        gc.enable()
+    return statistics.median(d), statistics.fmean(d)
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def pct(v: Sequence[float], q: float) -> float:
+    return float(np.percentile(v, q)) if v else float("nan")
+
+
+def fmt(v: object) -> str:
+    if isinstance(v, float):
+        return "-" if v != v else (f"{v:.2f}" if abs(v) < 10 else f"{v:.0f}")
+    return str(v)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]], first: int, width: int = 8,
+          indent: int = 2) -> None:
+    pad = " " * indent
+    print(pad + f"{header[0]:<{first}}" + "".join(f"{fmt(h):>{width}}" for h in header[1:]))
+    for r in rows:
+        print(pad + f"{fmt(r[0]):<{first}}" + "".join(f"{fmt(v):>{width}}" for v in r[1:]))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--regen-data", action="store_true",
+                    help="re-synthesize bench/data/utt_*.wav with espeak-ng")
+    args = ap.parse_args(argv)
+    t_start = time.monotonic()
+    rng = np.random.default_rng(SEED)
+
+    utts, files = load_speech(args.regen_data)
+    echo = assistant_stream(rng, utts, NOISE_SECONDS + 2)
+    dets = [energy_detector(100), energy_detector(60), energy_detector(80, " (voxd default)"),
+            energy_detector(120), energy_detector(140)]
+    if webrtcvad is not None:
+        dets += [webrtc_detector(m) for m in (1, 2, 3)]
+        dets.append(webrtc_detector(2, with_energy=True))
+    else:
+        print("webrtcvad not installed: webrtcvad rows skipped "
+              "(.venv/bin/pip install webrtcvad-wheels)\n")
+    names = [d.name for d in dets]
+    by_name = {d.name: d for d in dets}
+
+    print("Barge-in VAD comparison, per 20 ms G.711 mu-law 8 kHz frame as voxd receives it")
+    kb = sum(p.stat().st_size for p in files) / 1000
+    print(f"speech: {len(utts)} utterances ({len(utts) - len(UTTERANCES)} from hello.wav, "
+          f"{len(UTTERANCES)} espeak-ng in {files[0].parent}, {kb:.0f} kB); caller at "
+          f"{CALLER_LEVEL_DBFS:g} dBFS active level, assistant at {ASSISTANT_LEVEL_DBFS:g} dBFS")
+    print(f"every candidate: SpeechDetector(threshold {THRESHOLD_DBFS:g}, hangover {HANGOVER_MS} "
+          f"ms) over per-frame verdicts; echo gate margin {ECHO_MARGIN_DB:g} dB, echo delay "
+          f"{ECHO_DELAY_FRAMES * FRAME_MS} ms")
+    for d in dets:
+        print(f"  {d.name:<5} {d.desc}")
+    print()
+
+    # 1. onsets
+    trials = make_trials(rng, utts, echo)
+    results = {d.name: score(d, trials) for d in dets}
+    conds = list(CONDITIONS.values())
+    pooled: dict[str, Outcome] = {}
+    nominal: dict[str, Outcome] = {}
+    for n in names:
+        pooled[n], nominal[n] = Outcome(), Outcome()
+        for c, o in results[n].items():
+            pooled[n].add(o)
+            if c in NOMINAL:
+                nominal[n].add(o)
+    print(f"1. Onset delay, true speech start -> STARTED, ms ({len(utts)} utterances x "
+          f"{OFFSETS_PER_TRIAL} sub-frame offsets = {len(trials) // len(conds)} onsets per "
+          f"condition, {len(conds)} conditions)")
+    rows = []
+    for n in names:
+        a, b = pooled[n], nominal[n]
+        rows.append([n, pct(a.delays, 50), pct(a.delays, 95), max(a.delays, default=float("nan")),
+                     len(a.delays), a.misses, a.early, pct(b.delays, 50), pct(b.delays, 95),
+                     b.misses + b.early])
+    print(f"{'':20}{'all conditions':^46}  {'nominal: ' + '+'.join(NOMINAL):^25}")
+    table(["", "p50", "p95", "max", "found", "missed", "early", "p50", "p95", "m+e"], rows, 8)
+    print("  missed = no STARTED within 1 s of the onset; early = already in speech (set off by "
+          "the noise\n  or echo) when the caller started, so there is no onset delay to measure")
+    print()
+    print("  per condition, p50/p95 ms")
+    for k, v in CONDITIONS.items():
+        print(f"    {v:<8} {k}")
+    rows = []
+    for n in names:
+        row: list[object] = [n]
+        for c in conds:
+            o = results[n][c]
+            row.append(f"{pct(o.delays, 50):.0f}/{pct(o.delays, 95):.0f}" if o.delays else "-")
+        rows.append(row)
+    table(["", *conds], rows, 6, 10)
+    print("  missed+early per condition (out of "
+          f"{len(trials) // len(conds)}), where not 0:")
+    for n in names:
+        bad = [f"{c} {results[n][c].misses}m+{results[n][c].early}e" for c in conds
+               if results[n][c].misses or results[n][c].early]
+        if bad:
+            print(f"    {n:<5} " + ", ".join(bad))
+    for c in ("clean", "quiet"):
+        for n in names:
+            if results[n][c].early_utts:
+                which = sorted(set(results[n][c].early_utts))
+                print(f"    {n} 'early' on {c} speech (no noise at all): triggered before the "
+                      f"-50 dBFS onset mark, by the quiet start of: {'; '.join(which)}")
+    print()
+    print("  clean speech, median onset delay per utterance "
+          f"(ms; {OFFSETS_PER_TRIAL} offsets each)")
+    rows = []
+    for u in utts:
+        rows.append([u.name[:40], *(statistics.median(results[n]["clean"].by_utt[u.name])
+                                    if u.name in results[n]["clean"].by_utt else float("nan")
+                                    for n in names)])
+    table(["utterance (voice/wpm: text)", *names], rows, 41, 6)
+    print()
+
+    # 2. noise only
+    noise_rows = make_noise_rows(rng, echo)
+    fs: dict[tuple[str, str], float] = {}
+    occ: dict[tuple[str, str], float] = {}
+    startup: dict[str, list[str]] = {n: [] for n in names}
+    cough_hits: dict[str, list[tuple[int, bool]]] = {}
+    for r in noise_rows:
+        minutes = (len(r.stream.frames) - WARMUP_FRAMES) * FRAME_MS / 60000
+        for d in dets:
+            starts, states = run(d, r.stream)
+            counted = [i for i in starts if i >= WARMUP_FRAMES]
+            if len(counted) < len(starts):
+                startup[d.name].append(r.name)
+            fs[r.name, d.name] = len(counted) / minutes
+            occ[r.name, d.name] = 100.0 * sum(states[WARMUP_FRAMES:]) / (
+                len(states) - WARMUP_FRAMES)
+            if r.group == "cough" and r.events:
+                hit = []
+                for p, m in r.events:
+                    lo, hi = p // FRAME, (p + m) // FRAME + HANGOVER_MS // FRAME_MS
+                    hit.append((m * 1000 // SR, any(lo <= i <= hi for i in counted)))
+                cough_hits[d.name] = hit
+    print(f"2. Noise only ({NOISE_SECONDS} s each; the first second is warm-up, not counted)")
+    print("  false starts per minute")
+    table(["sample", *names], [[r.name, *(fs[r.name, n] for n in names)] for r in noise_rows],
+          34, 7)
+    print()
+    print("  % of time in 'speech' (stuck in speech = one STARTED, then no barge-in detectable)")
+    table(["sample", *names],
+          [[r.name, *(occ[r.name, n] for n in names)] for r in noise_rows
+           if any(occ[r.name, n] >= 0.5 for n in names)], 34, 7)
+    print()
+    if cough_hits:
+        print("  coughs that set off STARTED, by cough length")
+        rows = []
+        for lo, hi in [(150, 175), (175, 200), (200, 225), (225, 251)]:
+            row: list[object] = [f"{lo}-{min(hi, 250)} ms"]
+            for n in names:
+                sel = [h for ms, h in cough_hits[n] if lo <= ms < hi]
+                row.append(f"{sum(sel)}/{len(sel)}")
+            rows.append(row)
+        table(["cough length", *names], rows, 34, 7)
+        print()
+    print("  STARTED within the uncounted first second of a fresh detector, samples out of "
+          f"{len(noise_rows)}: " + ", ".join(f"{n} {len(startup[n])}" for n in names))
+    al, vx = np.asarray(echo.gate_aligned()), np.asarray(echo.gate_voxd())
+    talk = al > ASSISTANT_LEVEL_DBFS - ECHO_MARGIN_DB - 10
+    below = (vx < al - 0.5) & talk
+    print(f"  echo gate check: while the assistant talks, voxd's echo_level reference is below the "
+          f"level of the frame whose echo is arriving on {100 * below.sum() / talk.sum():.0f}% "
+          f"of frames, by up to {np.max(al - vx, where=talk, initial=0):.1f} dB "
+          f"(lead {PLAYBACK_LEAD_MS} ms + echo delay {ECHO_DELAY_FRAMES * FRAME_MS} ms)")
+    print()
+
+    # 3. cost
+    cost_frames = [f for t in trials for f in t.stream.frames][:COST_FRAMES]
+    rng.shuffle(cost_frames)  # mix speech, silence, noise
+    overhead = timer_overhead_ns(20000)
+    cost: dict[str, tuple[float, float]] = {}
+    parts: list[tuple[str, Callable[[], Callable[[bytes], object]]]] = [
+        ("frame_energy_dbfs_ulaw only", lambda: frame_energy_dbfs_ulaw),
+        ("ulaw_to_pcm16 (decode) only", lambda: ulaw_to_pcm16)]
+    if webrtcvad is not None:
+        pcm = {f: ulaw_to_pcm16(f) for f in cost_frames}
+
+        def vad_only() -> Callable[[bytes], object]:
+            v = webrtcvad.Vad(2).is_speech
+            return lambda f: v(pcm[f], SR)
+        parts.append(("webrtcvad is_speech only (mode 2)", vad_only))
+    for label, make in parts:
+        cost[label] = min(time_per_frame(make(), cost_frames) for _ in range(3))
+    for d in dets:
+        cost[d.name] = min(time_per_frame(d.make_step(), cost_frames) for _ in range(3))
+    print(f"3. Cost per frame, us ({len(cost_frames)} frames, each timed with perf_counter_ns; "
+          f"best of 3 runs; timer overhead ~{overhead / 1000:.2f} us included)")
+    table(["path", "median", "mean"], [[k, v[0] / 1000, v[1] / 1000] for k, v in cost.items()],
+          36)
+    print("  E*: energy + state machine. W*: decode + webrtcvad + state machine. With the echo "
+          "gate voxd\n  computes the frame energy anyway, so a deployed W* costs about what "
+          "W2+E costs.")
+    print()
+
+    # 4. verdict
+    med = {n: cost[n][0] / 1000 for n in names}
+    if webrtcvad is not None:
+        for n in names:
+            if n.startswith("W") and "+E" not in n:
+                med[n] += cost["frame_energy_dbfs_ulaw only"][0] / 1000  # as deployed
+    Check = dict[str, tuple[bool, float, str]]  # name -> (fails, how badly, detail)
+
+    def noise_check(sel: Callable[[NoiseRow], bool]) -> Check:
+        out: Check = {}
+        for n in names:
+            hit = [r for r in noise_rows if sel(r) and fs[r.name, n] > 0]
+            out[n] = (bool(hit), sum(fs[r.name, n] for r in hit),
+                      ", ".join(f"{r.name}: {fs[r.name, n]:.1f}/min" for r in hit))
+        return out
+
+    def p95_check(o: dict[str, Outcome]) -> Check:
+        return {n: (not pct(o[n].delays, 95) <= TARGET_P95_MS, pct(o[n].delays, 95),
+                    f"p95 {pct(o[n].delays, 95):.0f} ms") for n in names}
+
+    criteria: list[tuple[str, Check]] = [
+        (f"onset p95 <= {TARGET_P95_MS:g} ms on nominal speech ({'+'.join(NOMINAL)})",
+         p95_check(nominal)),
+        (f"onset p95 <= {TARGET_P95_MS:g} ms over all conditions", p95_check(pooled)),
+        ("nothing missed on clean speech",
+         {n: (bool(results[n]["clean"].misses), results[n]["clean"].misses,
+              f"{results[n]['clean'].misses} missed") for n in names}),
+        ("no STARTED on clicks / keyboard ticks", noise_check(lambda r: r.group == "click")),
+        ("no STARTED on echo ERL >= 20 dB behind the aligned gate",
+         noise_check(lambda r: r.name in ("echo ERL 20 dB, aligned gate",
+                                          "echo ERL 25 dB, aligned gate"))),
+        ("no STARTED on echo ERL >= 20 dB behind voxd's gate",
+         noise_check(lambda r: r.name in ("echo ERL 20 dB, voxd gate",
+                                          "echo ERL 25 dB, voxd gate"))),
+        ("no STARTED on echo ERL 15 dB (= the margin), either gate",
+         noise_check(lambda r: r.group == "echo" and "ERL 15" in r.name)),
+        ("no STARTED on coughs", noise_check(lambda r: r.group == "cough")),
+    ]
+    secondary: list[tuple[str, Check]] = [
+        ("not stuck in 'speech' in stationary noise (white/pink/hum)",
+         {n: (bool(bad := [r.name for r in noise_rows
+                           if r.group == "stationary" and occ[r.name, n] > 50]), len(bad),
+              ", ".join(bad)) for n in names}),
+        ("speech found at 10 dB SNR",
+         {n: (bool(lost := [f"{c}: {results[n][c].misses + results[n][c].early} of "
+                            f"{len(trials) // len(conds)} lost" for c in ("white10", "pink10")
+                            if results[n][c].misses + results[n][c].early]), len(lost),
+              ", ".join(lost)) for n in names}),
+        (f"quiet speech (-36 dBFS): p95 <= {TARGET_P95_MS:g} ms, nothing missed",
+         {n: (not pct(results[n]["quiet"].delays, 95) <= TARGET_P95_MS
+              or bool(results[n]["quiet"].misses), 0.0,
+              f"p95 {pct(results[n]['quiet'].delays, 95):.0f} ms, "
+              f"{results[n]['quiet'].misses} missed") for n in names}),
+    ]
+    print("4. Verdict (computed from the tables above)")
+    print("  cost as deployed, median us/frame (W* plus the frame energy the echo gate needs): "
+          + ", ".join(f"{n} {med[n]:.1f}" for n in names))
+    deciding: list[tuple[str, Check]] = []
+    for label, chk in criteria:
+        bad = [n for n in names if chk[n][0]]
+        if not bad:
+            print(f"  - {label}: every candidate passes")
+            continue
+        detail = "; ".join(f"{n} ({chk[n][2]})" for n in bad)
+        if len(bad) == len(names):
+            print(f"  - {label}: EVERY candidate fails, so it does not separate them: {detail}")
+        else:
+            deciding.append((label, chk))
+            good = [n for n in names if not chk[n][0]]
+            print(f"  - {label}: passed by {', '.join(good)}; fails {detail}")
+
+    def cheapest(cands: Sequence[str]) -> str:
+        """Lowest cost; costs within 0.3 us count as equal, then the lower nominal p95."""
+        low = min(med[n] for n in cands)
+        return min((n for n in cands if med[n] <= low + 0.3),
+                   key=lambda n: pct(nominal[n].delays, 95))
+
+    ok = [n for n in names if not any(chk[n][0] for _, chk in deciding)]
+    picks: list[str] = []
+    if ok:
+        best = cheapest(ok)
+        picks.append(best)
+        print(f"  => {best} ({by_name[best].desc}) is the cheapest candidate passing every "
+              f"criterion that any candidate passes: {med[best]:.1f} us/frame, onset p50/p95 "
+              f"{pct(nominal[best].delays, 50):.0f}/{pct(nominal[best].delays, 95):.0f} ms on "
+              "nominal speech.")
+    else:
+        print("  => NO candidate meets every requirement that some candidate meets. "
+              "Best candidate if one requirement is relaxed:")
+        for label, chk in deciding:
+            only = [n for n in names if chk[n][0]
+                    and not any(c[n][0] for lb, c in deciding if lb != label)]
+            if not only:
+                continue
+            best = min(only, key=lambda n: (chk[n][1], med[n]))
+            picks.append(best)
+            print(f"     relax '{label}': {best} ({chk[best][2]}; {med[best]:.1f} us/frame)")
+            robust = [n for n in only if not any(c[n][0] for _, c in secondary[:2])]
+            if robust and best not in robust:
+                alt = min(robust, key=lambda n: (chk[n][1], med[n]))
+                picks.append(alt)
+                print(f"       best of those that also survive stationary noise and 10 dB SNR:"
+                      f" {alt} ({chk[alt][2]}; {med[alt]:.1f} us/frame)")
+        for n in names:
+            failed = [lb for lb, chk in deciding if chk[n][0]]
+            if len(failed) > 1:
+                print(f"     {n} fails {len(failed)}: " + "; ".join(failed))
+    for n in dict.fromkeys(picks):
+        sec = [f"{label} ({chk[n][2]})" for label, chk in secondary if chk[n][0]]
+        passed = [label for label, chk in secondary if not chk[n][0]]
+        print(f"  {n}: " + ("; ".join(f"fails {x}" for x in sec) if sec else "")
+              + ("; " if sec and passed else "") + ("passes: " + "; ".join(passed) if passed
+                                                    else ""))
+    print(f"\n(finished in {time.monotonic() - t_start:.0f} s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

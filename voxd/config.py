@@ -88,7 +88,7 @@ class BargeInConfig(_Section):
     """`[barge_in]`: interrupting the assistant when the caller talks over it."""
 
     local_vad: bool | Literal["auto"] = "auto"
-    min_speech_ms: Annotated[int, Field(ge=20, le=2000)] = 100
+    min_speech_ms: Annotated[int, Field(ge=20, le=2000)] = 80
     playback_lead_ms: Annotated[int, Field(ge=20, le=2000)] = 200
     echo_margin_db: Annotated[float, Field(ge=0, le=60)] = 15.0
     resume_after_ms: Annotated[int, Field(ge=20, le=5000)] = 300

@@ -142,3 +142,17 @@ async def test_a_full_queue_holds_the_assistant_back(playout, autojump_clock):
     assert 0.75 <= waited <= 0.8  # (1 s - 0.2 s queued - 0.02 s lead) of playing out
     await trio.sleep(1)
     assert len(twilio.media()) == 50
+
+
+async def test_the_echo_reference_follows_what_plays_not_what_was_sent(playout, autojump_clock):
+    """Frames sent ahead (the lead) must not lower the reference before they play: the echo
+    arriving now comes from what is playing, or played a moment ago."""
+    make, _ = playout
+    playback = make(lead=0.2)
+    loud = b"\x30" * 160 * 25  # -18.5 dBFS for 0.5 s
+    softer = b"\x3c" * 160 * 50  # -22.8 dBFS for 1 s, sent up to 0.2 s ahead of playing
+    await playback.enqueue(loud + softer)
+    await trio.sleep(0.49)  # the loud part is playing; softer frames are already sent
+    assert playback.echo_level(trio.current_time()) > -19.0
+    await trio.sleep(0.2)  # the softer part plays now: the loud part's echo decays away
+    assert -23.0 < playback.echo_level(trio.current_time()) < -19.0

@@ -82,6 +82,9 @@ class Playback:
         self._burst_frames = 0
         self._echo_ref = ENERGY_FLOOR_DBFS
         self._echo_ref_at = 0.0
+        self._unplayed: collections.deque[tuple[float, float]] = collections.deque()
+        """(play end, level) of frames sent but not yet playing: they join the echo reference
+        only once they play, so frames sent ahead cannot lower it early."""
         self.resume_after = resume_after
         self._muted = False
         self._last_enqueue = 0.0
@@ -108,6 +111,12 @@ class Playback:
     def echo_level(self, now: float) -> float:
         """Loudness (dBFS) of the assistant audio playing around `now`: what the caller's line
         may echo back. Falls off once the assistant stops."""
+        unplayed = self._unplayed
+        while unplayed and unplayed[0][0] - FRAME_SECONDS <= now:  # it has started playing
+            end, level = unplayed.popleft()
+            held = self._echo_ref - max(0.0, end - self._echo_ref_at) * ECHO_DECAY_DB_PER_SECOND
+            if level >= held:
+                self._echo_ref, self._echo_ref_at = level, end
         late = max(0.0, now - self._echo_ref_at)
         return self._echo_ref - late * ECHO_DECAY_DB_PER_SECOND
 
@@ -147,6 +156,9 @@ class Playback:
         that the playout sends next). With `mute`, also drop what the assistant still sends of
         this turn (see `enqueue`). Returns the seconds dropped."""
         dropped = self.held_seconds + self.queued_seconds
+        now = trio.current_time()
+        self.echo_level(now)  # what has played so far counts; what was cleared never plays
+        self._unplayed.clear()
         if mute:
             self._muted = True
         self._queue.clear()
@@ -233,9 +245,7 @@ class Playback:
                         await send(self._protocol.mark(mark))
             self._play_end += FRAME_SECONDS
             self._burst_frames += 1
-            level = frame_energy_dbfs_ulaw(frame)
-            if level >= self.echo_level(self._play_end):  # referenced to when it has played
-                self._echo_ref, self._echo_ref_at = level, self._play_end
+            self._unplayed.append((self._play_end, frame_energy_dbfs_ulaw(frame)))
             self._sent_since_clear = True
             self.frames_sent += 1
             await send(media(frame))
