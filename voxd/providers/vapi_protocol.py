@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from voxd.errors import ProtocolError, UpstreamError
+from voxd.errors import UpstreamError
+from voxd.providers.control import decode_control
 
 AUDIO_FORMATS: dict[str, dict[str, Any]] = {
     "pcm16": {"format": "pcm_s16le", "container": "raw", "sampleRate": 16000},
@@ -158,13 +159,7 @@ def parse_control(text: str) -> VapiEvent:
     """One JSON text frame from Vapi as an event; ProtocolError if it is not a JSON object with
     a string `type` (unknown types are not errors: they become OtherMessage). Lenient on the
     other fields, which Vapi documents only loosely."""
-    try:
-        message = msgspec.json.decode(text)
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"Vapi sent a control message that is not JSON: {exc}") from None
-    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-        raise ProtocolError("Vapi sent a control message without a string 'type'")
-    kind = message["type"]
+    kind, message = decode_control(text, "Vapi")
     if kind == "user-interrupted":
         return UserInterrupted()
     if kind == "speech-update":

@@ -21,11 +21,9 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import msgspec
 import trio
 
 from voxd.config import Settings
-from voxd.errors import ProtocolError
 from voxd.providers.base import (
     AssistantEnded,
     AssistantEvent,
@@ -33,6 +31,7 @@ from voxd.providers.base import (
     CallerSpeechStarted,
     CallInfo,
 )
+from voxd.providers.control import decode_control
 from voxd.providers.ws_upstream import WebSocketAssistant, open_upstream
 
 END = '{"type":"end"}'
@@ -40,14 +39,7 @@ END = '{"type":"end"}'
 
 def translate(text: str) -> AssistantEvent | None:
     """A control frame from a generic assistant -> voxd event (None: ignored)."""
-    try:
-        message = msgspec.json.decode(text)
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"assistant sent a control message that is not JSON: {exc}") \
-            from None
-    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-        raise ProtocolError("assistant sent a control message without a string 'type'")
-    kind = message["type"]
+    kind, message = decode_control(text, "the assistant")
     if kind == "interrupted":
         return AssistantInterrupted()
     if kind == "speech-started":
