@@ -34,6 +34,41 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
+class LiveCalls:
+    """The calls in progress, shared by every Runtime across reloads (capacity, readiness,
+    draining)."""
+
+    def __init__(self, on_change: Callable[[LiveCalls], None] | None = None) -> None:
+        self.sessions: set[CallSession] = set()
+        self.draining = False
+        self.on_change = on_change
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def add(self, session: CallSession) -> None:
+        """Count a call in."""
+        self.sessions.add(session)
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def discard(self, session: CallSession) -> None:
+        """Count a call out."""
+        self.sessions.discard(session)
+        if not self.sessions:
+            self._idle.set()
+        if self.on_change is not None:
+            self.on_change(self)
+
+    async def wait_idle(self) -> None:
+        """Return once no call is in progress."""
+        await self._idle.wait()
+
+
 @dataclass
 class Runtime:
     """What the running daemon serves with; replaced as a whole on reload, so a live call keeps
@@ -45,28 +80,27 @@ class Runtime:
     call_control: CallControl | None = None
     background: trio.Nursery | None = None
     """Where work that outlives one request runs (e.g. creating an assistant call early)."""
-    calls: set[CallSession] = field(default_factory=set)
-    _idle: trio.Event = field(default_factory=trio.Event)
+    live: LiveCalls = field(default_factory=LiveCalls)
+
+    @property
+    def calls(self) -> set[CallSession]:
+        """The calls in progress."""
+        return self.live.sessions
 
     def call_started(self, session: CallSession) -> None:
         """Count a call in (for capacity, readiness and draining)."""
-        self.calls.add(session)
-        if self._idle.is_set():
-            self._idle = trio.Event()
+        self.live.add(session)
 
     def call_ended(self, session: CallSession) -> None:
         """Count a call out."""
-        self.calls.discard(session)
-        if not self.calls:
-            self._idle.set()
+        self.live.discard(session)
 
     async def wait_idle(self) -> None:
         """Return once no call is in progress."""
-        if self.calls:
-            await self._idle.wait()
+        await self.live.wait_idle()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Runtime:
+    def from_settings(cls, settings: Settings, live: LiveCalls | None = None) -> Runtime:
         """Build the provider and signature validator the settings ask for."""
         token = settings.secrets.twilio_auth_token
         validate = settings.config.twilio.validate_signatures and token is not None
@@ -76,6 +110,7 @@ class Runtime:
             validator=RequestValidator(token.reveal()) if validate and token else None,
             call_control=(CallControl(settings) if settings.config.twilio.rest_call_control
                           else None),
+            live=live if live is not None else LiveCalls(),
         )
 
 
@@ -215,6 +250,11 @@ def create_app(runtime_ref: Callable[[], Runtime]) -> VoxdAsgi:
         if not call_sid:
             log.warning("voice webhook from %s without CallSid", request.remote_addr)
             return "missing CallSid\n", 400
+        if runtime.live.draining:
+            log.info("call_sid=%s voice webhook: draining, answering the fallback", call_sid)
+            metrics.CALLS_REJECTED.labels(reason="draining").inc()
+            return Response(twiml.verbs_only(settings.config.call.fallback_twiml),
+                            content_type="text/xml")
         if len(runtime.calls) >= settings.config.call.max_concurrent_calls:
             log.warning("call_sid=%s voice webhook: at capacity (%d calls), answering the "
                         "fallback", call_sid, len(runtime.calls))
@@ -241,6 +281,8 @@ def create_app(runtime_ref: Callable[[], Runtime]) -> VoxdAsgi:
     @http.get("/readyz")
     async def readyz() -> tuple[str, int]:
         runtime = runtime_ref()
+        if runtime.live.draining:
+            return "draining\n", 503
         if len(runtime.calls) >= runtime.settings.config.call.max_concurrent_calls:
             return "at capacity\n", 503
         return "ready\n", 200

@@ -94,6 +94,12 @@ class BargeInConfig(_Section):
     resume_after_ms: Annotated[int, Field(ge=20, le=5000)] = 300
 
 
+class DrainConfig(_Section):
+    """`[drain]`: how a SIGTERM lets live calls finish."""
+
+    timeout_seconds: Annotated[float, Field(ge=0)] = 120.0
+
+
 class LoggingConfig(_Section):
     """`[logging]`: verbosity."""
 
@@ -110,6 +116,7 @@ class Config(_Section):
     websocket: WebsocketConfig = WebsocketConfig()
     call: CallConfig = CallConfig()
     barge_in: BargeInConfig = BargeInConfig()
+    drain: DrainConfig = DrainConfig()
     logging: LoggingConfig = LoggingConfig()
 
 

@@ -12,8 +12,11 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from voxd.app import Runtime, create_app
-from voxd.config import Settings, parse_listen
+from voxd.app import LiveCalls, Runtime, create_app
+from voxd.config import Settings, load_settings, parse_listen, summary
+from voxd.errors import ConfigError
+from voxd.observability.logging import configure_logging
+from voxd.observability.systemd import Notifier
 
 log = logging.getLogger("voxd.server")
 
@@ -68,47 +71,138 @@ async def serve(
     sock: socket.socket,
     *,
     shutdown: trio.Event | None = None,
+    notifier: Notifier | None = None,
     task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve voxd on an already-listening socket until `shutdown` is set (or cancelled)."""
-    runtime = Runtime.from_settings(settings)
-    app = create_app(lambda: runtime)
-    stop = shutdown if shutdown is not None else trio.Event()
+    server = Server(settings, sock, notifier or Notifier({}))
+    await server.run(shutdown if shutdown is not None else trio.Event(), task_status=task_status)
 
-    try:
-        async with trio.open_nursery() as nursery:
 
-            async def hypercorn(task_status: trio.TaskStatus[None]) -> None:
-                await hypercorn_serve(app, hypercorn_config(settings, sock),  # type: ignore[arg-type]
-                                      shutdown_trigger=stop.wait, task_status=task_status)
-                nursery.cancel_scope.cancel()  # served its last connection: end background work
+class Server:
+    """One voxd process: Hypercorn serving the app, plus draining, reloading, and telling
+    systemd how it is doing."""
 
-            runtime.background = nursery
-            await nursery.start(hypercorn)
-            log.info("listening on %s (public URL %s)", bound_origin(sock),
-                     settings.config.server.public_url)
-            task_status.started(runtime)
-    finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await runtime.provider.aclose()
+    def __init__(self, settings: Settings, sock: socket.socket, notifier: Notifier) -> None:
+        self.sock = sock
+        self.notifier = notifier
+        self.live = LiveCalls(on_change=self._calls_changed)
+        self.runtime = Runtime.from_settings(settings, self.live)
+        self.app = create_app(lambda: self.runtime)
+        self._stop = trio.Event()
+
+    def _status(self) -> str:
+        state = "draining" if self.live.draining else "ready"
+        n = len(self.live)
+        return f"{state}, {n} active call{'' if n == 1 else 's'}"
+
+    def _calls_changed(self, live: LiveCalls) -> None:
+        self.notifier.status(self._status())
+
+    async def run(self, shutdown: trio.Event,
+                  task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until `shutdown` is set (then stop at once) or `drain()` has finished."""
+        settings = self.runtime.settings
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def hypercorn(task_status: trio.TaskStatus[None]) -> None:
+                    await hypercorn_serve(self.app,  # type: ignore[arg-type]
+                                          hypercorn_config(settings, self.sock),
+                                          shutdown_trigger=self._stop.wait,
+                                          task_status=task_status)
+                    nursery.cancel_scope.cancel()  # served its last connection: end the rest
+
+                async def stop_on(event: trio.Event) -> None:
+                    await event.wait()
+                    self._stop.set()
+
+                self.runtime.background = nursery
+                await nursery.start(hypercorn)
+                nursery.start_soon(stop_on, shutdown)
+                nursery.start_soon(self.notifier.watchdog)
+                log.info("listening on %s (public URL %s)", bound_origin(self.sock),
+                         settings.config.server.public_url)
+                self.notifier.ready(self._status())
+                task_status.started(self.runtime)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self.runtime.provider.aclose()
+
+    async def drain(self) -> None:
+        """SIGTERM: take no new calls (webhooks get the fallback, /readyz 503), let live calls
+        finish for up to drain.timeout_seconds, end the rest cleanly, then stop."""
+        timeout = self.runtime.settings.config.drain.timeout_seconds
+        self.live.draining = True
+        log.info("draining: %d active calls; no new calls; waiting up to %.0fs for them to end",
+                 len(self.live), timeout)
+        self.notifier.stopping(self._status())
+        with trio.move_on_after(timeout):
+            await self.live.wait_idle()
+        if self.live.sessions:
+            log.warning("drain timeout: ending %d calls (the callers hear the fallback)",
+                        len(self.live))
+            for session in list(self.live.sessions):
+                session.shutdown("drain-timeout")
+            with trio.move_on_after(5):
+                await self.live.wait_idle()
+        self._stop.set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; new calls use it, live calls keep theirs. An invalid
+        config is refused with one log line, and the running one stays."""
+        old = self.runtime
+        source = old.settings.source
+        if source is None:
+            log.error("reload refused: voxd was not started from a config file")
+            return
+        try:
+            settings = load_settings(source)
+            runtime = Runtime.from_settings(settings, self.live)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s: %s", source,
+                      "; ".join(exc.problems))
+            return
+        if settings.config.server.listen != old.settings.config.server.listen:
+            log.warning("server.listen changed to %s: that takes a restart; still listening on "
+                        "%s", settings.config.server.listen, old.settings.config.server.listen)
+        runtime.background = old.background
+        self.runtime = runtime
+        configure_logging(settings.config.logging.level)
+        log.info("reloaded %s: %s", source, summary(settings))
+        self.notifier.status(self._status())
 
 
 async def run_daemon(settings: Settings) -> None:
-    """`voxd serve`: listen, serve, and stop cleanly on SIGTERM or SIGINT."""
+    """`voxd serve`: listen, serve; SIGTERM or SIGINT drains (a second one stops at once),
+    SIGHUP reloads."""
     sock = open_listener(settings.config.server.listen)
-    shutdown = trio.Event()
+    notifier = Notifier()
+    server = Server(settings, sock, notifier)
+    now = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, shutdown)
-            await serve(settings, sock, shutdown=shutdown)
+            nursery.start_soon(_watch_signals, server, now, nursery)
+            await server.run(now)
             nursery.cancel_scope.cancel()
     finally:
         sock.close()
+    notifier.stopping("stopped")
     log.info("stopped")
 
 
-async def _watch_signals(shutdown: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _watch_signals(server: Server, now: trio.Event, nursery: trio.Nursery) -> None:
+    draining = False
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
-            log.info("%s received: shutting down", signal.Signals(signum).name)
-            shutdown.set()
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP received: reloading the config")
+                server.reload()
+            elif not draining:
+                draining = True
+                log.info("%s received: draining (send it again to stop at once)", name)
+                nursery.start_soon(server.drain)
+            else:
+                log.info("%s received again: stopping now", name)
+                now.set()

@@ -138,6 +138,7 @@ class CallSession:
         self.outcome = "completed"
         self.call: CallInfo | None = None
         self._cancel: trio.CancelScope | None = None
+        self._run_scope = trio.CancelScope()
         self._last_in = 0.0
 
     # -- lifecycle --
@@ -148,9 +149,10 @@ class CallSession:
         self.stats.started_at = trio.current_time()
         metrics.CALLS_ACTIVE.inc()
         try:
-            start = await self._await_start()
-            if start is not None:
-                await self._bridge(start)
+            with self._run_scope:
+                start = await self._await_start()
+                if start is not None:
+                    await self._bridge(start)
         except trio.Cancelled:
             self._end("server-shutdown", "error")
             raise
@@ -165,6 +167,11 @@ class CallSession:
             finally:
                 metrics.CALLS_ACTIVE.dec()
                 self._summarise()
+
+    def shutdown(self, reason: str) -> None:
+        """End the call from outside (the server is draining): cleanly, as any other end."""
+        self._end(reason)
+        self._run_scope.cancel()
 
     def _end(self, reason: str, outcome: str = "completed") -> None:
         """Record why the call ends (first reason wins) and cancel every task of the call."""

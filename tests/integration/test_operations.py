@@ -1,0 +1,180 @@
+"""voxd as a service: systemd notify and watchdog, drain on SIGTERM, reload on SIGHUP."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import httpx
+import numpy as np
+import pytest
+import trio
+import trio.testing
+
+from tests.integration.audio import burst, silence
+from tests.integration.test_cli import free_port
+from voxd.config import load_settings
+from voxd.observability.systemd import Notifier
+from voxd.server import Server, bound_origin, open_listener
+from voxd.sim.caller import TwilioSimulator
+
+FORM = {"CallSid": "CA" + "1" * 32, "From": "+1", "To": "+2"}
+
+
+def test_notifier_speaks_the_sd_notify_protocol(tmp_path):
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(path)
+        notifier = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "3000000"})
+        notifier.ready("ready, 0 active calls")
+        notifier.stopping("draining, 2 active calls")
+        assert listener.recv(4096) == b"READY=1\nSTATUS=ready, 0 active calls"
+        assert listener.recv(4096) == b"STOPPING=1\nSTATUS=draining, 2 active calls"
+    assert notifier.watchdog_interval == 1.5
+    assert Notifier({}).enabled is False  # not under systemd: every call is a no-op
+    Notifier({}).ready("x")
+    other = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100",
+                      "WATCHDOG_PID": str(os.getpid() + 1)})
+    assert other.watchdog_interval is None  # the watchdog is someone else's
+
+
+@pytest.fixture
+def server(nursery, tmp_path):
+    """`await server(config_text)` -> (Server, origin), from a config file like the daemon."""
+    async def start(text: str = "") -> tuple[Server, str]:
+        sock = open_listener("127.0.0.1:0")
+        origin = bound_origin(sock)
+        path = tmp_path / "voxd.toml"
+        path.write_text(f'[server]\nlisten = "127.0.0.1:0"\npublic_url = "{origin}"\n'
+                        f'[twilio]\nvalidate_signatures = false\n{text}')
+        instance = Server(load_settings(path, {}), sock, Notifier({}))
+        nursery.start_soon(instance.run, trio.Event())
+        await trio.testing.wait_all_tasks_blocked()
+        return instance, origin
+
+    return start
+
+
+async def test_drain_lets_live_calls_finish_and_turns_new_ones_away(server, caplog):
+    caplog.set_level(logging.INFO)
+    instance, origin = await server()
+    result = {}
+
+    async def call() -> None:
+        caller = np.concatenate([burst(0.5), silence(1.5)])
+        result["report"] = await TwilioSimulator(origin + "/twilio/voice").call(caller)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call)
+        await trio.sleep(0.3)  # the call is live
+        nursery.start_soon(instance.drain)
+        await trio.sleep(0.1)
+        async with httpx.AsyncClient() as client:
+            ready = await client.get(origin + "/readyz")
+            webhook = await client.post(origin + "/twilio/voice", data=FORM)
+        assert ready.status_code == 503 and ready.text.startswith("draining")
+        assert [v.tag for v in ET.fromstring(webhook.text)] == ["Say"]  # no Stream
+    report = result["report"]
+    assert report.closed_by == "caller" and report.turns()[0].latency is not None
+    assert any("reason=caller-hangup" in r.getMessage() for r in caplog.records)
+
+
+async def test_drain_timeout_ends_calls_cleanly(server, caplog):
+    caplog.set_level(logging.INFO)
+    instance, origin = await server("[drain]\ntimeout_seconds = 0.5\n")
+    result = {}
+
+    async def call() -> None:
+        result["report"] = await TwilioSimulator(origin + "/twilio/voice").call(silence(5))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call)
+        await trio.sleep(0.3)
+        with trio.fail_after(3):
+            await instance.drain()
+    report = result["report"]
+    assert report.closed_by == "voxd" and report.after_stream.startswith("<Say>")
+    assert any("reason=drain-timeout" in r.getMessage() for r in caplog.records)
+
+
+async def test_reload_applies_to_new_calls_and_refuses_bad_files(server, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    instance, origin = await server('[call]\nfallback_twiml = "<Say>one</Say>"\n')
+    path = tmp_path / "voxd.toml"
+
+    async def fallback() -> str:
+        async with httpx.AsyncClient() as client:
+            body = (await client.post(origin + "/twilio/voice", data=FORM)).text
+        return ET.fromstring(body).find("Say").text
+
+    assert await fallback() == "one"
+    path.write_text(path.read_text().replace("<Say>one</Say>", "<Say>two</Say>"))
+    instance.reload()
+    assert await fallback() == "two"
+    path.write_text(path.read_text() + "\n[nonsense]\n")
+    instance.reload()
+    assert await fallback() == "two"  # the running config stays
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("reload refused" in e and "nonsense: unknown key" in e for e in errors)
+
+
+def test_a_call_survives_sighup_and_finishes_during_a_sigterm_drain(tmp_path):
+    """The operator's view: `voxd serve` under signals, a call placed by `voxd call`."""
+    port = free_port()
+    config = tmp_path / "voxd.toml"
+    config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n'
+                      f'public_url = "http://127.0.0.1:{port}"\n'
+                      "[twilio]\nvalidate_signatures = false\n")
+    notify_path = str(tmp_path / "notify")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(notify_path)
+    listener.settimeout(10)
+    env = {**os.environ, "NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "400000"}
+    daemon = subprocess.Popen([sys.executable, "-m", "voxd", "serve", "--config", str(config)],
+                              env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        messages = [listener.recv(4096).decode()]
+        assert messages[0].startswith("READY=1\nSTATUS=ready, 0 active calls")
+        wav = tmp_path / "caller.wav"
+        import wave
+
+        with wave.open(str(wav), "wb") as out:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(8000)
+            out.writeframes(np.concatenate([burst(0.6), silence(1.8)]).astype("<i2").tobytes())
+        call = subprocess.Popen([sys.executable, "-m", "voxd", "call",
+                                 f"http://127.0.0.1:{port}/twilio/voice", "--wav", str(wav)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={k: v for k, v in os.environ.items()
+                                     if k != "VOXD_TWILIO_AUTH_TOKEN"})
+        while "1 active call" not in messages[-1]:
+            messages.append(listener.recv(4096).decode())
+        daemon.send_signal(signal.SIGHUP)
+        daemon.send_signal(signal.SIGTERM)
+        out, err = call.communicate(timeout=20)
+        assert call.returncode == 0, err
+        assert "ended by caller" in out and "no reply" not in out
+        daemon.wait(timeout=15)
+        assert daemon.returncode == 0
+        while True:
+            try:
+                messages.append(listener.recv(4096).decode())
+            except TimeoutError:
+                break
+            if messages[-1].startswith("STOPPING=1\nSTATUS=stopped"):
+                break
+        joined = "\n".join(messages)
+        assert "WATCHDOG=1" in joined
+        assert "STOPPING=1\nSTATUS=draining, 1 active call" in joined
+        stderr = daemon.stderr.read()
+        assert "reloaded" in stderr and "reason=caller-hangup" in stderr
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        listener.close()
