@@ -5,10 +5,13 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 import httpx
+import numpy as np
 import pytest
 import trio
 import trio_websocket
 from twilio.request_validator import RequestValidator
+
+from voxd.sim.caller import TwilioSimulator
 
 FORM = {"CallSid": "CA" + "a" * 32, "AccountSid": "AC" + "b" * 32, "From": "+15551230000",
         "To": "+15559870000", "CallStatus": "ringing", "ApiVersion": "2010-04-01",
@@ -127,3 +130,17 @@ async def test_at_capacity_the_webhook_answers_the_fallback(start_voxd):
     root = ET.fromstring(r.text)
     assert [v.tag for v in root] == ["Say"]
     assert ready.status_code == 503
+
+
+async def test_metrics_export_every_name_of_the_public_surface(start_voxd):
+    voxd = await start_voxd(signed=False)
+    await TwilioSimulator(voxd.webhook).call(np.zeros(4000, np.int16))
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(voxd.origin + "/metrics")).text
+    for name in ("voxd_calls_active", "voxd_calls_total", "voxd_calls_rejected_total",
+                 "voxd_media_frames_total", "voxd_media_frames_dropped_total",
+                 "voxd_upstream_connect_seconds", "voxd_turn_latency_seconds",
+                 "voxd_barge_ins_total", "voxd_errors_total"):
+        assert f"# TYPE {name}" in text or f"# TYPE {name.removesuffix('_total')}" in text, name
+    assert 'voxd_media_frames_total{direction="inbound"}' in text
+    assert "voxd_upstream_connect_seconds_bucket" in text
