@@ -100,6 +100,10 @@ def _serve(args: argparse.Namespace) -> int:
                     "calls through this daemon. Use this only for local testing.",
                     settings.config.server.public_url)
     try:
+        if settings.config.server.workers > 1 and "VOXD_WORKER" not in os.environ:
+            from voxd.supervisor import run_workers
+
+            return trio.run(run_workers, settings)
         trio.run(run_daemon, settings)
     except OSError as exc:
         print(f"voxd: server.listen: cannot listen on {settings.config.server.listen}: "

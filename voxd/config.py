@@ -352,8 +352,6 @@ def _check_values(config: Config) -> list[str]:
         )
     elif public.query or public.fragment:
         problems.append("server.public_url: must not carry a query or fragment")
-    if config.server.workers != 1:
-        problems.append("server.workers: only 1 is supported in this version")
     if config.assistant.provider == "vapi":
         if not config.vapi.assistant_id and not config.vapi.assistant:
             problems.append('vapi.assistant_id: required when assistant.provider = "vapi" '

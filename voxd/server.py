@@ -176,7 +176,9 @@ class Server:
 async def run_daemon(settings: Settings) -> None:
     """`voxd serve`: listen, serve; SIGTERM or SIGINT drains (a second one stops at once),
     SIGHUP reloads."""
-    sock = open_listener(settings.config.server.listen)
+    from voxd.supervisor import inherited_listener
+
+    sock = inherited_listener() or open_listener(settings.config.server.listen)
     notifier = Notifier()
     server = Server(settings, sock, notifier)
     now = trio.Event()

@@ -2,15 +2,24 @@
 
 Per-frame counts are kept in plain integers by each call and added here in batches, so the
 per-frame path never takes prometheus-client's locks.
+
+With `server.workers > 1` every worker process writes its values to files in
+$PROMETHEUS_MULTIPROC_DIR (set by the supervising process) and /metrics, served by whichever
+worker takes the request, adds up all of them: one view of the whole service.
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
-CALLS_ACTIVE = Gauge("voxd_calls_active", "Calls bridged right now", registry=REGISTRY)
+CALLS_ACTIVE = Gauge("voxd_calls_active", "Calls bridged right now", registry=REGISTRY,
+                     multiprocess_mode="livesum")
 CALLS_TOTAL = Counter(
     "voxd_calls_total", "Calls ended, by outcome", ["outcome"], registry=REGISTRY
 )
@@ -41,5 +50,9 @@ ERRORS = Counter("voxd_errors_total", "Errors, by kind", ["kind"], registry=REGI
 
 
 def render() -> bytes:
-    """The Prometheus text exposition of every voxd metric."""
+    """The Prometheus text exposition of every voxd metric (of every worker, with several)."""
+    if MULTIPROCESS:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)
     return generate_latest(REGISTRY)

@@ -31,6 +31,9 @@ class Notifier:
         pid = env.get("WATCHDOG_PID", "")
         mine = not pid or pid == str(os.getpid())
         self.watchdog_interval = (int(usec) / 1e6 / 2) if usec.isdigit() and mine else None
+        worker = env.get("VOXD_WORKER")
+        self._tag = (f"VOXD_WORKER={worker}",) if worker is not None else ()
+        """A worker tells its supervisor which worker it is."""
         """Seconds between WATCHDOG=1 pings (half of WatchdogSec), None if not asked for."""
 
     @property
@@ -46,7 +49,7 @@ class Notifier:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
                 self._sock.setblocking(False)
-            self._sock.sendto("\n".join(fields).encode(), self._address)
+            self._sock.sendto("\n".join(fields + self._tag).encode(), self._address)
         except OSError as exc:
             log.warning("cannot notify systemd: %s", exc)
 

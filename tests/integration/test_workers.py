@@ -1,0 +1,88 @@
+"""`server.workers = 2`: two worker processes on one socket, one systemd face, summed metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import trio
+
+from tests.integration.audio import burst, silence
+from tests.integration.test_cli import free_port
+from voxd.sim.caller import TwilioSimulator
+
+
+def test_two_workers_serve_calls_and_drain_together(tmp_path):
+    port = free_port()
+    origin = f"http://127.0.0.1:{port}"
+    config = tmp_path / "voxd.toml"
+    config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\npublic_url = "{origin}"\n'
+                      "workers = 2\n[twilio]\nvalidate_signatures = false\n")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(0.2)
+    messages: list[str] = []
+    done = threading.Event()
+
+    def collect() -> None:  # read continuously, as systemd does (a datagram queue is short)
+        while not done.is_set():
+            try:
+                messages.append(notify.recv(4096).decode())
+            except TimeoutError:
+                continue
+
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000"}
+    daemon = subprocess.Popen([sys.executable, "-m", "voxd", "serve", "--config", str(config)],
+                              env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not messages and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert messages[0] == "READY=1\nSTATUS=ready, 0 active calls (2 workers)"  # after both
+
+        async def calls() -> list:
+            reports = []
+
+            async def one(i: int) -> None:
+                caller = np.concatenate([burst(0.4, seed=i), silence(1.2)])
+                reports.append(await TwilioSimulator(origin + "/twilio/voice").call(caller))
+
+            async with trio.open_nursery() as nursery:
+                for i in range(6):
+                    nursery.start_soon(one, i)
+            return reports
+
+        reports = trio.run(calls)
+        assert all(r.errors == [] and r.turns()[0].latency is not None for r in reports)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the workers write their counts at call end
+            text = httpx.get(origin + "/metrics").text
+            if 'voxd_calls_total{outcome="completed"} 6.0' in text:
+                break
+            time.sleep(0.1)
+        assert 'voxd_calls_total{outcome="completed"} 6.0' in text  # summed over workers
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=20)
+        stderr = daemon.stderr.read()
+        assert daemon.returncode == 0, stderr
+        assert stderr.count("listening on") == 2  # two workers, one socket
+        assert stderr.count("draining:") == 2  # each drained its own calls
+        time.sleep(0.3)
+        done.set()
+        reader.join()
+        assert "WATCHDOG=1" in messages
+        assert any(m.startswith("STATUS=ready, 6 active calls") for m in messages)
+        assert messages[-1] == "STOPPING=1\nSTATUS=stopped"
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        notify.close()

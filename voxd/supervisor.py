@@ -1,0 +1,178 @@
+"""`server.workers = N`: N worker processes sharing one listening socket, supervised here.
+
+Each worker is an ordinary `voxd serve` (one trio loop, one core) started on the socket this
+process bound, so the kernel spreads new connections over them. This process:
+- is the one systemd talks to: it gives the workers its own notify socket, sends READY=1 once
+  every worker is ready, sums their "N active calls" into one STATUS, and passes WATCHDOG=1
+  on only while every worker keeps pinging (a stalled worker loop gets the service restarted);
+- forwards SIGTERM/SIGINT (each worker drains its own calls) and SIGHUP (each reloads);
+- restarts a worker that dies while not stopping;
+- gives the workers one PROMETHEUS_MULTIPROC_DIR, so /metrics adds up all of them.
+Hypercorn's own multi-worker mode is not used: it has no drain and no sd_notify of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from voxd.config import Settings
+from voxd.observability.systemd import Notifier
+from voxd.server import open_listener
+
+log = logging.getLogger("voxd.supervisor")
+
+FD_ENV = "VOXD_WORKER_FD"
+INDEX_ENV = "VOXD_WORKER"
+RESTART_DELAY = 1.0
+
+
+@dataclass
+class Worker:
+    """One worker process and what it last told us."""
+
+    index: int
+    process: trio.Process | None = None
+    ready: bool = False
+    calls: int = 0
+    last_ping: float = field(default=0.0)
+
+
+async def run_workers(settings: Settings) -> int:
+    """Run `server.workers` workers until they have all stopped; the exit code."""
+    count = settings.config.server.workers
+    assert settings.source is not None
+    sock = open_listener(settings.config.server.listen)
+    os.set_inheritable(sock.fileno(), True)
+    notifier = Notifier()
+    scratch = Path(tempfile.mkdtemp(prefix="voxd-"))
+    (scratch / "metrics").mkdir()
+    inbox = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    await inbox.bind(str(scratch / "notify"))
+    workers = [Worker(i) for i in range(count)]
+    stopping = trio.Event()
+    env = {**os.environ, FD_ENV: str(sock.fileno()),
+           "PROMETHEUS_MULTIPROC_DIR": str(scratch / "metrics"),
+           "NOTIFY_SOCKET": str(scratch / "notify")}
+    if notifier.watchdog_interval is not None:
+        env["WATCHDOG_USEC"] = str(int(notifier.watchdog_interval * 1e6))  # ping us twice as often
+    env.pop("WATCHDOG_PID", None)
+    failed = False
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_listen, inbox, workers, notifier, stopping)
+            nursery.start_soon(_forward_signals, workers, stopping, notifier)
+            nursery.start_soon(_watchdog, workers, notifier)
+            async with trio.open_nursery() as keepers:
+                for worker in workers:
+                    keepers.start_soon(_keep, worker, settings, env, sock.fileno(), stopping)
+            failed = any(w.process is not None and w.process.returncode not in (0, None)
+                         for w in workers)
+            nursery.cancel_scope.cancel()
+    finally:
+        inbox.close()
+        sock.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    notifier.stopping("stopped")
+    log.info("all %d workers stopped", count)
+    return 1 if failed else 0
+
+
+async def _keep(worker: Worker, settings: Settings, env: dict[str, str], fd: int,
+                stopping: trio.Event) -> None:
+    """Run one worker; start it again if it dies while the service is not stopping."""
+    from prometheus_client import multiprocess
+
+    command = [sys.executable, "-m", "voxd", "serve", "--config", str(settings.source)]
+    while True:
+        worker.ready = False
+        worker.process = await trio.lowlevel.open_process(
+            command, env={**env, INDEX_ENV: str(worker.index)}, pass_fds=(fd,))
+        log.info("worker %d started (pid %d)", worker.index, worker.process.pid)
+        code = await worker.process.wait()
+        multiprocess.mark_process_dead(worker.process.pid, env["PROMETHEUS_MULTIPROC_DIR"])
+        if stopping.is_set():
+            log.info("worker %d exited (%d)", worker.index, code)
+            return
+        log.error("worker %d (pid %d) exited unexpectedly with %d; starting it again",
+                  worker.index, worker.process.pid, code)
+        await trio.sleep(RESTART_DELAY)
+
+
+async def _listen(inbox: trio.socket.SocketType, workers: list[Worker], notifier: Notifier,
+                  stopping: trio.Event) -> None:
+    """Read the workers' sd_notify messages and speak for all of them to systemd."""
+    announced = False
+    while True:
+        data = await inbox.recv(4096)
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+        index = fields.get(INDEX_ENV)
+        if index is None or not index.isdigit() or int(index) >= len(workers):
+            continue
+        worker = workers[int(index)]
+        if fields.get("WATCHDOG") == "1":
+            worker.last_ping = trio.current_time()
+        if fields.get("READY") == "1":
+            worker.ready = True
+        match = re.search(r"(\d+) active call", fields.get("STATUS", ""))
+        if match:
+            worker.calls = int(match.group(1))
+        if not announced and all(w.ready for w in workers):
+            announced = True
+            notifier.ready(_status(workers, stopping))
+        elif "STATUS" in fields and announced:
+            notifier.status(_status(workers, stopping))
+
+
+def _status(workers: list[Worker], stopping: trio.Event) -> str:
+    calls = sum(w.calls for w in workers)
+    state = "draining" if stopping.is_set() else "ready"
+    return f"{state}, {calls} active call{'' if calls == 1 else 's'} ({len(workers)} workers)"
+
+
+async def _forward_signals(workers: list[Worker], stopping: trio.Event,
+                           notifier: Notifier) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum != signal.SIGHUP and not stopping.is_set():
+                stopping.set()
+                notifier.stopping(_status(workers, stopping))
+            log.info("%s received: passing it to the %d workers", signal.Signals(signum).name,
+                     len(workers))
+            for worker in workers:
+                if worker.process is not None and worker.process.returncode is None:
+                    worker.process.send_signal(signum)
+
+
+async def _watchdog(workers: list[Worker], notifier: Notifier) -> None:
+    """WATCHDOG=1 to systemd only while every worker pinged within the interval."""
+    interval = notifier.watchdog_interval
+    if interval is None:
+        await trio.sleep_forever()
+    assert interval is not None
+    while True:
+        await trio.sleep(interval)
+        now = trio.current_time()
+        if all(now - w.last_ping <= 2 * interval for w in workers):
+            notifier.notify("WATCHDOG=1")
+        else:
+            stale = [w.index for w in workers if now - w.last_ping > 2 * interval]
+            log.warning("worker(s) %s stopped pinging: withholding the watchdog", stale)
+
+
+def inherited_listener() -> socket.socket | None:
+    """In a worker: the listening socket the supervisor passed down (None otherwise)."""
+    fd = os.environ.get(FD_ENV)
+    if not fd or os.environ.get(INDEX_ENV) is None:
+        return None
+    return socket.socket(fileno=int(fd))
