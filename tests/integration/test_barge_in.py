@@ -55,6 +55,9 @@ async def test_talking_over_the_assistant_stops_it(assistant_voxd, caplog):
     barge = [m for m in fake.control_in if m["type"] == "barge-in"]
     assert len(barge) == 1 and 400 <= barge[0]["heard_ms"] <= 700  # heard ~0.5 s of it
     assert any("barge-in (vad)" in r.getMessage() for r in caplog.records)
+    summary = next(r.getMessage() for r in caplog.records
+                   if r.getMessage().startswith("call ended"))
+    assert "dropped_out=0" not in summary  # the rest of the turn, dropped and counted
 
 
 async def test_the_assistants_own_echo_does_not_interrupt_it(assistant_voxd):

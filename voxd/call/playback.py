@@ -75,10 +75,9 @@ class Playback:
         self._mark_owed: str | None = None
         self._marks_played: dict[str, trio.Event] = {}
         self.frames_sent = 0
-        self.clears_sent = 0
-        self.burst_started_at: float | None = None
-        """When the first frame of the current burst of assistant audio was sent."""
         self.bursts = 0
+        self.dropped_frames = 0
+        """Assistant audio dropped as the rest of a turn the caller interrupted (20 ms frames)."""
         self._burst_frames = 0
         self._echo_ref = ENERGY_FLOOR_DBFS
         self._echo_ref_at = 0.0
@@ -134,6 +133,7 @@ class Playback:
         last, self._last_enqueue = self._last_enqueue, now
         if self._muted:
             if now - last < self.resume_after:
+                self.dropped_frames += len(ulaw) // FRAME_BYTES
                 return
             self._muted = False
         while len(self._queue) >= self._max_frames:
@@ -203,7 +203,6 @@ class Playback:
         while True:
             if self._clear_owed:
                 self._clear_owed = False
-                self.clears_sent += 1
                 await send(self._protocol.clear())
             if not queue:
                 if self._mark_owed is not None:
@@ -237,7 +236,6 @@ class Playback:
                 new_burst = now >= self._play_end + BURST_GAP or self.bursts == 0
                 self._play_end = now
                 if new_burst:
-                    self.burst_started_at = now
                     self.bursts += 1
                     self._burst_frames = 0
                     mark = self._on_burst(now) if self._on_burst is not None else None

@@ -242,6 +242,10 @@ class CallSession:
                 self._end("server-shutdown", "error")
             await self._release_caller()
             self.stats.frames_out = playback.frames_sent
+            self.stats.frames_dropped_out = playback.dropped_frames
+            if playback.dropped_frames:
+                metrics.MEDIA_FRAMES_DROPPED.labels(
+                    direction="outbound", reason="barge_in").inc(playback.dropped_frames)
             self.stats.latencies = turns.latencies
             self.stats.frames_dropped_in += feed.dropped_chunks
 
