@@ -144,3 +144,25 @@ async def test_metrics_export_every_name_of_the_public_surface(start_voxd):
         assert f"# TYPE {name}" in text or f"# TYPE {name.removesuffix('_total')}" in text, name
     assert 'voxd_media_frames_total{direction="inbound"}' in text
     assert "voxd_upstream_connect_seconds_bucket" in text
+
+
+async def test_frame_counts_reach_the_metrics_while_the_call_lasts(start_voxd, monkeypatch):
+    from voxd.call import session
+    from voxd.observability import metrics
+
+    monkeypatch.setattr(session, "METRICS_INTERVAL", 0.2)
+    voxd = await start_voxd(signed=False)
+
+    def inbound() -> float:
+        return metrics.REGISTRY.get_sample_value("voxd_media_frames_total",
+                                                 {"direction": "inbound"}) or 0.0
+
+    before = inbound()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(TwilioSimulator(voxd.webhook).call, np.zeros(8000, np.int16), 2.0)
+        await trio.sleep(1.0)
+        during = inbound() - before  # the call is still going
+    assert 30 <= during <= 50  # about 1 s of 20 ms frames, counted live
+    with trio.fail_after(1):
+        await voxd.runtime.wait_idle()
+    assert inbound() - before == 100  # and exactly all of them at the end

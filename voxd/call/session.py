@@ -64,6 +64,8 @@ from voxd.twilio.rest import CallControl
 log = logging.getLogger("voxd.call")
 
 TEARDOWN_SECONDS = 1.0
+METRICS_INTERVAL = 5.0
+"""Seconds between additions of a live call's frame counts to the metrics."""
 
 
 class Ending(NamedTuple):
@@ -140,6 +142,7 @@ class CallSession:
         self._cancel: trio.CancelScope | None = None
         self._run_scope = trio.CancelScope()
         self._last_in = 0.0
+        self._frames_reported = (0, 0)
 
     # -- lifecycle --
 
@@ -232,7 +235,7 @@ class CallSession:
                 self._cancel = nursery.cancel_scope
                 self._last_in = trio.current_time()
                 nursery.start_soon(self._guard, self._inbound(feed, turns, playback, speech_tx))
-                nursery.start_soon(self._guard, self._twilio_watchdog())
+                nursery.start_soon(self._guard, self._twilio_watchdog(playback))
                 nursery.start_soon(self._guard, self._playout(playback))
                 nursery.start_soon(self._guard,
                                    self._assistant_side(feed, playback, turns, speech_rx))
@@ -403,17 +406,28 @@ class CallSession:
         log.debug("turn %d: response latency %.0f ms", turn, latency * 1000)
         return f"voxd:turn={turn};latency_ms={latency * 1000:.0f}"
 
-    async def _twilio_watchdog(self) -> Ending:
+    async def _twilio_watchdog(self, playback: Playback) -> Ending:
         """Twilio sends 50 media messages a second: a long silence means the socket is dead
-        even if TCP has not noticed (no FIN, no RST), and the call must not hold its slot."""
+        even if TCP has not noticed (no FIN, no RST), and the call must not hold its slot.
+        Also adds the call's frame counts to the metrics every few seconds (not per frame:
+        the per-frame path takes no metric locks)."""
         timeout = self.settings.config.call.media_timeout
         while True:
-            await trio.sleep_until(self._last_in + timeout)
+            await trio.sleep_until(min(self._last_in + timeout,
+                                       trio.current_time() + METRICS_INTERVAL))
+            self._report_frames(playback.frames_sent)
             if trio.current_time() - self._last_in >= timeout:
                 log.warning("no message from Twilio for %.1fs (call.media_timeout); ending the "
                             "call", timeout)
                 metrics.ERRORS.labels(kind="twilio_silent").inc()
                 return Ending("twilio-silent", "error")
+
+    def _report_frames(self, frames_out: int) -> None:
+        """Add the frames moved since the last report to voxd_media_frames_total."""
+        reported_in, reported_out = self._frames_reported
+        metrics.MEDIA_FRAMES.labels(direction="inbound").inc(self.stats.frames_in - reported_in)
+        metrics.MEDIA_FRAMES.labels(direction="outbound").inc(frames_out - reported_out)
+        self._frames_reported = (self.stats.frames_in, frames_out)
 
     async def _keepalive(self, assistant: AssistantSession) -> Ending:
         interval = self.settings.config.call.keepalive_interval
@@ -458,8 +472,7 @@ class CallSession:
         p95 = percentile(s.latencies, 95)
         reason = self.end_reason or "unknown"
         metrics.CALLS_TOTAL.labels(outcome=self.outcome).inc()
-        metrics.MEDIA_FRAMES.labels(direction="inbound").inc(s.frames_in)
-        metrics.MEDIA_FRAMES.labels(direction="outbound").inc(s.frames_out)
+        self._report_frames(s.frames_out)
         log.info(
             "call ended: duration=%.1fs frames_in=%d frames_out=%d dropped_in=%d "
             "dropped_out=%d turns=%d latency_p50=%s latency_p95=%s barge_ins=%d reason=%s",
