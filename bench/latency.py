@@ -77,6 +77,7 @@ class Daemon:
         self.origin = f"http://127.0.0.1:{self.port}"
         lines = [f'[server]\nlisten = "127.0.0.1:{self.port}"\npublic_url = "{self.origin}"',
                  "[twilio]\nvalidate_signatures = false", "[logging]\nlevel = \"warning\""]
+        sections = {**sections, "call": {"stream_token": False, **sections.get("call", {})}}
         for name, values in sections.items():
             body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
             lines.append(f"[{name}]\n{body}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ from voxd.errors import ProtocolError
 from voxd.observability import metrics
 from voxd.providers import build_provider
 from voxd.providers.base import CallInfo, Provider
-from voxd.twilio import twiml
+from voxd.twilio import stream_token, twiml
 from voxd.twilio.rest import CallControl
 
 log = logging.getLogger("voxd.app")
@@ -41,6 +42,7 @@ class LiveCalls:
     def __init__(self, on_change: Callable[[LiveCalls], None] | None = None) -> None:
         self.sessions: set[CallSession] = set()
         self.draining = False
+        self.used_tokens = stream_token.UsedTokens()
         self.on_change = on_change
         self._idle = trio.Event()
         self._idle.set()
@@ -203,7 +205,8 @@ class VoxdAsgi:
                 return
         await send({"type": "websocket.accept"})
         session = CallSession(AsgiTwilioSocket(receive, send), runtime.settings,
-                              runtime.provider, peer, call_control=runtime.call_control)
+                              runtime.provider, peer, call_control=runtime.call_control,
+                              used_tokens=runtime.live.used_tokens)
         runtime.call_started(session)
         try:
             await session.run()
@@ -268,7 +271,12 @@ def create_app(runtime_ref: Callable[[], Runtime]) -> VoxdAsgi:
                          from_number=parameters["from"], to_number=parameters["to"],
                          parameters=parameters),
                 runtime.background)
-        body = twiml.connect_stream(settings.stream_url, parameters,
+        stream_parameters = dict(parameters)
+        if settings.config.call.stream_token:
+            stream_parameters["token"] = stream_token.issue(
+                settings.secrets.stream_secret.reveal().encode(), call_sid, time.time(),
+                settings.config.call.stream_token_ttl)
+        body = twiml.connect_stream(settings.stream_url, stream_parameters,
                                     settings.config.call.fallback_twiml)
         log.info("call_sid=%s voice webhook: connecting the stream (from=%s to=%s)",
                  call_sid, parameters["from"] or "-", parameters["to"] or "-")

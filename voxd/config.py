@@ -80,6 +80,8 @@ class CallConfig(_Section):
     fallback_twiml: str = "<Say>Sorry, the assistant is unavailable right now.</Say>"
     start_timeout: Annotated[float, Field(gt=0)] = 10.0
     media_timeout: Annotated[float, Field(gt=0)] = 5.0
+    stream_token: bool = True
+    stream_token_ttl: Annotated[float, Field(gt=0, le=3600)] = 60.0
     playback_queue_seconds: Annotated[float, Field(gt=0)] = 60.0
     max_message_bytes: Annotated[int, Field(ge=1024)] = 65536
 

@@ -67,6 +67,8 @@ async def run_workers(settings: Settings) -> int:
     if notifier.watchdog_interval is not None:
         env["WATCHDOG_USEC"] = str(int(notifier.watchdog_interval * 1e6))  # ping us twice as often
     env.pop("WATCHDOG_PID", None)
+    # Workers must verify each other's stream tokens: one secret for all of them.
+    env["VOXD_STREAM_SECRET"] = settings.secrets.stream_secret.reveal()
     failed = False
     try:
         async with trio.open_nursery() as nursery:

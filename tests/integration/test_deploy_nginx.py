@@ -74,8 +74,9 @@ async def test_signed_calls_through_nginx_reach_both_instances(proxied, nursery)
     token = "shared-auth-token"
     served = []
     for backend in backends:
-        runtime = await nursery.start(serve, make_settings(public, token),
-                                      open_listener(f"127.0.0.1:{backend}"))
+        # every instance shares the stream secret, or one rejects the other's stream tokens
+        settings = make_settings(public, token, {"stream_secret": "shared-stream-secret"})
+        runtime = await nursery.start(serve, settings, open_listener(f"127.0.0.1:{backend}"))
         count = {"calls": 0}
         runtime.live.on_change = lambda live, count=count: count.update(
             calls=count["calls"] + (1 if live.sessions else 0))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import xml.etree.ElementTree as ET
 
+import httpx
 import numpy as np
 import pytest
 import trio
@@ -64,7 +66,7 @@ async def open_stream(voxd):
 @pytest.mark.parametrize("case", list(CASES))
 async def test_bad_input_ends_only_that_call(start_voxd, caplog, case):
     caplog.set_level(logging.INFO)
-    voxd = await start_voxd(assistant={"audio": "mulaw"})
+    voxd = await start_voxd(assistant={"audio": "mulaw"}, call={"stream_token": False})
     messages, problem = CASES[case]
     good: dict[str, object] = {}
 
@@ -97,7 +99,7 @@ async def test_bad_input_ends_only_that_call(start_voxd, caplog, case):
 
 
 async def test_no_start_within_the_timeout_closes_the_socket(start_voxd, caplog):
-    voxd = await start_voxd(call={"start_timeout": 0.3})
+    voxd = await start_voxd(call={"start_timeout": 0.3, "stream_token": False})
     async with await open_stream(voxd) as ws:
         await ws.send_message(CONNECTED)
         with trio.fail_after(1.5), pytest.raises(trio_websocket.ConnectionClosed):
@@ -108,7 +110,7 @@ async def test_no_start_within_the_timeout_closes_the_socket(start_voxd, caplog)
 async def test_a_silent_twilio_socket_ends_the_call(start_voxd, caplog):
     """No FIN, no RST, just nothing: the call must not hold its slot forever."""
     caplog.set_level(logging.INFO)
-    voxd = await start_voxd(call={"media_timeout": 0.5})
+    voxd = await start_voxd(call={"media_timeout": 0.5, "stream_token": False})
     async with await open_stream(voxd) as ws:
         for message in (CONNECTED, start_message(), media()):
             await ws.send_message(message)
@@ -123,7 +125,7 @@ async def test_a_silent_twilio_socket_ends_the_call(start_voxd, caplog):
 
 async def test_dtmf_digits_are_never_logged(start_voxd, caplog):
     caplog.set_level(logging.DEBUG)
-    voxd = await start_voxd()
+    voxd = await start_voxd(call={"stream_token": False})
     async with await open_stream(voxd) as ws:
         for message in (CONNECTED, start_message()):
             await ws.send_message(message)
@@ -134,3 +136,47 @@ async def test_dtmf_digits_are_never_logged(start_voxd, caplog):
         await voxd.runtime.wait_idle()
     dtmf = [r.getMessage() for r in caplog.records if "DTMF" in r.getMessage()]
     assert dtmf and not any("7" in line for line in dtmf)
+
+
+async def test_streams_need_this_services_token_for_this_call(start_voxd, caplog):
+    """The per-call stream token: missing, forged, for another call, or replayed -> refused,
+    while a call set up by the webhook goes through."""
+    caplog.set_level(logging.INFO)
+    voxd = await start_voxd()
+    call_sid = "CA" + "1" * 32
+    form = {"CallSid": call_sid, "From": "+1", "To": "+2"}
+    signature = RequestValidator(voxd.token).compute_signature(voxd.webhook, form)
+    async with httpx.AsyncClient() as client:
+        body = (await client.post(voxd.webhook, data=form,
+                                  headers={"X-Twilio-Signature": signature})).text
+    token = next(p.get("value") for p in ET.fromstring(body).iter("Parameter")
+                 if p.get("name") == "token")
+
+    def start_with(parameters: dict[str, str], call: str = call_sid) -> str:
+        message = json.loads(start_message())
+        message["start"]["customParameters"] = parameters
+        message["start"]["callSid"] = call
+        return json.dumps(message)
+
+    async def outcome(start: str) -> str:
+        async with await open_stream(voxd) as ws:
+            await ws.send_message(CONNECTED)
+            await ws.send_message(start)
+            await ws.send_message(media())
+            with trio.move_on_after(0.5):
+                try:
+                    while True:
+                        await ws.get_message()
+                except trio_websocket.ConnectionClosed:
+                    return "closed"
+            return "open"
+
+    assert await outcome(start_with({"from": "+1"})) == "closed"  # no token
+    assert await outcome(start_with({"token": token}, call="CA" + "2" * 32)) == "closed"
+    assert await outcome(start_with({"token": token[:-4] + "AAAA"})) == "closed"  # forged
+    assert await outcome(start_with({"token": token})) == "open"  # the real one
+    assert await outcome(start_with({"token": token})) == "closed"  # replayed
+    reasons = [r.getMessage() for r in caplog.records if "rejected:" in r.getMessage()]
+    assert len(reasons) == 4
+    assert "no stream token" in reasons[0] and "another call" in reasons[1]
+    assert "forged" in reasons[2] and "already used" in reasons[3]

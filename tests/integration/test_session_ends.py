@@ -65,7 +65,7 @@ async def connect(voxd):
 
 @pytest.fixture
 async def scripted(start_voxd):
-    voxd = await start_voxd()
+    voxd = await start_voxd(call={"stream_token": False})  # raw streams, no webhook
     assistant = ScriptedAssistant()
     voxd.runtime.provider = assistant
     return voxd, assistant
@@ -124,7 +124,8 @@ async def test_server_shutdown_hangs_up_live_calls(caplog):
     sock = open_listener("127.0.0.1:0")
     token = secrets.token_hex(8)
     async with trio.open_nursery() as server:
-        runtime = await server.start(serve, make_settings(bound_origin(sock), token), sock)
+        settings = make_settings(bound_origin(sock), token, call={"stream_token": False})
+        runtime = await server.start(serve, settings, sock)
         runtime.provider = assistant
         voxd = RunningVoxd(bound_origin(sock), token, runtime)
         async with await connect(voxd) as ws:

@@ -38,11 +38,12 @@ def vapi_voxd(start_voxd, fake_vapi):
     """`await vapi_voxd(script, audio=..., call={...}, vapi={...})` -> (voxd, fake)."""
 
     async def start(script: VapiScript | None = None, *, audio: str = "mulaw",
-                    via_proxy: bool = False, key: str = KEY, **sections):
+                    via_proxy: bool = False, key: str = KEY, secrets: dict | None = None,
+                    **sections):
         fake = await fake_vapi(script, via_proxy)
         vapi = {"base_url": fake.base_url, "assistant_id": "asst-123",
                 **sections.pop("vapi", {})}
-        voxd = await start_voxd(secrets={"vapi_api_key": key},
+        voxd = await start_voxd(secrets=secrets or {"vapi_api_key": key},
                                 assistant={"provider": "vapi", "audio": audio}, vapi=vapi,
                                 **sections)
         return voxd, fake
@@ -134,9 +135,10 @@ async def test_stream_on_another_worker_works_and_the_orphan_is_ended(
         vapi_voxd, start_voxd, monkeypatch, caplog):
     caplog.set_level(logging.INFO)
     monkeypatch.setattr(vapi_module, "EARLY_CLAIM_SECONDS", 0.5)
-    webhook_host, fake = await vapi_voxd(signed=False)
+    shared = {"vapi_api_key": KEY, "stream_secret": "one-secret-for-every-host"}
+    webhook_host, fake = await vapi_voxd(signed=False, secrets=shared)
     stream_host = await start_voxd(
-        signed=False, secrets={"vapi_api_key": KEY},
+        signed=False, secrets=shared,
         assistant={"provider": "vapi", "audio": "mulaw"},
         vapi={"base_url": fake.base_url, "assistant_id": "asst-123"})
 

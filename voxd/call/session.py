@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
@@ -50,6 +51,7 @@ from voxd.providers.base import (
     CallInfo,
     Provider,
 )
+from voxd.twilio import stream_token
 from voxd.twilio.protocol import (
     Connected,
     Dtmf,
@@ -122,8 +124,10 @@ class CallSession:
     """Runs one call on an accepted Twilio media socket until either side ends it."""
 
     def __init__(self, socket: TwilioSocket, settings: Settings, provider: Provider,
-                 peer: str = "-", call_control: CallControl | None = None) -> None:
+                 peer: str = "-", call_control: CallControl | None = None,
+                 used_tokens: stream_token.UsedTokens | None = None) -> None:
         self.socket = socket
+        self.used_tokens = used_tokens if used_tokens is not None else stream_token.UsedTokens()
         self.call_control = call_control
         self._caller_released = False
         local_vad = settings.config.barge_in.local_vad
@@ -154,7 +158,7 @@ class CallSession:
         try:
             with self._run_scope:
                 start = await self._await_start()
-                if start is not None:
+                if start is not None and self._token_ok(start):
                     await self._bridge(start)
         except trio.Cancelled:
             self._end("server-shutdown", "error")
@@ -205,8 +209,26 @@ class CallSession:
         self._end("start-timeout", "error")
         return None
 
+    def _token_ok(self, start: StreamStart) -> bool:
+        """The stream carries this service's token for this call (call.stream_token)."""
+        self.log_context.update(call_sid=start.call_sid, stream_sid=start.stream_sid)
+        if not self.settings.config.call.stream_token:
+            return True
+        token = start.custom_parameters.get("token")
+        now = time.time()
+        try:
+            expiry = stream_token.verify(self.settings.secrets.stream_secret.reveal().encode(),
+                                         token, start.call_sid, now)
+            self.used_tokens.claim(token or "", expiry, now)
+        except stream_token.TokenRejected as exc:
+            log.warning("media stream from %s rejected: %s", self.peer, exc)
+            metrics.CALLS_REJECTED.labels(reason="token").inc()
+            self._end("token-rejected", "error")
+            return False
+        return True
+
     async def _bridge(self, start: StreamStart) -> None:
-        params = start.custom_parameters
+        params = {k: v for k, v in start.custom_parameters.items() if k != "token"}
         self.log_context.update(call_sid=start.call_sid, stream_sid=start.stream_sid)
         self.call = CallInfo(
             call_sid=start.call_sid,
