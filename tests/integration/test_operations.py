@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from tests.integration.audio import burst, silence
-from tests.integration.test_cli import free_port
+from tests.integration.test_cli import free_port, write_wav
 from voxd.config import load_settings
 from voxd.observability.systemd import Notifier
 from voxd.server import Server, bound_origin, open_listener
@@ -141,13 +141,7 @@ def test_a_call_survives_sighup_and_finishes_during_a_sigterm_drain(tmp_path):
         messages = [listener.recv(4096).decode()]
         assert messages[0].startswith("READY=1\nSTATUS=ready, 0 active calls")
         wav = tmp_path / "caller.wav"
-        import wave
-
-        with wave.open(str(wav), "wb") as out:
-            out.setnchannels(1)
-            out.setsampwidth(2)
-            out.setframerate(8000)
-            out.writeframes(np.concatenate([burst(0.6), silence(1.8)]).astype("<i2").tobytes())
+        write_wav(wav, np.concatenate([burst(0.6), silence(1.8)]))
         call = subprocess.Popen([sys.executable, "-m", "voxd", "call",
                                  f"http://127.0.0.1:{port}/twilio/voice", "--wav", str(wav)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
