@@ -163,6 +163,22 @@ class TwilioSide:
                 await ws.send_message(json.dumps(message))  # echo at once: nothing queued
 
 
+async def place_calls(sections: dict[str, dict[str, object]], env: dict[str, str],
+                      callers: list[list[bytes]], gap: float) -> list[TwilioSide]:
+    """Start voxd with `sections`, place one call per caller `gap` seconds apart, stop it."""
+    daemon = Daemon(sections, env)
+    try:
+        await daemon.ready()
+        sides = [TwilioSide(daemon.origin, caller) for caller in callers]
+        async with trio.open_nursery() as nursery:
+            for side in sides:
+                nursery.start_soon(side.run)
+                await trio.sleep(gap)
+    finally:
+        daemon.stop()
+    return sides
+
+
 # -- the three measurements ------------------------------------------------------------------
 
 
@@ -260,7 +276,6 @@ async def barge_in_reaction(source: str, calls: int = 20) -> list[float]:
                          interrupt_after=talk_at if source == "provider" else None)
     sent_interrupt: dict[str, float] = {}
     if source == "provider":
-        original = fake._later
 
         async def timed_later(ws, delay, message):  # timestamp the interruption we send
             await trio.sleep(delay)
@@ -268,23 +283,15 @@ async def barge_in_reaction(source: str, calls: int = 20) -> list[float]:
             await ws.send_message(json.dumps(message))
 
         fake._later = timed_later  # type: ignore[method-assign]
-        _ = original
     local = source == "vad"
+    caller = frames_of(SILENCE * int(talk_at / FRAME) + speechy(0.8, seed=5)
+                       + SILENCE * 50) if local else [SILENCE] * 150
     async with trio.open_nursery() as nursery:
         await nursery.start(fake.serve)
-        daemon = Daemon({"assistant": {"provider": "websocket", "audio": "mulaw"},
-                         "websocket": {"url": fake.url}, "barge_in": {"local_vad": local}}, {})
-        try:
-            await daemon.ready()
-            caller = frames_of(SILENCE * int(talk_at / FRAME) + speechy(0.8, seed=5)
-                               + SILENCE * 50) if local else [SILENCE] * 150
-            sides = [TwilioSide(daemon.origin, list(caller)) for _ in range(calls)]
-            async with trio.open_nursery() as calls_nursery:
-                for side in sides:
-                    calls_nursery.start_soon(side.run)
-                    await trio.sleep(0.05)
-        finally:
-            daemon.stop()
+        sides = await place_calls(
+            {"assistant": {"provider": "websocket", "audio": "mulaw"},
+             "websocket": {"url": fake.url}, "barge_in": {"local_vad": local}}, {},
+            [list(caller) for _ in range(calls)], gap=0.05)
         nursery.cancel_scope.cancel()
     if local:
         return [s.clear_at[0] - (s.t0 + talk_at) for s in sides if s.clear_at]
@@ -296,21 +303,13 @@ async def barge_in_reaction(source: str, calls: int = 20) -> list[float]:
 
 async def turn_latency_added(audio: str, calls: int = 10) -> tuple[list[float], list[float]]:
     fake = FakeVapi(VapiScript(response_delay=0.2))
+    caller = frames_of(speechy(0.8, seed=7) + SILENCE * 100)
     async with trio.open_nursery() as nursery:
         await nursery.start(fake.serve)
-        daemon = Daemon({"assistant": {"provider": "vapi", "audio": audio},
-                         "vapi": {"base_url": fake.base_url, "assistant_id": "a"}},
-                        {"VAPI_API_KEY": "vapi-test-key"})
-        try:
-            await daemon.ready()
-            caller = frames_of(speechy(0.8, seed=7) + SILENCE * 100)
-            sides = [TwilioSide(daemon.origin, list(caller)) for _ in range(calls)]
-            async with trio.open_nursery() as calls_nursery:
-                for side in sides:
-                    calls_nursery.start_soon(side.run)
-                    await trio.sleep(0.1)
-        finally:
-            daemon.stop()
+        sides = await place_calls(
+            {"assistant": {"provider": "vapi", "audio": audio},
+             "vapi": {"base_url": fake.base_url, "assistant_id": "a"}},
+            {"VAPI_API_KEY": "vapi-test-key"}, [list(caller) for _ in range(calls)], gap=0.1)
         nursery.cancel_scope.cancel()
     # (a) voxd's own figure minus the assistant's share: its VAD hangover (300 ms) plus the
     #     scripted delay, counted from the last voiced frame's arrival;

@@ -30,6 +30,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_config(path: Path, port: int, extra: str = "") -> Path:
+    """A voxd.toml for a daemon run as its own process on 127.0.0.1:`port`."""
+    path.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n'
+                    f'public_url = "http://127.0.0.1:{port}"\n{extra}')
+    return path
+
+
 def write_wav(path: Path, samples: np.ndarray, rate: int = 8000) -> None:
     with wave.open(str(path), "wb") as wav:
         wav.setnchannels(1)
@@ -69,10 +76,7 @@ def test_call_usage_errors_are_one_line():
 def daemon(tmp_path):
     """`voxd serve` in its own process, with signatures on."""
     port = free_port()
-    config = tmp_path / "voxd.toml"
-    config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n'
-                      f'public_url = "http://127.0.0.1:{port}"\n'
-                      '[assistant]\naudio = "mulaw"\n')
+    config = write_config(tmp_path / "voxd.toml", port, '[assistant]\naudio = "mulaw"\n')
     env = {**os.environ, "VOXD_TWILIO_AUTH_TOKEN": "test-token-123"}
     proc = subprocess.Popen([*VOXD, "serve", "--config", str(config)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from tests.integration.audio import burst, silence
-from tests.integration.test_cli import free_port, write_wav
+from tests.integration.test_cli import free_port, write_config, write_wav
 from voxd.config import load_settings
 from voxd.observability.systemd import Notifier
 from voxd.server import Server, bound_origin, open_listener
@@ -126,10 +126,8 @@ async def test_reload_applies_to_new_calls_and_refuses_bad_files(server, tmp_pat
 def test_a_call_survives_sighup_and_finishes_during_a_sigterm_drain(tmp_path):
     """The operator's view: `voxd serve` under signals, a call placed by `voxd call`."""
     port = free_port()
-    config = tmp_path / "voxd.toml"
-    config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n'
-                      f'public_url = "http://127.0.0.1:{port}"\n'
-                      "[twilio]\nvalidate_signatures = false\n")
+    config = write_config(tmp_path / "voxd.toml", port,
+                          "[twilio]\nvalidate_signatures = false\n")
     notify_path = str(tmp_path / "notify")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(notify_path)

@@ -15,16 +15,15 @@ import numpy as np
 import trio
 
 from tests.integration.audio import burst, silence
-from tests.integration.test_cli import free_port
+from tests.integration.test_cli import free_port, write_config
 from voxd.sim.caller import TwilioSimulator
 
 
 def test_two_workers_serve_calls_and_drain_together(tmp_path):
     port = free_port()
     origin = f"http://127.0.0.1:{port}"
-    config = tmp_path / "voxd.toml"
-    config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\npublic_url = "{origin}"\n'
-                      "workers = 2\n[twilio]\nvalidate_signatures = false\n")
+    config = write_config(tmp_path / "voxd.toml", port,
+                          "workers = 2\n[twilio]\nvalidate_signatures = false\n")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify"))
     notify.settimeout(0.2)

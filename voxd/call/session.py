@@ -229,7 +229,6 @@ class CallSession:
 
     async def _bridge(self, start: StreamStart) -> None:
         params = {k: v for k, v in start.custom_parameters.items() if k != "token"}
-        self.log_context.update(call_sid=start.call_sid, stream_sid=start.stream_sid)
         self.call = CallInfo(
             call_sid=start.call_sid,
             stream_sid=start.stream_sid,
