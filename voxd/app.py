@@ -1,8 +1,11 @@
-"""The ASGI application: Twilio's voice webhook, the media WebSocket, health and metrics.
+"""The application: Twilio's voice webhook, the media WebSocket, health and metrics.
 
-HTTP routes are a Quart-Trio app. The media WebSocket is served as bare ASGI (no framework
-between Hypercorn and the call): it carries 50 messages a second each way per call, and the
-framework's per-message queue and task cost more than all of voxd's audio work.
+HTTP routes are a Quart-Trio app served by Hypercorn. The media WebSocket carries 50 messages a
+second each way per call, so it bypasses both: the front door (voxd.net.front) hands a
+connection whose first request is the media upgrade to `VoxdAsgi.media_connection`, which runs
+the call on voxd's own WebSocket (voxd.net.websocket). An upgrade that arrives on a connection
+already serving HTTP is still served, as bare ASGI (no framework between Hypercorn and the
+call).
 """
 
 from __future__ import annotations
@@ -19,9 +22,16 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from twilio.request_validator import RequestValidator
 
-from voxd.call.session import CallerDisconnected, CallSession
+from voxd.call.session import CallerDisconnected, CallSession, TwilioSocket
 from voxd.config import Settings
 from voxd.errors import ProtocolError
+from voxd.net.websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    MessageTooBig,
+    ServerHandshake,
+    WebSocket,
+)
 from voxd.observability import metrics
 from voxd.providers import build_provider
 from voxd.providers.base import CallInfo, Provider
@@ -156,6 +166,38 @@ class AsgiTwilioSocket:
                 await self._send({"type": "websocket.close", "code": code})
 
 
+class WsTwilioSocket:
+    """The media WebSocket on voxd's own path, as `CallSession` wants it."""
+
+    __slots__ = ("_ws",)
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self._ws = websocket
+
+    async def receive(self) -> str:
+        """The next text frame from Twilio."""
+        try:
+            message = await self._ws.receive()
+        except ConnectionClosed as exc:
+            raise CallerDisconnected(f"socket closed ({exc})") from None
+        except MessageTooBig as exc:
+            raise ProtocolError(f"{exc} (call.max_message_bytes)") from None
+        if type(message) is not str:
+            raise ProtocolError("binary frame received; Twilio sends only text frames")
+        return message
+
+    async def send(self, text: str) -> None:
+        """Send one text frame to Twilio."""
+        try:
+            await self._ws.send(text)
+        except ConnectionClosed as exc:
+            raise CallerDisconnected(f"socket gone while sending ({exc})") from None
+
+    async def close(self, code: int = 1000) -> None:
+        """Close the socket once (quietly, if the peer is already gone)."""
+        await self._ws.close(code)
+
+
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError)
 """What Hypercorn's send raises when the connection is closing under us (its own close path
 sends EOF without its send lock, so a send racing it sees BusyResourceError)."""
@@ -189,29 +231,62 @@ class VoxdAsgi:
         await self.http_app(scope, receive, send)  # type: ignore[arg-type]
 
     async def media_stream(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Accept Twilio's media WebSocket (after the signature check) and run the call."""
+        """A media WebSocket that reached the HTTP server (an upgrade on a connection that
+        first carried another request): served through ASGI, as any call."""
         runtime = self.runtime()
         peer = _peer(scope)
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        if runtime.validator is not None:
-            signature = _header(scope, b"x-twilio-signature") or ""
-            if not runtime.validator.validate(runtime.settings.stream_url, {}, signature):
-                log.warning("media stream from %s rejected: %s X-Twilio-Signature", peer,
-                            "invalid" if signature else "missing")
-                metrics.CALLS_REJECTED.labels(reason="signature").inc()
-                await send({"type": "websocket.close", "code": 1008})
-                return
+        if not _signature_ok(runtime, _header(scope, b"x-twilio-signature"), peer):
+            await send({"type": "websocket.close", "code": 1008})
+            return
         await send({"type": "websocket.accept"})
-        session = CallSession(AsgiTwilioSocket(receive, send), runtime.settings,
-                              runtime.provider, peer, call_control=runtime.call_control,
-                              used_tokens=runtime.live.used_tokens)
-        runtime.call_started(session)
+        await _run_call(runtime, AsgiTwilioSocket(receive, send), peer)
+
+    async def media_connection(self, stream: trio.SocketStream, data: bytes, peer: str) -> None:
+        """A connection whose first request is the media WebSocket upgrade (the usual case):
+        served by voxd's own WebSocket path, without the HTTP server in between."""
+        runtime = self.runtime()
         try:
-            await session.run()
-        finally:
-            runtime.call_ended(session)
+            handshake = ServerHandshake(stream, data)
+        except HandshakeError as exc:
+            log.warning("media stream from %s refused: bad WebSocket upgrade: %s", peer, exc)
+            metrics.CONNECTIONS_REJECTED.labels(reason="bad_upgrade").inc()
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(BAD_REQUEST)
+            return
+        if not _signature_ok(runtime, handshake.header(b"x-twilio-signature"), peer):
+            await handshake.reject(403)
+            return
+        websocket = await handshake.accept(runtime.settings.config.call.max_message_bytes)
+        await _run_call(runtime, WsTwilioSocket(websocket), peer)
+
+
+BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+def _signature_ok(runtime: Runtime, signature: str | None, peer: str) -> bool:
+    """The upgrade carries Twilio's signature of the stream URL (when signatures are checked);
+    a refusal is logged and counted."""
+    if runtime.validator is None:
+        return True
+    if runtime.validator.validate(runtime.settings.stream_url, {}, signature or ""):
+        return True
+    log.warning("media stream from %s rejected: %s X-Twilio-Signature", peer,
+                "invalid" if signature else "missing")
+    metrics.CALLS_REJECTED.labels(reason="signature").inc()
+    return False
+
+
+async def _run_call(runtime: Runtime, socket: TwilioSocket, peer: str) -> None:
+    session = CallSession(socket, runtime.settings, runtime.provider, peer,
+                          call_control=runtime.call_control, used_tokens=runtime.live.used_tokens)
+    runtime.call_started(session)
+    try:
+        await session.run()
+    finally:
+        runtime.call_ended(session)
 
 
 def _shielded(send: Send) -> Send:

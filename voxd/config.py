@@ -34,6 +34,12 @@ class ServerConfig(_Section):
     listen: str = "127.0.0.1:3000"
     public_url: str = "http://127.0.0.1:3000"
     workers: Annotated[int, Field(ge=1)] = 1
+    handshake_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
+    """Seconds a new connection has to send its first complete request head."""
+    max_connections: Annotated[int, Field(ge=1)] = 1000
+    """Open TCP connections (calls, webhooks, scrapes, and ones still handshaking)."""
+    max_connections_per_address: Annotated[int, Field(ge=1)] = 250
+    """Open TCP connections from one remote address (behind a proxy, the proxy's)."""
 
 
 class TwilioConfig(_Section):
@@ -84,6 +90,9 @@ class CallConfig(_Section):
     stream_token_ttl: Annotated[float, Field(gt=0, le=3600)] = 60.0
     playback_queue_seconds: Annotated[float, Field(gt=0)] = 60.0
     max_message_bytes: Annotated[int, Field(ge=1024)] = 65536
+    max_payload_bytes: Annotated[int, Field(ge=160)] = 8000
+    """Largest decoded media payload accepted from Twilio (it sends 160 bytes, 20 ms)."""
+    max_call_seconds: Annotated[float, Field(gt=0)] = 4 * 3600.0
 
 
 class BargeInConfig(_Section):

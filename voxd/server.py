@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 from dataclasses import replace
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from voxd.app import LiveCalls, Runtime, create_app
 from voxd.config import Settings, load_settings, parse_listen, summary
 from voxd.errors import ConfigError
+from voxd.net.front import ConnectionLimits, FrontDoor
+from voxd.net.http import HttpServer
 from voxd.observability.logging import configure_logging
 from voxd.observability.systemd import Notifier
 
@@ -51,11 +51,9 @@ def with_public_url(settings: Settings, public_url: str) -> Settings:
     return replace(settings, config=settings.config.model_copy(update={"server": server}))
 
 
-def hypercorn_config(settings: Settings, sock: socket.socket) -> HypercornConfig:
+def hypercorn_config(settings: Settings) -> HypercornConfig:
     """Hypercorn's settings derived from voxd's."""
     config = HypercornConfig()
-    # Hypercorn takes ownership of an fd:// socket and closes it: give it its own copy.
-    config.bind = [f"fd://{os.dup(sock.fileno())}"]
     # voxd's own check (call.max_message_bytes) names the problem in the call's log line;
     # Hypercorn's, above it, bounds what is buffered before that check can run.
     config.websocket_max_message_size = 2 * settings.config.call.max_message_bytes
@@ -63,6 +61,9 @@ def hypercorn_config(settings: Settings, sock: socket.socket) -> HypercornConfig
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = SHUTDOWN_GRACE_SECONDS
     config.keep_alive_timeout = 75  # longer than Twilio's HTTP client keeps connections idle
+    # The front door bounds the wait for a connection's first request; this bounds each read
+    # after it (a later request sent byte by byte).
+    config.read_timeout = int(settings.config.server.handshake_timeout * 4)
     return config
 
 
@@ -99,32 +100,41 @@ class Server:
     def _calls_changed(self, live: LiveCalls) -> None:
         self.notifier.status(self._status())
 
+    def _limits(self) -> ConnectionLimits:
+        server = self.runtime.settings.config.server
+        return ConnectionLimits(server.handshake_timeout, server.max_connections,
+                                server.max_connections_per_address)
+
     async def run(self, shutdown: trio.Event,
                   task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until `shutdown` is set (then stop at once) or `drain()` has finished."""
+        """Serve until `shutdown` is set (then stop at once) or `drain()` has finished. On the
+        stop, accepting ends at once; open connections get SHUTDOWN_GRACE_SECONDS."""
         settings = self.runtime.settings
+        http = HttpServer(self.app, hypercorn_config(settings))
+        front = FrontDoor(self._limits, self.app.media_connection, http.handle)
+
+        async def stop_on(event: trio.Event) -> None:
+            await event.wait()
+            self._stop.set()
+
         try:
             async with trio.open_nursery() as nursery:
-
-                async def hypercorn(task_status: trio.TaskStatus[None]) -> None:
-                    await hypercorn_serve(self.app,  # type: ignore[arg-type]
-                                          hypercorn_config(settings, self.sock),
-                                          shutdown_trigger=self._stop.wait,
-                                          task_status=task_status)
-                    nursery.cancel_scope.cancel()  # served its last connection: end the rest
-
-                async def stop_on(event: trio.Event) -> None:
-                    await event.wait()
-                    self._stop.set()
-
                 self.runtime.background = nursery
-                await nursery.start(hypercorn)
+                await nursery.start(http.run, self._stop)
                 nursery.start_soon(stop_on, shutdown)
-                nursery.start_soon(self.notifier.watchdog)
-                log.info("listening on %s (public URL %s)", bound_origin(self.sock),
-                         settings.config.server.public_url)
-                self.notifier.ready(self._status())
-                task_status.started(self.runtime)
+                async with trio.open_nursery() as connections:
+                    async with trio.open_nursery() as accepting:
+                        await accepting.start(front.serve, self.sock, connections)
+                        log.info("listening on %s (public URL %s)", bound_origin(self.sock),
+                                 settings.config.server.public_url)
+                        self.notifier.ready(self._status())
+                        nursery.start_soon(self.notifier.watchdog)
+                        task_status.started(self.runtime)
+                        await self._stop.wait()
+                        accepting.cancel_scope.cancel()
+                    connections.cancel_scope.deadline = (trio.current_time()
+                                                         + SHUTDOWN_GRACE_SECONDS)
+                nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self.runtime.provider.aclose()

@@ -137,7 +137,8 @@ class CallSession:
         self.settings = settings
         self.provider = provider
         self.peer = peer
-        self.protocol = MediaStream(settings.config.call.max_message_bytes)
+        self.protocol = MediaStream(settings.config.call.max_message_bytes,
+                                    settings.config.call.max_payload_bytes)
         self.log_context = CallLogContext()
         self.stats = CallStats()
         self.end_reason: str | None = None

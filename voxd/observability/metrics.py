@@ -46,6 +46,13 @@ BARGE_INS = Counter(
     "voxd_barge_ins_total", "Assistant playback interrupted, by source", ["source"],
     registry=REGISTRY,
 )
+CONNECTIONS_OPEN = Gauge("voxd_connections_open", "TCP connections open (all kinds)",
+                         registry=REGISTRY, multiprocess_mode="livesum")
+CONNECTIONS_REJECTED = Counter(
+    "voxd_connections_rejected_total",
+    "Connections closed by the front door before any work, by reason", ["reason"],
+    registry=REGISTRY,
+)
 ERRORS = Counter("voxd_errors_total", "Errors, by kind", ["kind"], registry=REGISTRY)
 
 

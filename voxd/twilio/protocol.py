@@ -31,6 +31,7 @@ from voxd.errors import ProtocolError
 
 MULAW_FORMAT: Final = ("audio/x-mulaw", 8000, 1)
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024
+DEFAULT_MAX_PAYLOAD_BYTES: Final = 8000
 
 
 # -- wire shapes (what Twilio puts in the JSON) -------------------------------------------------
@@ -163,8 +164,11 @@ class StreamState(enum.Enum):
 class MediaStream:
     """The protocol state of one Twilio media-stream connection (see the module docstring)."""
 
-    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
         self.max_message_bytes = max_message_bytes
+        self.max_payload_bytes = max_payload_bytes
+        self._max_payload_chars = 4 * ((max_payload_bytes + 2) // 3)
         self.state = StreamState.AWAITING_START
         self.stream_sid: str | None = None
         self._media_prefix = ""
@@ -190,6 +194,11 @@ class MediaStream:
         if type(wire) is _Media:
             self._require_streaming("media", wire.streamSid)
             body = wire.media
+            if len(body.payload) > self._max_payload_chars:
+                raise ProtocolError(
+                    f"media payload of about {len(body.payload) * 3 // 4} bytes exceeds the "
+                    f"limit of {self.max_payload_bytes} (call.max_payload_bytes)"
+                )
             try:
                 payload = binascii.a2b_base64(body.payload, strict_mode=True)
             except (binascii.Error, ValueError) as exc:

@@ -1,0 +1,207 @@
+"""The front door: every TCP connection to voxd's port starts here.
+
+Before any other work is done for a connection, the front door enforces the connection limits
+(total, and per remote address) and reads the first request head under a deadline and a size
+limit (slowloris clients and scanners cost a file descriptor for at most
+`server.handshake_timeout`). It then routes: a WebSocket upgrade of `/media-stream` goes to
+voxd's own media path (`voxd.net.websocket`), everything else to the HTTP server, which gets
+the connection with the bytes already read put back in front.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+import struct
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from voxd.net.request_head import HeadError, RequestHead, head_length, parse_head
+from voxd.observability import metrics
+
+log = logging.getLogger("voxd.front")
+
+MAX_HEAD_BYTES: Final = 16 * 1024
+LOG_EVERY_SECONDS: Final = 10.0
+"""Refused connections are logged once per reason per this many seconds (with a count), so a
+flood cannot flood the journal."""
+
+_ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """The front door's limits (from `[server]`; read per connection, so a reload applies)."""
+
+    handshake_timeout: float
+    max_connections: int
+    max_connections_per_address: int
+
+
+MediaHandler = Callable[[trio.SocketStream, bytes, str], Awaitable[None]]
+HttpHandler = Callable[[trio.abc.HalfCloseableStream], Awaitable[None]]
+
+
+class ReplayStream(trio.abc.HalfCloseableStream):
+    """A connection with bytes already read from it put back in front of what comes next."""
+
+    def __init__(self, stream: trio.SocketStream, head: bytes) -> None:
+        self.transport = stream
+        self.socket = stream.socket  # the HTTP server asks it for the peer's address
+        self._head = head
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._head:
+            data, self._head = self._head, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return bytes(await self.transport.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.transport.send_eof()
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+class _Throttled:
+    """One log line per key per LOG_EVERY_SECONDS, saying how many it stands for."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        now = trio.current_time()
+        if now - self._last.get(key, -LOG_EVERY_SECONDS) < LOG_EVERY_SECONDS:
+            self._suppressed[key] += 1
+            return
+        self._last[key] = now
+        more = self._suppressed.pop(key, 0)
+        log.warning(message + (f" (and {more} more like it in the last "
+                               f"{LOG_EVERY_SECONDS:.0f}s)" if more else ""), *args)
+
+
+class FrontDoor:
+    """Accepts connections on voxd's listening socket and routes each one."""
+
+    def __init__(self, limits: Callable[[], ConnectionLimits], media: MediaHandler,
+                 http: HttpHandler) -> None:
+        self.limits = limits
+        self.media = media
+        self.http = http
+        self.open = 0
+        self.per_address: Counter[str] = Counter()
+        self._throttled = _Throttled()
+
+    async def serve(self, sock: socket.socket, handlers: trio.Nursery,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept until cancelled; each connection runs in `handlers`. `sock` stays open (the
+        caller owns it): the front door listens on its own duplicate."""
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup()))
+        async with listener:
+            task_status.started()
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_RETRY:
+                        raise
+                    self._throttled.warning("accept", "cannot accept connections: %s; retrying",
+                                            exc.strerror)
+                    await trio.sleep(0.1)
+                    continue
+                self._admit(stream, handlers)
+
+    def _admit(self, stream: trio.SocketStream, handlers: trio.Nursery) -> None:
+        limits = self.limits()
+        try:
+            host, port = stream.socket.getpeername()[:2]
+        except OSError:  # already reset by the peer
+            stream.socket.close()
+            return
+        peer = f"{host}:{port}"
+        reason = None
+        if self.open >= limits.max_connections:
+            reason, key = "max_connections", "server.max_connections"
+        elif self.per_address[host] >= limits.max_connections_per_address:
+            reason, key = "per_address", "server.max_connections_per_address"
+        if reason is not None:
+            metrics.CONNECTIONS_REJECTED.labels(reason=reason).inc()
+            self._throttled.warning(reason, "connection from %s refused: %s reached (%d open, "
+                                    "%d from %s)", peer, key, self.open,
+                                    self.per_address[host], host)
+            _reset(stream.socket)
+            return
+        self.open += 1
+        self.per_address[host] += 1
+        metrics.CONNECTIONS_OPEN.inc()
+        handlers.start_soon(self._connection, stream, host, peer, limits.handshake_timeout)
+
+    async def _connection(self, stream: trio.SocketStream, host: str, peer: str,
+                          handshake_timeout: float) -> None:
+        try:
+            routed = await self._read_head(stream, peer, handshake_timeout)
+            if routed is not None:
+                head, data = routed
+                if head.websocket and head.path == "/media-stream":
+                    await self.media(stream, data, peer)
+                else:
+                    await self.http(ReplayStream(stream, data))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away; whoever owned the connection has logged what matters
+        finally:
+            self.open -= 1
+            self.per_address[host] -= 1
+            if not self.per_address[host]:
+                del self.per_address[host]
+            metrics.CONNECTIONS_OPEN.dec()
+            stream.socket.close()
+
+    async def _read_head(self, stream: trio.SocketStream, peer: str,
+                         deadline_seconds: float) -> tuple[RequestHead, bytes] | None:
+        """The first request head (and the bytes read with it), or None after refusing the
+        connection with a log line."""
+        buffer = bytearray()
+        with trio.move_on_after(deadline_seconds):
+            while (length := head_length(buffer)) is None:
+                if len(buffer) > MAX_HEAD_BYTES:
+                    return self._refuse("head_too_big", "connection from %s closed: request head "
+                                        "over %d bytes", peer, MAX_HEAD_BYTES)
+                data = await stream.receive_some(MAX_HEAD_BYTES)
+                if not data:
+                    log.debug("connection from %s closed before sending a request", peer)
+                    return None
+                buffer += data
+            try:
+                head = parse_head(bytes(buffer[:length]))
+            except HeadError as exc:
+                return self._refuse("not_http", "connection from %s closed: %s", peer, exc)
+            return head, bytes(buffer)
+        return self._refuse("handshake_timeout", "connection from %s closed: no complete "
+                            "request within %.1fs (server.handshake_timeout)", peer,
+                            deadline_seconds)
+
+    def _refuse(self, reason: str, message: str, *args: object) -> None:
+        metrics.CONNECTIONS_REJECTED.labels(reason=reason).inc()
+        self._throttled.warning(reason, message, *args)
+        return None
+
+
+def _reset(sock: trio.socket.SocketType) -> None:
+    """Close at once with a reset (no FIN handshake, no TIME_WAIT kept for a flood)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
