@@ -7,7 +7,9 @@ problems at once, so `voxd check-config` can print them together.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import secrets as _random
 import tomllib
 import xml.etree.ElementTree as ET
@@ -289,7 +291,7 @@ def parse_config(raw: dict[str, Any]) -> Config:
         errors = exc.errors()
         problems = _describe_all(errors)
         # Check the rest too, so one run reports every problem: drop what is wrong, retry.
-        raw = _without(raw, [tuple(_key(err["loc"]).split(".")) for err in errors])
+        raw = _without(raw, [tuple(err["loc"]) for err in errors])
         try:
             config = Config.model_validate(raw)
         except ValidationError:
@@ -312,14 +314,16 @@ def _without(raw: dict[str, Any], locations: list[tuple[Any, ...]]) -> dict[str,
 
 
 _TYPE_TAGS = {"bool", "int", "float", "str"}
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _key(loc: tuple[Any, ...]) -> str:
-    """The config key of an error location, without pydantic's union-member tags."""
+    """The config key of an error location, without pydantic's union-member tags; a part that
+    is not a bare TOML key is quoted, as TOML would write it."""
     parts = [str(p) for p in loc]
     while len(parts) > 2 and (parts[-1] in _TYPE_TAGS or "[" in parts[-1]):
         parts.pop()
-    return ".".join(parts)
+    return ".".join(p if _BARE_KEY.fullmatch(p) else json.dumps(p) for p in parts)
 
 
 def _describe_all(errors: list[Any]) -> list[str]:

@@ -180,3 +180,28 @@ async def test_streams_need_this_services_token_for_this_call(start_voxd, caplog
     assert len(reasons) == 4
     assert "no stream token" in reasons[0] and "another call" in reasons[1]
     assert "forged" in reasons[2] and "already used" in reasons[3]
+
+
+async def test_calls_end_at_the_maximum_duration(start_voxd, caplog):
+    caplog.set_level(logging.INFO)
+    voxd = await start_voxd(assistant={"audio": "mulaw"}, call={"max_call_seconds": 0.6})
+    caller = np.concatenate([burst(0.4), silence(2.6)])
+    with trio.fail_after(3):
+        report = await TwilioSimulator(voxd.webhook, auth_token=voxd.token).call(caller)
+    assert report.closed_by == "voxd" and len(report.caller_frames) < 60
+    with trio.fail_after(1):
+        await voxd.runtime.wait_idle()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("call reached call.max_call_seconds (1s)" in line for line in lines)
+    assert any("reason=max-duration" in line for line in lines)
+
+
+async def test_an_oversized_media_payload_is_refused(start_voxd, caplog):
+    voxd = await start_voxd(call={"max_payload_bytes": 400, "stream_token": False})
+    async with await open_stream(voxd) as ws:
+        for message in (CONNECTED, start_message(), media(payload="AAAA" * 135)):
+            await ws.send_message(message)
+        with trio.fail_after(1), pytest.raises(trio_websocket.ConnectionClosed):
+            await ws.get_message()
+    assert any("media payload of about 405 bytes exceeds the limit of 400 "
+               "(call.max_payload_bytes)" in r.getMessage() for r in caplog.records)

@@ -136,3 +136,49 @@ def test_urls_derived_from_public_url():
     assert settings.stream_url == "wss://voice.example.com/media-stream"
     plain = load_settings(None, TOKEN_ENV, text='[server]\npublic_url = "http://[::1]:3000"')
     assert plain.stream_url == "ws://[::1]:3000/media-stream"
+
+
+# -- arbitrary input: a Config or a ConfigError naming keys, never another exception --
+
+import re  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from voxd.config import Config  # noqa: E402
+
+SECTIONS = {name: list(field.annotation.model_fields)  # type: ignore[union-attr]
+            for name, field in Config.model_fields.items()}
+SCALARS = (st.none() | st.booleans() | st.integers(-10**12, 10**12)
+           | st.floats(allow_nan=True) | st.text(max_size=20))
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3)
+                      | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
+SECTION = st.sampled_from(sorted(SECTIONS)).flatmap(
+    lambda name: st.tuples(st.just(name), st.dictionaries(
+        st.sampled_from(SECTIONS[name]) | st.text(max_size=10), VALUES, max_size=4)))
+TABLES = st.dictionaries(st.text(max_size=10), VALUES, max_size=2).flatmap(
+    lambda junk: st.lists(SECTION, max_size=4).map(lambda pairs: {**junk, **dict(pairs)}))
+
+
+@settings(max_examples=300, deadline=None)
+@given(TABLES)
+def test_any_table_gives_a_config_or_problems_naming_keys(raw):
+    try:
+        config = parse_config(raw)
+    except ConfigError as exc:
+        assert exc.problems
+        for problem in exc.problems:  # "key: what is wrong", the key as TOML writes it
+            key, sep, _ = problem.partition(": ")
+            bare = re.sub(r'"(?:[^"\\]|\\.)*"', "", key)  # quoted parts may hold anything
+            assert sep and key and " " not in bare and ":" not in bare, problem
+        return
+    assert isinstance(config, Config)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_any_text_gives_settings_or_config_errors(text):
+    try:
+        load_settings(None, TOKEN_ENV, text=text)
+    except ConfigError as exc:
+        assert exc.problems and all(isinstance(p, str) and p for p in exc.problems)

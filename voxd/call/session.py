@@ -431,14 +431,21 @@ class CallSession:
     async def _twilio_watchdog(self, playback: Playback) -> Ending:
         """Twilio sends 50 media messages a second: a long silence means the socket is dead
         even if TCP has not noticed (no FIN, no RST), and the call must not hold its slot.
+        Also ends the call at call.max_call_seconds.
         Also adds the call's frame counts to the metrics every few seconds (not per frame:
         the per-frame path takes no metric locks)."""
         timeout = self.settings.config.call.media_timeout
+        longest = self.settings.config.call.max_call_seconds
+        end_by = self.stats.started_at + longest
         while True:
-            await trio.sleep_until(min(self._last_in + timeout,
+            await trio.sleep_until(min(self._last_in + timeout, end_by,
                                        trio.current_time() + METRICS_INTERVAL))
             self._report_frames(playback.frames_sent)
-            if trio.current_time() - self._last_in >= timeout:
+            now = trio.current_time()
+            if now >= end_by:
+                log.warning("call reached call.max_call_seconds (%.0fs); ending it", longest)
+                return Ending("max-duration")
+            if now - self._last_in >= timeout:
                 log.warning("no message from Twilio for %.1fs (call.media_timeout); ending the "
                             "call", timeout)
                 metrics.ERRORS.labels(kind="twilio_silent").inc()

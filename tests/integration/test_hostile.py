@@ -1,0 +1,161 @@
+"""Hostile clients against a running voxd: each offender is closed with a clear log line while
+a good call keeps flowing with no lost frames (the malformed-message cases, after the
+WebSocket is open, are in test_malformed.py)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+
+import httpx
+import numpy as np
+import pytest
+import trio
+import trio_websocket
+
+from tests.integration.audio import burst, silence
+from voxd.sim.caller import TwilioSimulator
+
+SLOW = 0.5  # server.handshake_timeout in these tests
+UPGRADE = ("GET /media-stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+           "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n")
+
+
+async def raw_connection(voxd, source: str = "127.0.0.2") -> trio.SocketStream:
+    """A TCP connection to voxd from `source` (any 127/8 address is this machine)."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    await sock.bind((source, 0))
+    host, port = voxd.origin.removeprefix("http://").rsplit(":", 1)
+    await sock.connect((host, int(port)))
+    return trio.SocketStream(sock)
+
+
+async def read_until_closed(stream: trio.SocketStream) -> bytes:
+    """Everything voxd sends until it closes (a reset counts as closed)."""
+    received = b""
+    try:
+        while data := await stream.receive_some(65536):
+            received += data
+    except trio.BrokenResourceError:
+        pass
+    return received
+
+
+async def slowloris(voxd) -> bytes:
+    stream = await raw_connection(voxd)
+    async with trio.open_nursery() as nursery:
+        async def dribble() -> None:
+            for byte in UPGRADE.encode():
+                await stream.send_all(bytes([byte]))
+                await trio.sleep(0.05)
+
+        nursery.start_soon(dribble)
+        received = await read_until_closed(stream)
+        nursery.cancel_scope.cancel()
+    return received
+
+
+async def send_and_read(voxd, data: bytes) -> bytes:
+    stream = await raw_connection(voxd)
+    await stream.send_all(data)
+    return await read_until_closed(stream)
+
+
+async def unsigned_upgrade(voxd) -> bytes:
+    with pytest.raises(trio_websocket.HandshakeError) as caught:
+        async with trio_websocket.open_websocket_url(voxd.stream_url):
+            pass
+    return str(caught.value).encode()
+
+
+CASES = {
+    "slowloris handshake": (slowloris, b"",
+                            f"no complete request within {SLOW}s (server.handshake_timeout)"),
+    "huge request head": (lambda v: send_and_read(v, b"GET / HTTP/1.1\r\nX: " + b"a" * 20000),
+                          b"", "request head over 16384 bytes"),
+    "not HTTP": (lambda v: send_and_read(v, b"SSH-2.0-Go\r\n\r\n"), b"",
+                 "not an HTTP/1.x request line"),
+    "upgrade without a key": (lambda v: send_and_read(v, (UPGRADE + "\r\n").encode()),
+                              b"400 Bad Request", "bad WebSocket upgrade"),
+    "unsigned upgrade": (unsigned_upgrade, b"403", "rejected: missing X-Twilio-Signature"),
+}
+
+
+async def good_call(voxd, result: dict) -> None:
+    caller = np.concatenate([burst(0.4), silence(1.6)])
+    result["report"] = await TwilioSimulator(voxd.webhook, auth_token=voxd.token).call(caller)
+
+
+def assert_good_call_intact(result: dict, caplog) -> None:
+    report = result["report"]
+    assert report.errors == [] and report.closed_by == "caller"
+    assert report.media_received > 0 and len(report.turns()) == 1
+    summaries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("call ended")]
+    assert len(summaries) == 1, summaries
+    assert re.search(r"frames_in=100 frames_out=\d+ dropped_in=0 dropped_out=0", summaries[0])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_offender_is_closed_and_the_good_call_flows(start_voxd, caplog, case):
+    caplog.set_level(logging.INFO)
+    voxd = await start_voxd(server={"handshake_timeout": SLOW}, assistant={"audio": "mulaw"})
+    act, expected_reply, expected_log = CASES[case]
+    result: dict = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(good_call, voxd, result)
+        await trio.sleep(0.3)  # the good call is streaming
+        with trio.fail_after(SLOW + 1.5):  # closed promptly
+            reply = await act(voxd)
+    assert expected_reply in reply
+    assert any(expected_log in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
+    assert_good_call_intact(result, caplog)
+
+
+async def test_a_flood_from_one_address_is_refused_beyond_its_limit(start_voxd, caplog):
+    caplog.set_level(logging.INFO)
+    voxd = await start_voxd(server={"handshake_timeout": 2.0, "max_connections_per_address": 20},
+                            assistant={"audio": "mulaw"})
+    result: dict = {}
+    flood: list[trio.SocketStream] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(good_call, voxd, result)
+        await trio.sleep(0.3)
+        refused = 0
+        for _ in range(60):
+            try:
+                flood.append(await raw_connection(voxd))
+            except ConnectionResetError:  # reset before connect() returned
+                refused += 1
+        await trio.sleep(0.2)
+        for stream in flood:
+            with trio.move_on_after(0.05):
+                await read_until_closed(stream)
+                refused += 1  # reset; the 20 voxd holds are still open
+        for stream in flood:
+            await stream.aclose()
+    assert refused == 40
+    lines = [r.getMessage() for r in caplog.records]
+    limit_lines = [line for line in lines if "server.max_connections_per_address reached" in line]
+    assert 1 <= len(limit_lines) <= 2, limit_lines  # throttled, with a count
+    assert_good_call_intact(result, caplog)
+    async with httpx.AsyncClient() as client:
+        metrics = (await client.get(voxd.origin + "/metrics")).text
+    assert 'voxd_connections_rejected_total{reason="per_address"} 40.0' in metrics
+
+
+async def test_total_connections_are_limited_and_slots_come_back(start_voxd, caplog):
+    caplog.set_level(logging.INFO)
+    voxd = await start_voxd(server={"handshake_timeout": SLOW, "max_connections": 3})
+    idle = [await raw_connection(voxd) for _ in range(3)]
+    await trio.sleep(0.05)
+    with trio.fail_after(1):
+        assert await read_until_closed(await raw_connection(voxd, "127.0.0.1")) == b""
+    assert any("server.max_connections reached (3 open" in r.getMessage()
+               for r in caplog.records)
+    with trio.fail_after(SLOW + 1):  # the idle ones are closed at the handshake deadline
+        for stream in idle:
+            await read_until_closed(stream)
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(voxd.origin + "/healthz")).status_code == 200

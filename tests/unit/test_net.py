@@ -1,0 +1,144 @@
+"""voxd's own WebSocket path and request-head routing, on in-memory streams."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    Request,
+    TextMessage,
+)
+
+from voxd.net.request_head import HeadError, parse_head
+from voxd.net.websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    MessageTooBig,
+    ServerHandshake,
+)
+
+UPGRADE = (b"GET /media-stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+           b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+           b"Sec-WebSocket-Version: 13\r\nX-Twilio-Signature: abc\r\n\r\n")
+
+
+def test_parse_head_routes_upgrades_and_plain_requests():
+    head = parse_head(UPGRADE)
+    assert (head.method, head.path, head.websocket) == ("GET", "/media-stream", True)
+    plain = parse_head(b"POST /twilio/voice?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (plain.method, plain.path, plain.websocket) == ("POST", "/twilio/voice", False)
+    with pytest.raises(HeadError, match=r"not an HTTP/1\.x request line"):
+        parse_head(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n")  # a TLS hello
+
+
+@given(st.binary(max_size=300))
+def test_parse_head_takes_any_bytes(data):
+    try:
+        head = parse_head(data)
+    except HeadError:
+        return
+    assert head.path and head.method.isalpha()
+
+
+class Peer:
+    """The client end, driven by hand with wsproto."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.CLIENT)
+
+    def upgrade(self) -> bytes:
+        return self.ws.send(Request(host="x", target="/media-stream",
+                                    extra_headers=[(b"x-twilio-signature", b"sig")]))
+
+    async def send(self, event) -> None:
+        await self.stream.send_all(self.ws.send(event))
+
+    async def events(self) -> list:
+        self.ws.receive_data(await self.stream.receive_some(65536))
+        return list(self.ws.events())
+
+
+async def open_pair(max_message_bytes: int = 1000):
+    server_stream, client_stream = trio.testing.memory_stream_pair()
+    peer = Peer(client_stream)
+    handshake = ServerHandshake(server_stream, peer.upgrade())
+    assert handshake.header(b"x-twilio-signature") == "sig"
+    websocket = await handshake.accept(max_message_bytes)
+    assert isinstance((await peer.events())[0], AcceptConnection)
+    return websocket, peer
+
+
+async def test_messages_both_ways_whole_or_fragmented():
+    websocket, peer = await open_pair()
+    await peer.send(TextMessage("hello"))
+    assert await websocket.receive() == "hello"
+    await peer.send(BytesMessage(b"ab", message_finished=False))
+    await peer.send(BytesMessage(b"cd"))
+    assert await websocket.receive() == b"abcd"
+    await websocket.send("out")
+    assert [e.data for e in await peer.events()] == ["out"]
+
+
+async def test_pings_are_answered_and_closes_echoed():
+    websocket, peer = await open_pair()
+    await peer.send(Ping(b"p1"))
+    await peer.send(TextMessage("after"))
+    assert await websocket.receive() == "after"
+    assert any(isinstance(e, Pong) and e.payload == b"p1" for e in await peer.events())
+    await peer.send(CloseConnection(code=1000, reason="bye"))
+    with pytest.raises(ConnectionClosed, match="1000"):
+        await websocket.receive()
+    assert any(isinstance(e, CloseConnection) for e in await peer.events())
+    with pytest.raises(ConnectionClosed):
+        await websocket.send("too late")
+
+
+async def test_oversized_messages_close_with_1009_even_when_fragmented():
+    for fragments in ([b"x" * 1001], [b"x" * 600, b"x" * 600]):
+        websocket, peer = await open_pair(max_message_bytes=1000)
+        for i, part in enumerate(fragments):
+            await peer.send(BytesMessage(part, message_finished=i == len(fragments) - 1))
+        with pytest.raises(MessageTooBig, match="limit of 1000"):
+            await websocket.receive()
+        with trio.fail_after(2):
+            await websocket.close(1009)
+        closes = [e for e in await peer.events() if isinstance(e, CloseConnection)]
+        assert closes and closes[0].code == 1009
+
+
+async def test_close_waits_for_the_answer_then_closes_tcp():
+    websocket, peer = await open_pair()
+
+    async def answer() -> None:
+        events = await peer.events()
+        assert isinstance(events[0], CloseConnection) and events[0].code == 1000
+        await peer.send(events[0].response())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer)
+        with trio.fail_after(1):
+            await websocket.close()
+    assert await peer.stream.receive_some(10) == b""  # TCP closed after the close handshake
+
+
+async def test_a_protocol_violation_closes_with_its_code():
+    websocket, peer = await open_pair()
+    await peer.stream.send_all(b"\x8f\x80\x00\x00\x00\x00")  # reserved opcode 0xF, masked
+    with pytest.raises(ConnectionClosed, match="1002"):
+        await websocket.receive()
+
+
+def test_a_bad_upgrade_is_a_handshake_error():
+    server_stream, _ = trio.testing.memory_stream_pair()
+    with pytest.raises(HandshakeError):
+        ServerHandshake(server_stream, UPGRADE.replace(b"Sec-WebSocket-Key", b"X-Nothing"))
