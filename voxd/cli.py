@@ -50,6 +50,27 @@ def _parser() -> argparse.ArgumentParser:
                       help="where to write the call (default: ./voxd-demo.wav)")
     demo.add_argument("--audio", choices=("pcm16", "mulaw"), default="pcm16",
                       help="audio format spoken to the assistant (default: pcm16)")
+
+    load = sub.add_parser("loadtest", help="many concurrent simulated calls; voxd's cost per call")
+    load.add_argument("webhook_url", metavar="WEBHOOK_URL", nargs="?",
+                      help="a running voxd whose upstream echoes audio (default: start voxd "
+                           "and an echo upstream, each in its own process)")
+    load.add_argument("--calls", type=int, default=50, metavar="N",
+                      help="concurrent calls (default 50)")
+    load.add_argument("--seconds", type=float, default=20.0, metavar="S",
+                      help="length of each call (default 20)")
+    load.add_argument("--audio", choices=("pcm16", "mulaw"), default="pcm16",
+                      help="upstream audio of the voxd it starts (default pcm16)")
+    load.add_argument("--workers", type=int, default=1, metavar="K",
+                      help="server.workers of the voxd it starts (default 1)")
+    load.add_argument("--auth-token", metavar="T",
+                      help="Twilio auth token to sign with, for a running voxd "
+                           "(default: $VOXD_TWILIO_AUTH_TOKEN)")
+
+    echo = sub.add_parser("echo-upstream",
+                          help="a fast echo assistant (generic WebSocket protocol) for loadtest")
+    echo.add_argument("--listen", default="127.0.0.1:9100", metavar="HOST:PORT",
+                      help="where to listen (default 127.0.0.1:9100)")
     return parser
 
 
@@ -65,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             return _call(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "loadtest":
+            return _loadtest(args)
+        if args.command == "echo-upstream":
+            return _echo_upstream(args)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"voxd: {problem}", file=sys.stderr)
@@ -167,3 +192,57 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"\nwrote {args.record}: left = caller, right = what the caller heard. "
           "Play it with any audio player (e.g. `aplay` or `play`).")
     return 0 if not report.errors else 1
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from voxd.sim.load import Processes, run_load
+
+    if args.calls < 1 or args.workers < 1:
+        print("voxd: --calls and --workers must be at least 1", file=sys.stderr)
+        return 2
+    processes = None if args.webhook_url else Processes(args.audio, args.workers, args.calls)
+    token = (processes.token if processes else
+             args.auth_token or os.environ.get("VOXD_TWILIO_AUTH_TOKEN") or None)
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    async def run() -> str:
+        if processes is not None:
+            await processes.ready()
+            url = processes.webhook_url
+        else:
+            url = args.webhook_url
+        report = await run_load(url, args.calls, args.seconds, auth_token=token,
+                                progress=progress)
+        return report.render()
+
+    what = (f"{args.audio}, {args.workers} worker{'s' if args.workers > 1 else ''}, echo "
+            "upstream" if processes else args.webhook_url)
+    print(f"voxd loadtest: {args.calls} calls x {args.seconds:.0f}s ({what})", flush=True)
+    try:
+        print(trio.run(run))
+    finally:
+        if processes is not None:
+            processes.stop()
+    return 0
+
+
+def _echo_upstream(args: argparse.Namespace) -> int:
+    from voxd.config import parse_listen
+    from voxd.sim.echo_upstream import serve_echo
+
+    try:
+        parse_listen(args.listen)
+    except ValueError as exc:
+        print(f"voxd: --listen: {exc}", file=sys.stderr)
+        return 2
+    configure_logging("info")
+    print(f"echo upstream on ws://{args.listen}/ (set websocket.url to it)", flush=True)
+    try:
+        trio.run(serve_echo, args.listen)
+    except OSError as exc:
+        print(f"voxd: --listen: cannot listen on {args.listen}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -95,6 +95,8 @@ class CallConfig(_Section):
     max_payload_bytes: Annotated[int, Field(ge=160)] = 8000
     """Largest decoded media payload accepted from Twilio (it sends 160 bytes, 20 ms)."""
     max_call_seconds: Annotated[float, Field(gt=0)] = 4 * 3600.0
+    send_timeout: Annotated[float, Field(gt=0)] = 5.0
+    """Queued audio that cannot be sent to Twilio for this long ends the call."""
 
 
 class BargeInConfig(_Section):

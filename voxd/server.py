@@ -15,6 +15,7 @@ from voxd.config import Settings, load_settings, parse_listen, summary
 from voxd.errors import ConfigError
 from voxd.net.front import ConnectionLimits, FrontDoor
 from voxd.net.http import HttpServer
+from voxd.observability import metrics
 from voxd.observability.logging import configure_logging
 from voxd.observability.systemd import Notifier
 
@@ -129,6 +130,8 @@ class Server:
                                  settings.config.server.public_url)
                         self.notifier.ready(self._status())
                         nursery.start_soon(self.notifier.watchdog)
+                        if metrics.MULTIPROCESS:
+                            nursery.start_soon(metrics.sample_process_forever)
                         task_status.started(self.runtime)
                         await self._stop.wait()
                         accepting.cancel_scope.cancel()

@@ -75,6 +75,8 @@ class FakeCall:
     turn_ends: list[int] = field(default_factory=list)
     """For each reply to the caller: the index of the last voiced frame it answers."""
     interruptions: int = 0
+    frames_out: int = 0
+    """Audio messages sent to voxd."""
     connected: trio.Event = field(default_factory=trio.Event)
     closed: trio.Event = field(default_factory=trio.Event)
 
@@ -245,6 +247,7 @@ class _Assistant:
                 if not self.script.burst:
                     await trio.sleep_until(start + (i // size) * 0.020)
                 await self.ws.send_message(audio[i:i + size])
+                self.call.frames_out += 1
             await self.send({"type": "speech-update", "status": "stopped", "role": "assistant"})
         if self.speaking is scope:
             self.speaking = None

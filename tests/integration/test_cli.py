@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -125,3 +126,18 @@ def test_call_against_a_running_daemon(daemon, tmp_path):
     assert "call_sid=CA" in summary[0] and "stream_sid=MZ" in summary[0]
     assert "turns=1" in summary[0] and "reason=caller-hangup" in summary[0]
     assert "test-token-123" not in stderr
+
+
+def test_loadtest_runs_its_own_voxd_and_echo_upstream():
+    result = run("loadtest", "--calls", "3", "--seconds", "5", "--audio", "mulaw")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "calls 3 x 5s; frames sent 750, lost 0; calls failed 0" in out, out
+    assert re.search(r"voxd CPU per call +\d+\.\d\d% of one core", out), out
+    assert re.search(r"teardown after stop +max \d+ ms", out), out
+    assert "calls up" in result.stderr  # progress while it runs
+
+
+def test_loadtest_usage_errors():
+    result = run("loadtest", "--calls", "0")
+    assert result.returncode == 2 and "--calls and --workers must be at least 1" in result.stderr

@@ -205,3 +205,33 @@ async def test_an_oversized_media_payload_is_refused(start_voxd, caplog):
             await ws.get_message()
     assert any("media payload of about 405 bytes exceeds the limit of 400 "
                "(call.max_payload_bytes)" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_twilio_that_stops_reading_ends_the_call(start_voxd, caplog, monkeypatch):
+    """A stalled reader (its TCP window shut: every send blocks) is simulated at the socket
+    adapter: after 5 frames of the assistant's answer, sends never complete."""
+    from voxd.app import WsTwilioSocket
+
+    caplog.set_level(logging.INFO)
+    real_send = WsTwilioSocket.send
+    sent = 0
+
+    async def stalling_send(self, text: str) -> None:
+        nonlocal sent
+        if '"media"' in text:
+            sent += 1
+            if sent > 5:
+                await trio.sleep_forever()
+        await real_send(self, text)
+
+    monkeypatch.setattr(WsTwilioSocket, "send", stalling_send)
+    voxd = await start_voxd(assistant={"audio": "mulaw"}, call={"send_timeout": 0.5})
+    caller = np.concatenate([burst(0.6), silence(4.0)])
+    with trio.fail_after(4):
+        report = await TwilioSimulator(voxd.webhook, auth_token=voxd.token).call(caller)
+        await voxd.runtime.wait_idle()
+    assert report.closed_by == "voxd" and report.media_received == 5
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("Twilio stopped reading" in line and "(call.send_timeout)" in line
+               for line in lines), lines
+    assert any("reason=twilio-stalled" in line for line in lines)

@@ -334,3 +334,39 @@ async def test_rest_call_control_hangs_up_after_a_normal_end(vapi_voxd, nursery)
     assert report.closed_by == "voxd"
     [update] = rest.updates
     assert update["Status"] == "completed"  # no fallback apology after a goodbye
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+async def test_audio_faster_than_real_time_for_minutes_is_paced_and_bounded(vapi_voxd, caplog):
+    """Vapi sends ten minutes of pcm16 (19 MB) at once: voxd queues call.playback_queue_seconds
+    of it, then stops reading (backpressure to Vapi); the caller hears it in real time, voxd's
+    memory does not grow with it, and the call ends cleanly."""
+    caplog.set_level(logging.INFO)
+    ten_minutes = np.random.default_rng(1).integers(-3000, 3000, 16000 * 600).astype("<i2")
+    script = VapiScript(first_message=ten_minutes.tobytes(), burst=True)
+    voxd, fake = await vapi_voxd(script, audio="pcm16", call={"playback_queue_seconds": 2.0})
+    baseline = rss_bytes()
+    peak = baseline
+
+    async def watch_memory() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, rss_bytes())
+            await trio.sleep(0.1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_memory)
+        report = await place_call(voxd, silence(4.0))
+        nursery.cancel_scope.cancel()
+    line = await summary(voxd, caplog)
+    call = next(iter(fake.calls.values()))
+    assert 150 <= report.media_received <= 215  # real time: 50 frames a second
+    assert call.frames_out < 30000 // 2  # Vapi was held back, far from all 30000 frames
+    assert peak - baseline < 10 * 2**20, (peak - baseline) / 2**20
+    assert "reason=caller-hangup" in line, line
+    print(f"frames from Vapi {call.frames_out}, heard {report.media_received}, "
+          f"peak RSS growth {(peak - baseline) / 2**20:.1f} MB")

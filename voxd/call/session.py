@@ -431,20 +431,30 @@ class CallSession:
     async def _twilio_watchdog(self, playback: Playback) -> Ending:
         """Twilio sends 50 media messages a second: a long silence means the socket is dead
         even if TCP has not noticed (no FIN, no RST), and the call must not hold its slot.
-        Also ends the call at call.max_call_seconds.
+        Also ends the call at call.max_call_seconds, and when Twilio stops reading (queued
+        audio makes no progress for call.send_timeout: a stalled reader must not pin memory).
         Also adds the call's frame counts to the metrics every few seconds (not per frame:
         the per-frame path takes no metric locks)."""
-        timeout = self.settings.config.call.media_timeout
-        longest = self.settings.config.call.max_call_seconds
+        call = self.settings.config.call
+        timeout, longest, stall = call.media_timeout, call.max_call_seconds, call.send_timeout
         end_by = self.stats.started_at + longest
+        sent, progressed = playback.frames_sent, trio.current_time()
         while True:
             await trio.sleep_until(min(self._last_in + timeout, end_by,
-                                       trio.current_time() + METRICS_INTERVAL))
+                                       trio.current_time() + min(METRICS_INTERVAL, stall / 2)))
             self._report_frames(playback.frames_sent)
             now = trio.current_time()
             if now >= end_by:
                 log.warning("call reached call.max_call_seconds (%.0fs); ending it", longest)
                 return Ending("max-duration")
+            if playback.frames_sent != sent or not playback.held_seconds:
+                sent, progressed = playback.frames_sent, now
+            elif now - progressed >= stall:
+                log.warning("Twilio stopped reading: no audio could be sent for %.1fs with "
+                            "%.1fs queued (call.send_timeout); ending the call", now - progressed,
+                            playback.held_seconds)
+                metrics.ERRORS.labels(kind="twilio_stalled").inc()
+                return Ending("twilio-stalled", "error")
             if now - self._last_in >= timeout:
                 log.warning("no message from Twilio for %.1fs (call.media_timeout); ending the "
                             "call", timeout)

@@ -174,22 +174,19 @@ class FrontDoor:
                          deadline_seconds: float) -> tuple[RequestHead, bytes] | None:
         """The first request head (and the bytes read with it), or None after refusing the
         connection with a log line."""
-        buffer = bytearray()
         with trio.move_on_after(deadline_seconds):
-            while (length := head_length(buffer)) is None:
-                if len(buffer) > MAX_HEAD_BYTES:
-                    return self._refuse("head_too_big", "connection from %s closed: request head "
-                                        "over %d bytes", peer, MAX_HEAD_BYTES)
-                data = await stream.receive_some(MAX_HEAD_BYTES)
-                if not data:
-                    log.debug("connection from %s closed before sending a request", peer)
-                    return None
-                buffer += data
             try:
-                head = parse_head(bytes(buffer[:length]))
+                data = await receive_head(stream)
+            except HeadError as exc:
+                return self._refuse("head_too_big", "connection from %s closed: %s", peer, exc)
+            if not data:
+                log.debug("connection from %s closed before sending a request", peer)
+                return None
+            try:
+                head = parse_head(data[:head_length(data)])
             except HeadError as exc:
                 return self._refuse("not_http", "connection from %s closed: %s", peer, exc)
-            return head, bytes(buffer)
+            return head, data
         return self._refuse("handshake_timeout", "connection from %s closed: no complete "
                             "request within %.1fs (server.handshake_timeout)", peer,
                             deadline_seconds)
@@ -198,6 +195,20 @@ class FrontDoor:
         metrics.CONNECTIONS_REJECTED.labels(reason=reason).inc()
         self._throttled.warning(reason, message, *args)
         return None
+
+
+async def receive_head(stream: trio.abc.ReceiveStream) -> bytes:
+    """Read until a whole request head has arrived; returns it with whatever followed it, or
+    b"" if the peer closed first. HeadError past MAX_HEAD_BYTES."""
+    buffer = bytearray()
+    while head_length(buffer) is None:
+        if len(buffer) > MAX_HEAD_BYTES:
+            raise HeadError(f"request head over {MAX_HEAD_BYTES} bytes")
+        data = await stream.receive_some(MAX_HEAD_BYTES)
+        if not data:
+            return b""
+        buffer += data
+    return bytes(buffer)
 
 
 def _reset(sock: trio.socket.SocketType) -> None:

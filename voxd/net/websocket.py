@@ -14,8 +14,10 @@ hot path takes no lock.
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections import deque
 from typing import Final
+from urllib.parse import urlsplit
 
 import trio
 from wsproto import ConnectionState, ConnectionType, WSConnection
@@ -224,3 +226,43 @@ class ServerHandshake:
     async def reject(self, status: int) -> None:
         """Answer `status` with an empty body (the caller closes the stream)."""
         await self._stream.send_all(self._conn.send(RejectConnection(status_code=status)))
+
+
+async def connect(url: str, headers: list[tuple[str, str]] | None = None, *,
+                  max_message_bytes: int = 1 << 20) -> WebSocket:
+    """Open a client WebSocket to a ws:// URL (wss:// goes through TLS). HandshakeError when
+    the server refuses the upgrade (the status is in the message); OSError when it cannot be
+    reached."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise HandshakeError(f"not a ws:// or wss:// URL: {url}")
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    stream: trio.abc.Stream = await trio.open_tcp_stream(parts.hostname, port)
+    if secure:
+        stream = trio.SSLStream(stream, ssl.create_default_context(),
+                                server_hostname=parts.hostname, https_compatible=True)
+    try:
+        conn = WSConnection(ConnectionType.CLIENT)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        host = parts.netloc.rsplit("@", 1)[-1]
+        await stream.send_all(conn.send(Request(
+            host=host, target=target,
+            extra_headers=[(k.encode(), v.encode()) for k, v in headers or []])))
+        while True:
+            data = await stream.receive_some(RECEIVE_BYTES)
+            if not data:
+                raise HandshakeError("connection closed during the WebSocket handshake")
+            try:
+                conn.receive_data(data)
+                events = list(conn.events())
+            except RemoteProtocolError as exc:
+                raise HandshakeError(f"bad handshake response: {exc}") from None
+            for event in events:
+                if isinstance(event, AcceptConnection):
+                    return WebSocket(stream, conn, max_message_bytes)
+                if isinstance(event, RejectConnection):
+                    raise HandshakeError(f"upgrade refused with HTTP {event.status_code}")
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise

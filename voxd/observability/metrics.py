@@ -12,11 +12,20 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import trio
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 CALLS_ACTIVE = Gauge("voxd_calls_active", "Calls bridged right now", registry=REGISTRY,
                      multiprocess_mode="livesum")
@@ -54,12 +63,53 @@ CONNECTIONS_REJECTED = Counter(
     registry=REGISTRY,
 )
 ERRORS = Counter("voxd_errors_total", "Errors, by kind", ["kind"], registry=REGISTRY)
+TRIO_TASKS = Gauge("voxd_trio_tasks", "Trio tasks alive in the event loop (leak check)",
+                   registry=REGISTRY, multiprocess_mode="livesum")
+PROCESS_CPU = Gauge("voxd_process_cpu_seconds", "CPU time used by voxd (all workers)",
+                    registry=REGISTRY, multiprocess_mode="livesum")
+PROCESS_RSS = Gauge("voxd_process_resident_memory_bytes", "Resident memory of voxd (all "
+                    "workers)", registry=REGISTRY, multiprocess_mode="livesum")
+if not MULTIPROCESS:  # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total
+    ProcessCollector(registry=REGISTRY)
+
+
+def count_tasks() -> int:
+    """Tasks alive in the running trio loop (all of them, from the root down)."""
+    count, nurseries = 0, list(trio.lowlevel.current_root_task().child_nurseries)
+    while nurseries:
+        for task in nurseries.pop().child_tasks:
+            count += 1
+            nurseries.extend(task.child_nurseries)
+    return count + 1
 
 
 def render() -> bytes:
-    """The Prometheus text exposition of every voxd metric (of every worker, with several)."""
+    """The Prometheus text exposition of every voxd metric (of every worker, with several).
+    Call it from the event loop (it counts the loop's tasks)."""
+    sample_process()
+    return generate_latest(_registry())
+
+
+def sample_process() -> None:
+    """Set this process's CPU, RSS and task count (each worker does it every second, so the
+    sums over workers stay current whichever worker answers the scrape)."""
+    times = os.times()
+    PROCESS_CPU.set(times.user + times.system)
+    with open("/proc/self/statm", "rb") as statm:
+        PROCESS_RSS.set(int(statm.read().split()[1]) * PAGE_BYTES)
+    TRIO_TASKS.set(count_tasks())
+
+
+async def sample_process_forever() -> None:
+    """With several workers: keep this worker's process figures current."""
+    while True:
+        sample_process()
+        await trio.sleep(1.0)
+
+
+def _registry() -> CollectorRegistry:
     if MULTIPROCESS:
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
-        return generate_latest(registry)
-    return generate_latest(REGISTRY)
+        return registry
+    return REGISTRY
