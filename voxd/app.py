@@ -292,9 +292,17 @@ async def _run_call(runtime: Runtime, socket: TwilioSocket, peer: str) -> None:
 def _shielded(send: Send) -> Send:
     """Hypercorn (trio) + Quart-Trio never close an HTTP connection after a response: Quart-Trio
     cancels the request's nursery and Hypercorn's close runs inside that cancelled scope. Running
-    Hypercorn's `send` shielded lets the close complete (tested: tests/integration/test_http.py)."""
+    Hypercorn's `send` shielded lets the close complete (tested: tests/integration/test_http.py).
+
+    Every response also says `Connection: close`: with keep-alive, a connection the client
+    closes after concurrent requests is often left in CLOSE-WAIT by Hypercorn until its
+    keep-alive timeout (75 s), holding a descriptor and two tasks (found by bench/soak.py; the
+    soak test checks descriptors and tasks return to baseline). Twilio sends one webhook per
+    call, and nginx talks to voxd with `Connection: close` anyway, so nothing is lost."""
 
     async def send_shielded(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
         with trio.CancelScope(shield=True):
             await send(message)
 

@@ -8,7 +8,8 @@ one `send_all` in the sending task, and everything can be cancelled.
 One task receives and one task sends (a call's inbound pump and its playout); control frames
 the receiver must answer (pong, close) are written by it when no send is in progress, or handed
 to the send in progress to write right after its own frame: frames never interleave, and the
-hot path takes no lock.
+hot path takes no lock. `close` waits for a send in progress to end; a send cancelled midway
+leaves the stream unusable, and then `close` just closes TCP.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ class MessageTooBig(Exception):
 class WebSocket:
     """An open WebSocket (the handshake is done): whole messages in, whole messages out."""
 
-    __slots__ = ("_backlog", "_closed", "_closing", "_conn", "_messages", "_parts", "_parts_len",
-                 "_sending", "_stream", "max_message_bytes")
+    __slots__ = ("_backlog", "_broken", "_closed", "_closing", "_conn", "_messages", "_parts",
+                 "_parts_len", "_sending", "_stream", "_write_done", "max_message_bytes")
 
     def __init__(self, stream: trio.abc.Stream, connection: WSConnection,
                  max_message_bytes: int) -> None:
@@ -71,6 +72,8 @@ class WebSocket:
         self._parts: list[str | bytes] = []
         self._parts_len = 0
         self._sending = False
+        self._write_done: trio.Event | None = None
+        self._broken = False
         self._backlog = b""
         self._closed: ConnectionClosed | None = None
         self._closing = False
@@ -159,8 +162,14 @@ class WebSocket:
         except (*_GONE, trio.BusyResourceError):
             self._closed = self._closed or ConnectionClosed(1006, "connection lost")
             raise ConnectionClosed(1006, "connection lost") from None
+        except BaseException:  # cancelled: part of a frame may be out, the stream is unusable
+            self._broken = True
+            raise
         finally:
             self._sending = False
+            if self._write_done is not None:
+                self._write_done.set()
+                self._write_done = None
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Close once: send a close frame, give the peer up to CLOSE_WAIT_SECONDS to answer
@@ -169,6 +178,11 @@ class WebSocket:
             return
         self._closing = True
         try:
+            while self._sending:  # another task's send (being cancelled, usually) ends first
+                self._write_done = trio.Event()
+                await self._write_done.wait()
+            if self._broken:
+                return  # no close frame can follow half a frame: just close TCP
             if self._conn.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
                 await self._write(self._conn.send(CloseConnection(code, reason)))
             if self._conn.state is ConnectionState.LOCAL_CLOSING:

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,11 +253,56 @@ class LoadReport:
         return "\n".join(lines)
 
 
+Sampler = Callable[[], Awaitable[DaemonSample | None]]
+
+
+def proc_sampler(pid: int) -> Sampler:
+    """CPU and RSS of process `pid` and its children (workers), read from /proc: for a
+    bridge that has no voxd metrics (bench/peer_bridge.py), or to check them."""
+    tick = os.sysconf("SC_CLK_TCK")
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def tree(root: int) -> list[int]:
+        pids, todo = [], [root]
+        while todo:
+            p = todo.pop()
+            pids.append(p)
+            try:
+                for task in os.listdir(f"/proc/{p}/task"):
+                    with open(f"/proc/{p}/task/{task}/children") as children:
+                        todo.extend(int(c) for c in children.read().split())
+            except OSError:
+                pass
+        return pids
+
+    def read() -> tuple[float, float]:  # /proc reads never block
+        cpu = rss = 0.0
+        for p in tree(pid):
+            try:
+                with open(f"/proc/{p}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{p}/statm") as statm:
+                    rss += int(statm.read().split()[1]) * page
+            except OSError:
+                continue
+            cpu += (int(fields[11]) + int(fields[12])) / tick
+        return cpu, rss
+
+    async def sample() -> DaemonSample | None:
+        await trio.lowlevel.checkpoint()
+        cpu, rss = read()
+        return DaemonSample(trio.current_time(), cpu, rss)
+
+    return sample
+
+
 async def run_load(webhook_url: str, calls: int, seconds: float, *,
                    auth_token: str | None = None, ramp_seconds: float | None = None,
-                   progress: Callable[[str], None] | None = None) -> LoadReport:
+                   progress: Callable[[str], None] | None = None,
+                   sampler: Sampler | None = None) -> LoadReport:
     """Place `calls` concurrent calls of `seconds` each (started evenly over `ramp_seconds`)
-    and measure them, and voxd over the window when all of them are up."""
+    and measure them, and the bridge (voxd's /metrics, or `sampler`) over the window when all
+    of them are up."""
     origin = webhook_url.split("/twilio/")[0]
     metrics_url = origin + "/metrics"
     ramp = ramp_seconds if ramp_seconds is not None else min(5.0, calls * 0.05)
@@ -269,7 +314,11 @@ async def run_load(webhook_url: str, calls: int, seconds: float, *,
     report = LoadReport(calls, seconds, [c.result for c in load])
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(timeout=10.0, limits=limits) as client:
-        idle = await sample_daemon(client, metrics_url)
+        def default_sampler() -> Awaitable[DaemonSample | None]:
+            return sample_daemon(client, metrics_url)
+
+        sample_bridge = sampler or default_sampler
+        idle = await sample_bridge()
         report.idle_rss = idle.rss_bytes if idle else None
         started = trio.current_time()
         async with trio.open_nursery() as nursery:
@@ -281,7 +330,7 @@ async def run_load(webhook_url: str, calls: int, seconds: float, *,
                 while trio.current_time() < started + ramp + seconds + 2:
                     await trio.sleep(1.0)
                     now = trio.current_time()
-                    sample = await sample_daemon(client, metrics_url)
+                    sample = await sample_bridge()
                     if sample is not None and steady_from <= now <= steady_to:
                         first = first or sample
                         last = sample
