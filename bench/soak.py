@@ -22,7 +22,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from voxd.sim.load import LoadCall, Processes, speech_frames
+from voxd.sim.load import LoadCall, Processes, place_calls, speech_frames
 
 METRICS = ("voxd_process_resident_memory_bytes", "process_open_fds", "voxd_trio_tasks",
            "voxd_calls_active")
@@ -34,21 +34,6 @@ async def scrape(client: httpx.AsyncClient, origin: str) -> dict[str, float]:
             for name in METRICS}
 
 
-async def place(calls: list[LoadCall], concurrency: int) -> None:
-    limit = trio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=10) as client, trio.open_nursery() as nursery:
-        for call in calls:
-            await limit.acquire()
-
-            async def one(call: LoadCall = call) -> None:
-                try:
-                    await call.run(client)
-                finally:
-                    limit.release()
-
-            nursery.start_soon(one)
-
-
 async def main(args: argparse.Namespace) -> None:
     processes = Processes(args.audio, 1, args.concurrency + args.long)
     try:
@@ -56,7 +41,7 @@ async def main(args: argparse.Namespace) -> None:
         hook, token, origin = processes.webhook_url, processes.token, processes.origin
         short_frames, long_frames = speech_frames(1.0), speech_frames(args.long_seconds)
         async with httpx.AsyncClient(timeout=10) as client:
-            await place([LoadCall(hook, short_frames, token) for _ in range(20)], 10)
+            await place_calls([LoadCall(hook, short_frames, token) for _ in range(20)], 10)
             await trio.sleep(1.0)
             before = await scrape(client, origin)
             short = [LoadCall(hook, short_frames, token) for _ in range(args.short)]
@@ -80,8 +65,8 @@ async def main(args: argparse.Namespace) -> None:
 
                 nursery.start_soon(progress)
                 async with trio.open_nursery() as calls:
-                    calls.start_soon(place, long, args.long)
-                    calls.start_soon(place, short, args.concurrency)
+                    calls.start_soon(place_calls, long, args.long)
+                    calls.start_soon(place_calls, short, args.concurrency)
                 nursery.cancel_scope.cancel()
             elapsed = time.monotonic() - started
             await trio.sleep(2.0)

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import os
 
-import httpx
 import trio
 
 from voxd.observability.metrics import count_tasks
 from voxd.sim.echo_upstream import serve_echo
-from voxd.sim.load import LoadCall, speech_frames
+from voxd.sim.load import LoadCall, place_calls, speech_frames
 
 
 def open_fds() -> int:
@@ -26,28 +25,14 @@ async def test_short_soak_leaves_nothing_behind(start_voxd, nursery):
                             barge_in={"local_vad": False},
                             server={"max_connections_per_address": 1000})
 
-    async def place(calls: list[LoadCall], concurrency: int) -> None:
-        limit = trio.Semaphore(concurrency)
-        async with httpx.AsyncClient(timeout=10) as client, trio.open_nursery() as nursery:
-            for call in calls:
-                await limit.acquire()
-
-                async def one(call: LoadCall = call) -> None:
-                    try:
-                        await call.run(client)
-                    finally:
-                        limit.release()
-
-                nursery.start_soon(one)
-
-    await place([LoadCall(voxd.webhook, speech_frames(0.4), voxd.token)], 1)  # warm up
+    await place_calls([LoadCall(voxd.webhook, speech_frames(0.4), voxd.token)], 1)  # warm up
     await trio.sleep(0.2)
     fds, tasks = open_fds(), count_tasks()
     short = [LoadCall(voxd.webhook, speech_frames(0.4), voxd.token) for _ in range(150)]
     long = [LoadCall(voxd.webhook, speech_frames(6.0), voxd.token) for _ in range(3)]
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(place, long, 3)
-        nursery.start_soon(place, short, 30)
+        nursery.start_soon(place_calls, long, 3)
+        nursery.start_soon(place_calls, short, 30)
     with trio.fail_after(2):
         await voxd.runtime.wait_idle()
     await trio.sleep(0.2)

@@ -165,6 +165,22 @@ class LoadCall:
             self.closed.set()
 
 
+async def place_calls(calls: list[LoadCall], concurrency: int) -> None:
+    """Run `calls`, at most `concurrency` at a time (soaks: many short calls in a row)."""
+    limit = trio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=10) as client, trio.open_nursery() as nursery:
+        for call in calls:
+            await limit.acquire()
+
+            async def one(call: LoadCall = call) -> None:
+                try:
+                    await call.run(client)
+                finally:
+                    limit.release()
+
+            nursery.start_soon(one)
+
+
 # -- voxd's own figures ------------------------------------------------------------------------
 
 
