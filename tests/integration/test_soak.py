@@ -41,8 +41,11 @@ async def test_short_soak_leaves_nothing_behind(start_voxd, nursery):
     teardowns = [r.teardown for r in results]
     assert all(t is not None and t < 1.0 for t in teardowns), max(t or 99 for t in teardowns)
     assert sum(r.lost for r in results) == 0
-    for _ in range(40):  # the echo upstream's closes may still be finishing (at most 2 s)
-        if (open_fds(), count_tasks()) == (fds, tasks):
+    # The echo upstream's closes may still be finishing (at most 2 s). The baseline may itself
+    # hold a descriptor or task of the warm-up call that closes later, so "back at baseline"
+    # is "not above it": a per-call leak would show up 153 times over.
+    for _ in range(40):
+        if open_fds() <= fds and count_tasks() <= tasks:
             break
         await trio.sleep(0.05)
-    assert (open_fds(), count_tasks()) == (fds, tasks)
+    assert open_fds() <= fds and count_tasks() <= tasks, (open_fds(), fds, count_tasks(), tasks)

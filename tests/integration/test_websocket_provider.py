@@ -41,7 +41,9 @@ async def test_audio_goes_both_ways_in_the_configured_format(ws_voxd, audio):
     report = await TwilioSimulator(voxd.webhook, auth_token=voxd.token).call(
         np.concatenate([burst(0.8, seed=11), silence(0.6)]))
     said = pcm(report.caller_frames)[800:5600]
-    heard = pcm(report.heard_frames)
+    # What voxd sent, in order (report.heard_frames would also show a late frame under CPU
+    # load as a gap in the simulated playout, which is not what this test is about).
+    heard = pcm([bytes(report.received_audio)])
     lag, correlation = best_alignment(said, heard)
     assert correlation > 0.95
     if audio == "mulaw":

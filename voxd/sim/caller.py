@@ -134,6 +134,9 @@ class CallReport:
     events: list[tuple[float, str]] = field(default_factory=list)
     caller_frames: list[bytes] = field(default_factory=list)
     heard_frames: list[bytes] = field(default_factory=list)
+    """What the caller heard, frame by frame in real time (silence where none had arrived)."""
+    received_audio: bytearray = field(default_factory=bytearray)
+    """All assistant audio voxd sent, in order, whenever it arrived (cleared audio too)."""
     media_received: int = 0
     clears: int = 0
     marks_echoed: int = 0
@@ -421,6 +424,7 @@ class _Stream:
                         if report.media_received == 0:
                             report.events.append((self.now(), "first assistant audio received"))
                         report.media_received += 1
+                        report.received_audio += audio
                         self.queue += audio
                         self.queued += len(audio)
                     elif event == "mark":
