@@ -25,6 +25,7 @@ from twilio.request_validator import RequestValidator
 from voxd.call.session import CallerDisconnected, CallSession, TwilioSocket
 from voxd.config import Settings
 from voxd.errors import ProtocolError
+from voxd.net.stream import DirectStream
 from voxd.net.websocket import (
     ConnectionClosed,
     HandshakeError,
@@ -244,7 +245,7 @@ class VoxdAsgi:
         await send({"type": "websocket.accept"})
         await _run_call(runtime, AsgiTwilioSocket(receive, send), peer)
 
-    async def media_connection(self, stream: trio.SocketStream, data: bytes, peer: str) -> None:
+    async def media_connection(self, stream: DirectStream, data: bytes, peer: str) -> None:
         """A connection whose first request is the media WebSocket upgrade (the usual case):
         served by voxd's own WebSocket path, without the HTTP server in between."""
         runtime = self.runtime()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import trio
 import trio.testing
@@ -14,6 +16,7 @@ from wsproto.events import (
     CloseConnection,
     Ping,
     Pong,
+    RejectConnection,
     Request,
     TextMessage,
 )
@@ -24,6 +27,7 @@ from voxd.net.websocket import (
     HandshakeError,
     MessageTooBig,
     ServerHandshake,
+    connect,
 )
 
 UPGRADE = (b"GET /media-stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
@@ -142,3 +146,62 @@ def test_a_bad_upgrade_is_a_handshake_error():
     server_stream, _ = trio.testing.memory_stream_pair()
     with pytest.raises(HandshakeError):
         ServerHandshake(server_stream, UPGRADE.replace(b"Sec-WebSocket-Key", b"X-Nothing"))
+
+
+async def wsproto_server(nursery, handler) -> str:
+    """A WebSocket server framed by wsproto (an independent implementation) on loopback;
+    `handler(stream, conn)` runs after it accepted. Returns its ws:// URL."""
+    async def serve(stream: trio.SocketStream) -> None:
+        conn = WSConnection(ConnectionType.SERVER)
+        while True:
+            conn.receive_data(await stream.receive_some(65536))
+            request = next((e for e in conn.events() if isinstance(e, Request)), None)
+            if request is not None:
+                break
+        if request.target == "/refuse":
+            await stream.send_all(conn.send(RejectConnection(status_code=401)))
+            await stream.aclose()
+            return
+        await stream.send_all(conn.send(AcceptConnection()))
+        await handler(stream, conn)
+
+    listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    return f"ws://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+async def test_client_pings_messages_and_a_close_right_behind_the_last_message(nursery):
+    async def handler(stream, conn) -> None:
+        while True:
+            conn.receive_data(await stream.receive_some(65536))
+            for event in conn.events():
+                if isinstance(event, Ping):
+                    await stream.send_all(conn.send(event.response()))
+                if isinstance(event, TextMessage) and event.data == "bye":
+                    # the last message and the close in one write: the message still counts
+                    await stream.send_all(conn.send(BytesMessage(b"\x00\x01")) +
+                                          conn.send(CloseConnection(code=1000)))
+                    return
+
+    url = await wsproto_server(nursery, handler)
+    ws = await connect(url + "/ok", [("X-Tenant", "acme")])
+    received: list = []
+
+    async def reader() -> None:
+        with pytest.raises(ConnectionClosed, match="1000"):
+            while True:
+                received.append(await ws.receive())
+
+    with trio.fail_after(1):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(reader)
+            await ws.ping()  # answered by the server, the pong seen by the reader
+            await ws.send("bye")
+    assert received == [b"\x00\x01"]
+    await ws.close()
+
+
+async def test_client_reports_the_status_of_a_refused_upgrade(nursery):
+    url = await wsproto_server(nursery, None)
+    with pytest.raises(HandshakeError) as refused:
+        await connect(url + "/refuse")
+    assert refused.value.status == 401

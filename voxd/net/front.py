@@ -23,6 +23,7 @@ from typing import Final
 import trio
 
 from voxd.net.request_head import HeadError, RequestHead, head_length, parse_head
+from voxd.net.stream import DirectStream
 from voxd.observability import metrics
 
 log = logging.getLogger("voxd.front")
@@ -44,7 +45,7 @@ class ConnectionLimits:
     max_connections_per_address: int
 
 
-MediaHandler = Callable[[trio.SocketStream, bytes, str], Awaitable[None]]
+MediaHandler = Callable[[DirectStream, bytes, str], Awaitable[None]]
 HttpHandler = Callable[[trio.abc.HalfCloseableStream], Awaitable[None]]
 
 
@@ -157,7 +158,7 @@ class FrontDoor:
             if routed is not None:
                 head, data = routed
                 if head.websocket and head.path == "/media-stream":
-                    await self.media(stream, data, peer)
+                    await self.media(DirectStream(stream), data, peer)
                 else:
                     await self.http(ReplayStream(stream, data))
         except (trio.BrokenResourceError, trio.ClosedResourceError):

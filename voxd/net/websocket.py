@@ -1,44 +1,52 @@
-"""A WebSocket on a trio stream, framed by wsproto: voxd's own media-stream path.
+"""A WebSocket on a trio stream, framed by the `websockets` library's sans-I/O protocol:
+voxd's own media path, and its client side for assistants.
 
 Through Hypercorn a WebSocket message costs ~100 us (ASGI dicts, a queue and a task switch per
 message) and every socket send is shielded from cancellation, so a peer that stops reading can
-hold a call's teardown. Here a message costs one wsproto parse in the reading task, a send is
-one `send_all` in the sending task, and everything can be cancelled.
+hold a call's teardown. Here a message costs one frame parse in the reading task, a send is
+one `send_all` in the sending task, and everything can be cancelled. The framing is
+`websockets`' (about three times cheaper per message than wsproto, measured:
+`bench/transport.py`), which also answers pings and close frames by itself.
 
-One task receives and one task sends (a call's inbound pump and its playout); control frames
-the receiver must answer (pong, close) are written by it when no send is in progress, or handed
-to the send in progress to write right after its own frame: frames never interleave, and the
-hot path takes no lock. `close` waits for a send in progress to end; a send cancelled midway
-leaves the stream unusable, and then `close` just closes TCP.
+One task receives and one task sends (a call's inbound pump and its playout); frames that
+another task or the receiver must write (pings, pongs, close replies) are written when no send
+is in progress, or handed to the send in progress to write right after its own frame: frames
+never interleave, and the hot path takes no lock. `close` waits for a send in progress to end;
+a send cancelled midway leaves the stream unusable, and then `close` just closes TCP.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import logging
 import ssl
 from collections import deque
 from typing import Final
-from urllib.parse import urlsplit
 
 import trio
-from wsproto import ConnectionState, ConnectionType, WSConnection
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Message,
-    Ping,
-    RejectConnection,
-    Request,
-    TextMessage,
-)
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidStatus, InvalidURI, PayloadTooBig
+from websockets.frames import Opcode
+from websockets.http11 import Request
+from websockets.protocol import Protocol, State
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
+
+from voxd.net.stream import DirectStream
 
 RECEIVE_BYTES: Final = 65536
 CLOSE_WAIT_SECONDS: Final = 1.0
 """How long `close` waits for the peer's answering close frame before closing TCP."""
 
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+_PING_IDS = itertools.count(1)
+_TEXT, _BINARY, _CONT, _PONG, _CLOSE = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG,
+                                        Opcode.CLOSE)
+_OPEN, _CLOSING = State.OPEN, State.CLOSING
+_protocol_log = logging.getLogger("voxd.net.websocket")
+"""What the protocol logs itself (its info lines are per connection: not shown)."""
+_protocol_log.setLevel(logging.WARNING)
 
 
 class ConnectionClosed(Exception):
@@ -60,23 +68,31 @@ class MessageTooBig(Exception):
 class WebSocket:
     """An open WebSocket (the handshake is done): whole messages in, whole messages out."""
 
-    __slots__ = ("_backlog", "_broken", "_closed", "_closing", "_conn", "_messages", "_parts",
-                 "_parts_len", "_sending", "_stream", "_write_done", "max_message_bytes")
+    __slots__ = ("_backlog", "_broken", "_closed", "_closing", "_messages", "_parts",
+                 "_pings", "_proto", "_sending", "_stream", "_too_big", "_write_done",
+                 "close_wait")
 
-    def __init__(self, stream: trio.abc.Stream, connection: WSConnection,
-                 max_message_bytes: int) -> None:
+    def __init__(self, stream: trio.abc.Stream, protocol: Protocol,
+                 close_wait: float = CLOSE_WAIT_SECONDS) -> None:
         self._stream = stream
-        self._conn = connection
-        self.max_message_bytes = max_message_bytes
+        self._proto = protocol
+        self.close_wait = close_wait
+        """How long `close` waits for the peer's answering close frame before closing TCP."""
         self._messages: deque[str | bytes] = deque()
-        self._parts: list[str | bytes] = []
-        self._parts_len = 0
+        self._parts: list[bytes] = []
+        self._pings: dict[bytes, trio.Event] = {}
         self._sending = False
         self._write_done: trio.Event | None = None
         self._broken = False
         self._backlog = b""
         self._closed: ConnectionClosed | None = None
+        self._too_big: MessageTooBig | None = None
         self._closing = False
+
+    @property
+    def max_message_bytes(self) -> int:
+        """Largest message accepted (larger ones close the socket with 1009)."""
+        return self._proto.max_message_size or 0
 
     @property
     def closed(self) -> bool:
@@ -89,65 +105,116 @@ class WebSocket:
         messages = self._messages
         while not messages:
             if self._closed is not None:
-                raise self._closed
+                raise self._too_big or self._closed
             try:
                 data = await self._stream.receive_some(RECEIVE_BYTES)
             except _GONE:
                 data = b""
             if not data:
-                self._closed = ConnectionClosed(1006, "connection lost")
-                raise self._closed
-            self._conn.receive_data(data)
-            await self._handle_events()
+                raise self._set_closed(1006, "connection lost")
+            proto = self._proto
+            proto.receive_data(data)
+            for frame in proto.events_received():
+                self._frame(frame.opcode, frame.data, frame.fin)
+            writes = proto.writes
+            if writes:  # pongs, a close reply, or the close of a failed connection
+                proto.writes = []
+                if any(writes):
+                    with contextlib.suppress(ConnectionClosed):
+                        await self._write(b"".join(writes))
+            if proto.state is not _OPEN and self._closed is None:
+                self._protocol_ended()  # raised once the messages before it are received
         return messages.popleft()
 
-    async def _handle_events(self) -> None:
-        for event in self._conn.events():
-            kind = type(event)
-            if kind is TextMessage or kind is BytesMessage:
-                self._message_part(event)  # type: ignore[arg-type]
-            elif kind is Ping:
-                await self._write(self._conn.send(event.response()))  # type: ignore[attr-defined]
-            elif kind is CloseConnection:
-                await self._peer_closed(event)  # type: ignore[arg-type]
-                return
+    def _frame(self, opcode: Opcode, data: bytes | bytearray, fin: bool) -> None:
+        """One frame received (unmasked frames, from a server, come as bytearray). The
+        protocol has checked the order of fragments and the size limit."""
+        if opcode is _TEXT or opcode is _BINARY:
+            if fin:
+                self._messages.append(self._text(data) if opcode is _TEXT else
+                                      data if type(data) is bytes else bytes(data))
+            else:
+                self._parts = [b"T" if opcode is _TEXT else b"B", bytes(data)]
+        elif opcode is _CONT:
+            self._parts.append(bytes(data))
+            if fin:
+                kind, *parts = self._parts
+                self._parts = []
+                whole = b"".join(parts)
+                self._messages.append(self._text(whole) if kind == b"T" else whole)
+        elif opcode is _PONG:
+            waiter = self._pings.pop(bytes(data), None)
+            if waiter is not None:
+                waiter.set()
 
-    def _message_part(self, event: Message[str] | Message[bytes]) -> None:
-        data = event.data
-        if event.message_finished and not self._parts:
-            size = len(data)
-            if size > self.max_message_bytes:
-                raise self._too_big(size)
-            self._messages.append(data)
-            return
-        self._parts.append(data)
-        self._parts_len += len(data)
-        if self._parts_len > self.max_message_bytes:
-            raise self._too_big(self._parts_len)
-        if event.message_finished:
-            parts, self._parts, self._parts_len = self._parts, [], 0
-            self._messages.append("".join(parts) if isinstance(data, str)  # type: ignore[arg-type]
-                                  else b"".join(parts))  # type: ignore[arg-type]
+    def _text(self, data: bytes | bytearray) -> str:
+        try:
+            return data.decode()
+        except UnicodeDecodeError as exc:
+            raise self._fail(1007, f"invalid UTF-8 in a text message: {exc.reason}") from None
 
-    def _too_big(self, size: int) -> MessageTooBig:
-        self._closed = ConnectionClosed(1009, "message too big")
-        self._parts, self._parts_len = [], 0
-        return MessageTooBig(size, self.max_message_bytes)
+    def _fail(self, code: int, reason: str) -> ConnectionClosed:
+        """Close because of what the peer sent (the close frame goes out with the next write,
+        or from `close`)."""
+        if self._proto.state is _OPEN:
+            self._proto.fail(code, reason)
+        return self._set_closed(code, reason)
 
-    async def _peer_closed(self, event: CloseConnection) -> None:
-        """The peer closed (or sent bytes wsproto could not parse, which it reports as a close
-        with the code to answer): answer the close frame and remember why."""
-        self._closed = ConnectionClosed(event.code, event.reason or "")
-        if self._conn.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-            with contextlib.suppress(ConnectionClosed, LocalProtocolError):
-                await self._write(self._conn.send(CloseConnection(event.code, event.reason)))
+    def _protocol_ended(self) -> None:
+        """The protocol left OPEN while reading: the peer closed, or sent something invalid."""
+        proto = self._proto
+        error = proto.parser_exc
+        if isinstance(error, PayloadTooBig):
+            self._set_closed(1009, "message too big")
+            size = (getattr(error, "size", None) or 0) + (getattr(error, "current_size", 0) or 0)
+            self._too_big = MessageTooBig(max(size, self.max_message_bytes + 1),
+                                          self.max_message_bytes)
+        elif proto.close_rcvd is not None and error is None:
+            self._set_closed(proto.close_rcvd.code, proto.close_rcvd.reason)
+        elif proto.close_sent is not None:
+            self._set_closed(proto.close_sent.code, proto.close_sent.reason or str(error or ""))
+        else:
+            self._set_closed(1006, str(error or "connection lost"))
+
+    def _set_closed(self, code: int, reason: str) -> ConnectionClosed:
+        """Remember the first reason the socket closed; wake pings waiting for a pong."""
+        if self._closed is None:
+            self._closed = ConnectionClosed(code, reason)
+        for waiter in self._pings.values():  # left in place: not answered
+            waiter.set()
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closing or self._proto.state is not _OPEN:
+            raise ConnectionClosed(1006 if self._closed is None else self._closed.code,
+                                   "socket closed")
 
     async def send(self, message: str | bytes) -> None:
         """Send one message (str as text, bytes as binary)."""
-        if self._closing or self._conn.state is not ConnectionState.OPEN:
-            raise ConnectionClosed(1006 if self._closed is None else self._closed.code,
-                                   "socket closed")
-        await self._write(self._conn.send(Message(data=message)))
+        self._check_open()
+        proto = self._proto
+        if type(message) is str:
+            proto.send_text(message.encode())
+        else:
+            proto.send_binary(message)  # type: ignore[arg-type]
+        data = proto.writes[0]
+        proto.writes = []
+        await self._write(data)
+
+    async def ping(self) -> None:
+        """Send a ping and return when its pong arrives (read by whichever task is receiving:
+        a pong is only seen by a reader). ConnectionClosed if the socket closes first."""
+        self._check_open()
+        payload = next(_PING_IDS).to_bytes(8, "big")
+        waiter = self._pings[payload] = trio.Event()
+        try:
+            self._proto.send_ping(payload)
+            await self._write(b"".join(self._proto.data_to_send()))
+            await waiter.wait()
+            if payload in self._pings:  # woken by the close, not by the pong
+                raise self._closed or ConnectionClosed(1006, "connection lost")
+        finally:
+            self._pings.pop(payload, None)
 
     async def _write(self, data: bytes) -> None:
         if self._sending:  # the send in progress writes it right after its own frame
@@ -160,7 +227,7 @@ class WebSocket:
                 data, self._backlog = self._backlog, b""
                 await self._stream.send_all(data)
         except (*_GONE, trio.BusyResourceError):
-            self._closed = self._closed or ConnectionClosed(1006, "connection lost")
+            self._set_closed(1006, "connection lost")
             raise ConnectionClosed(1006, "connection lost") from None
         except BaseException:  # cancelled: part of a frame may be out, the stream is unusable
             self._broken = True
@@ -172,41 +239,50 @@ class WebSocket:
                 self._write_done = None
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        """Close once: send a close frame, give the peer up to CLOSE_WAIT_SECONDS to answer
-        (so the frame is not lost to a reset), then close TCP. Never raises for a gone peer."""
+        """Close once: send a close frame (or the one a protocol error left owed), give the
+        peer up to `close_wait` to answer (so the frame is not lost to a reset), then close
+        TCP. Never raises for a gone peer."""
         if self._closing:
             return
         self._closing = True
+        proto = self._proto
         try:
             while self._sending:  # another task's send (being cancelled, usually) ends first
                 self._write_done = trio.Event()
                 await self._write_done.wait()
             if self._broken:
                 return  # no close frame can follow half a frame: just close TCP
-            if self._conn.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-                await self._write(self._conn.send(CloseConnection(code, reason)))
-            if self._conn.state is ConnectionState.LOCAL_CLOSING:
-                with trio.move_on_after(CLOSE_WAIT_SECONDS):
+            if proto.state is _OPEN:
+                proto.send_close(code, reason)
+            owed = b"".join(proto.data_to_send())
+            if owed:
+                await self._write(owed)
+            if proto.state is _CLOSING and proto.close_rcvd is None and not proto.eof_sent:
+                with trio.move_on_after(self.close_wait):
                     await self._await_close_reply()
-        except (ConnectionClosed, MessageTooBig, LocalProtocolError, trio.BusyResourceError,
-                *_GONE):
+        except (ConnectionClosed, trio.BusyResourceError, *_GONE):
             pass
         finally:
-            self._closed = self._closed or ConnectionClosed(code, reason)
+            self._set_closed(code, reason)
             await self._stream.aclose()
 
     async def _await_close_reply(self) -> None:
-        while self._conn.state is ConnectionState.LOCAL_CLOSING:
+        proto = self._proto
+        while proto.close_rcvd is None and proto.state is _CLOSING:
             data = await self._stream.receive_some(RECEIVE_BYTES)
             if not data:
                 return
-            self._conn.receive_data(data)
-            for _ in self._conn.events():
-                pass  # messages after our close are discarded; a close answer ends the loop
+            proto.receive_data(data)
+            proto.events_received()  # messages after our close are discarded
 
 
 class HandshakeError(Exception):
-    """The request is not a valid WebSocket opening handshake."""
+    """The request is not a valid WebSocket opening handshake (server side), or the server did
+    not accept ours (client side: `status` is its HTTP status, if it answered one)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ServerHandshake:
@@ -215,68 +291,72 @@ class ServerHandshake:
 
     def __init__(self, stream: trio.abc.Stream, data: bytes) -> None:
         self._stream = stream
-        self._conn = WSConnection(ConnectionType.SERVER)
-        try:
-            self._conn.receive_data(data)
-            request = next((e for e in self._conn.events() if isinstance(e, Request)), None)
-        except RemoteProtocolError as exc:
-            raise HandshakeError(str(exc)) from None
+        self._proto = ServerProtocol(logger=_protocol_log)
+        self._proto.receive_data(data)
+        request = next((e for e in self._proto.events_received() if isinstance(e, Request)),
+                       None)
         if request is None:
-            raise HandshakeError("incomplete WebSocket upgrade request")
+            raise HandshakeError(str(self._proto.handshake_exc or
+                                     "incomplete WebSocket upgrade request"))
+        self._response = self._proto.accept(request)
+        if self._proto.handshake_exc is not None:
+            raise HandshakeError(str(self._proto.handshake_exc))
         self.request = request
 
     def header(self, name: bytes) -> str | None:
         """A request header's value (name in lower case), None if absent."""
-        for key, value in self.request.extra_headers:
-            if key.lower() == name:
-                return bytes(value).decode("latin-1")
-        return None
+        return self.request.headers.get(name.decode())
 
     async def accept(self, max_message_bytes: int) -> WebSocket:
         """Answer 101 and return the open WebSocket."""
-        await self._stream.send_all(self._conn.send(AcceptConnection()))
-        return WebSocket(self._stream, self._conn, max_message_bytes)
+        self._proto.max_message_size = max_message_bytes
+        self._proto.send_response(self._response)
+        await self._stream.send_all(b"".join(self._proto.data_to_send()))
+        return WebSocket(self._stream, self._proto)
 
     async def reject(self, status: int) -> None:
-        """Answer `status` with an empty body (the caller closes the stream)."""
-        await self._stream.send_all(self._conn.send(RejectConnection(status_code=status)))
+        """Answer `status` (the caller closes the stream)."""
+        response = self._proto.reject(status, "")
+        self._proto.send_response(response)
+        await self._stream.send_all(b"".join(self._proto.data_to_send()))
 
 
 async def connect(url: str, headers: list[tuple[str, str]] | None = None, *,
-                  max_message_bytes: int = 1 << 20) -> WebSocket:
+                  max_message_bytes: int = 1 << 20,
+                  close_wait: float = CLOSE_WAIT_SECONDS) -> WebSocket:
     """Open a client WebSocket to a ws:// URL (wss:// goes through TLS). HandshakeError when
     the server refuses the upgrade (the status is in the message); OSError when it cannot be
     reached."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise HandshakeError(f"not a ws:// or wss:// URL: {url}")
-    secure = parts.scheme == "wss"
-    port = parts.port or (443 if secure else 80)
-    stream: trio.abc.Stream = await trio.open_tcp_stream(parts.hostname, port)
-    if secure:
-        stream = trio.SSLStream(stream, ssl.create_default_context(),
-                                server_hostname=parts.hostname, https_compatible=True)
     try:
-        conn = WSConnection(ConnectionType.CLIENT)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        host = parts.netloc.rsplit("@", 1)[-1]
-        await stream.send_all(conn.send(Request(
-            host=host, target=target,
-            extra_headers=[(k.encode(), v.encode()) for k, v in headers or []])))
-        while True:
+        uri = parse_uri(url)
+    except InvalidURI:
+        raise HandshakeError("not a ws:// or wss:// URL") from None
+    stream: trio.abc.Stream = DirectStream(await trio.open_tcp_stream(uri.host, uri.port))
+    if uri.secure:
+        stream = trio.SSLStream(stream, ssl.create_default_context(),
+                                server_hostname=uri.host, https_compatible=True)
+    try:
+        proto = ClientProtocol(uri, max_size=max_message_bytes, logger=_protocol_log)
+        request = proto.connect()
+        for name, value in headers or []:
+            request.headers[name] = value
+        proto.send_request(request)
+        await stream.send_all(b"".join(proto.data_to_send()))
+        while proto.state is State.CONNECTING:
             data = await stream.receive_some(RECEIVE_BYTES)
-            if not data:
+            if data:
+                proto.receive_data(data)
+            else:
+                proto.receive_eof()
+            if proto.handshake_exc is not None:
+                error = proto.handshake_exc
+                status = error.response.status_code if isinstance(error, InvalidStatus) else None
+                raise HandshakeError(f"upgrade refused with HTTP {status}" if status else
+                                     f"bad handshake response: {error}", status)
+            if not data and proto.state is State.CONNECTING:
                 raise HandshakeError("connection closed during the WebSocket handshake")
-            try:
-                conn.receive_data(data)
-                events = list(conn.events())
-            except RemoteProtocolError as exc:
-                raise HandshakeError(f"bad handshake response: {exc}") from None
-            for event in events:
-                if isinstance(event, AcceptConnection):
-                    return WebSocket(stream, conn, max_message_bytes)
-                if isinstance(event, RejectConnection):
-                    raise HandshakeError(f"upgrade refused with HTTP {event.status_code}")
+        proto.events_received()
+        return WebSocket(stream, proto, close_wait)
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise

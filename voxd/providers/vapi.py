@@ -178,7 +178,7 @@ class VapiProvider:
             try:
                 async with open_upstream(created.websocket_call_url, list(self._auth.items()),
                                          "Vapi", self.max_message_bytes) as ws:
-                    await ws.send_message(END_CALL)
+                    await ws.send(END_CALL)
             except UpstreamError as exc:
                 log.warning("could not end the unclaimed Vapi call %s: %s", created.id, exc)
 

@@ -12,43 +12,44 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import trio
-import trio_websocket
 
 from voxd.errors import ProtocolError, UpstreamError
+from voxd.net import websocket
+from voxd.net.websocket import ConnectionClosed, WebSocket
 from voxd.providers.base import AssistantAudio, AssistantEnded, AssistantEvent
 
 log = logging.getLogger("voxd.providers")
 
 CONNECT_TIMEOUT = 5.0
 DISCONNECT_TIMEOUT = 0.5
-MESSAGE_QUEUE = 64
-"""Messages read ahead from the assistant: bursts faster than real time wait here (bounded)."""
 MAX_CONTROL_WARNINGS = 3
 
 
 @asynccontextmanager
 async def open_upstream(
     url: str, headers: list[tuple[str, str]], what: str, max_message_bytes: int
-) -> AsyncIterator[trio_websocket.WebSocketConnection]:
-    """Connect to an assistant's WebSocket; UpstreamError (naming `what`, never the URL, which
-    may carry a secret) when it cannot be opened."""
+) -> AsyncIterator[WebSocket]:
+    """Connect to an assistant's WebSocket (voxd's own, `voxd.net.websocket`: no reader task
+    or queue between the socket and the call); UpstreamError (naming `what`, never the URL,
+    which may carry a secret) when it cannot be opened. Closed on exit."""
     try:
-        async with trio_websocket.open_websocket_url(
-            url,
-            extra_headers=[(k.encode(), v.encode()) for k, v in headers],
-            message_queue_size=MESSAGE_QUEUE,
-            max_message_size=max_message_bytes,
-            connect_timeout=CONNECT_TIMEOUT,
-            disconnect_timeout=DISCONNECT_TIMEOUT,
-        ) as ws:
-            yield ws
-    except trio_websocket.ConnectionRejected as exc:
-        raise UpstreamError(f"{what} refused the WebSocket (HTTP {exc.status_code})") from None
-    except trio_websocket.ConnectionTimeout:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            ws = await websocket.connect(url, headers, max_message_bytes=max_message_bytes,
+                                         close_wait=DISCONNECT_TIMEOUT)
+    except trio.TooSlowError:
         raise UpstreamError(f"{what} did not accept the WebSocket within "
                             f"{CONNECT_TIMEOUT:.0f}s") from None
-    except (trio_websocket.HandshakeError, OSError) as exc:
+    except websocket.HandshakeError as exc:
+        if exc.status is not None:
+            raise UpstreamError(f"{what} refused the WebSocket (HTTP {exc.status})") from None
+        raise UpstreamError(f"cannot connect to {what}: {exc}") from None
+    except (OSError, trio.BrokenResourceError) as exc:
         raise UpstreamError(f"cannot connect to {what}: {type(exc).__name__}: {exc}") from None
+    try:
+        yield ws
+    finally:
+        with trio.CancelScope(shield=True):
+            await ws.close()
 
 
 class WebSocketAssistant:
@@ -56,7 +57,7 @@ class WebSocketAssistant:
 
     def __init__(
         self,
-        ws: trio_websocket.WebSocketConnection,
+        ws: WebSocket,
         what: str,
         translate: Callable[[str], AssistantEvent | None],
         end_message: str | None,
@@ -76,18 +77,20 @@ class WebSocketAssistant:
     async def send(self, message: bytes | str) -> None:
         """One frame to the assistant (binary for bytes, text for str)."""
         try:
-            await self._ws.send_message(message)
-        except trio_websocket.ConnectionClosed as exc:
+            await self._ws.send(message)
+        except ConnectionClosed as exc:
             raise UpstreamError(f"{self._what} connection closed ({_reason(exc)})") from None
 
     async def receive(self) -> AssistantEvent:
         """The next audio or control event; unreadable control messages are logged, skipped."""
         while True:
             try:
-                message = await self._ws.get_message()
-            except trio_websocket.ConnectionClosed as exc:
-                reason = exc.reason
-                if reason is not None and reason.code == 1000:
+                message = await self._ws.receive()
+            except websocket.MessageTooBig as exc:
+                raise UpstreamError(f"{self._what} sent a message over the size limit: "
+                                    f"{exc}") from None
+            except ConnectionClosed as exc:
+                if exc.code == 1000:
                     return AssistantEnded(f"{self._what} closed the call")
                 raise UpstreamError(f"{self._what} connection dropped ({_reason(exc)})") from None
             if isinstance(message, bytes):
@@ -109,7 +112,7 @@ class WebSocketAssistant:
         """A WebSocket ping; returns when the pong arrives."""
         try:
             await self._ws.ping()
-        except trio_websocket.ConnectionClosed as exc:
+        except ConnectionClosed as exc:
             raise UpstreamError(f"{self._what} connection closed ({_reason(exc)})") from None
 
     async def barge_in(self, heard_seconds: float) -> None:
@@ -124,12 +127,11 @@ class WebSocketAssistant:
         if self._end_message is None:
             await trio.lowlevel.checkpoint()
             return
-        with contextlib.suppress(trio_websocket.ConnectionClosed):  # gone: nothing to end
-            await self._ws.send_message(self._end_message)
+        with contextlib.suppress(ConnectionClosed):  # gone: nothing to end
+            await self._ws.send(self._end_message)
 
 
-def _reason(exc: trio_websocket.ConnectionClosed) -> str:
-    reason = exc.reason
-    if reason is None:
+def _reason(exc: ConnectionClosed) -> str:
+    if exc.code == 1006:
         return "no close frame"
-    return f"code {reason.code}{': ' + reason.reason if reason.reason else ''}"
+    return f"code {exc.code}{': ' + exc.reason if exc.reason else ''}"

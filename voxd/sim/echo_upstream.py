@@ -12,6 +12,7 @@ import trio
 from voxd.config import parse_listen
 from voxd.net.front import receive_head
 from voxd.net.request_head import HeadError
+from voxd.net.stream import DirectStream
 from voxd.net.websocket import ConnectionClosed, HandshakeError, ServerHandshake
 
 log = logging.getLogger("voxd.echo")
@@ -26,7 +27,8 @@ async def serve_echo(listen: str,
     await trio.serve_listeners(_echo, listeners)
 
 
-async def _echo(stream: trio.SocketStream) -> None:
+async def _echo(tcp: trio.SocketStream) -> None:
+    stream = DirectStream(tcp)
     try:
         with trio.move_on_after(5):
             head = await receive_head(stream)

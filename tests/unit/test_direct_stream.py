@@ -1,0 +1,74 @@
+"""DirectStream (voxd/net/stream.py): plain system calls, still a well-behaved trio stream."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+
+from voxd.net.stream import FAIRNESS, DirectStream
+
+
+def pair() -> tuple[DirectStream, DirectStream]:
+    a, b = socket.socketpair()
+    return tuple(DirectStream(trio.SocketStream(trio.socket.from_stdlib_socket(s)))
+                 for s in (a, b))  # type: ignore[return-value]
+
+
+async def test_bytes_arrive_whole_also_past_the_socket_buffer():
+    sender, receiver = pair()
+    data = bytes(range(256)) * 40000  # 10 MB: send_all must wait for room many times
+    received = bytearray()
+
+    async def read() -> None:
+        while len(received) < len(data):
+            received.extend(await receiver.receive_some())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await sender.send_all(data)
+    assert received == data
+
+
+async def test_a_flooded_reader_still_lets_other_tasks_run():
+    sender, receiver = pair()
+    await sender.send_all(b"x" * 60000)  # every receive below completes without waiting
+    ticks = 0
+
+    async def other() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        for _ in range(4 * FAIRNESS):
+            await receiver.receive_some(10)
+        nursery.cancel_scope.cancel()
+    assert ticks >= 3
+
+
+async def test_waits_are_cancellable_and_closed_streams_say_so():
+    sender, receiver = pair()
+    with trio.move_on_after(0.05) as scope:
+        await receiver.receive_some()
+    assert scope.cancelled_caught
+    await receiver.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await receiver.receive_some()
+    with pytest.raises(trio.BrokenResourceError):
+        for _ in range(100):  # the peer is gone: a send fails (at once, or at the next one)
+            await sender.send_all(b"x" * 65536)
+    assert await sender.receive_some() == b""
+
+
+async def test_a_cancelled_task_does_not_send():
+    sender, receiver = pair()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await sender.send_all(b"never")
+    await sender.send_all(b"after")
+    assert await receiver.receive_some() == b"after"
