@@ -36,6 +36,8 @@ def test_two_workers_serve_calls_and_drain_together(tmp_path):
                 messages.append(notify.recv(4096).decode())
             except TimeoutError:
                 continue
+            except OSError:  # closed at the end of the test
+                return
 
     reader = threading.Thread(target=collect, daemon=True)
     reader.start()
@@ -44,8 +46,11 @@ def test_two_workers_serve_calls_and_drain_together(tmp_path):
                               env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 15
-        while not messages and time.monotonic() < deadline:
+        while not messages and time.monotonic() < deadline and daemon.poll() is None:
             time.sleep(0.05)
+        if not messages:  # say why (it once did not start within the deadline in a full run)
+            daemon.kill()
+            raise AssertionError(f"no READY=1 (exit {daemon.poll()}): {daemon.communicate()[1]}")
         assert messages[0] == "READY=1\nSTATUS=ready, 0 active calls (2 workers)"  # after both
 
         async def calls() -> list:

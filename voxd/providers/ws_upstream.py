@@ -71,8 +71,11 @@ class WebSocketAssistant:
         self._warnings = 0
 
     async def send_audio(self, chunk: bytes) -> None:
-        """Caller audio as one binary frame."""
-        await self.send(chunk)
+        """Caller audio as one binary frame (the per-frame path: no further layer)."""
+        try:
+            await self._ws.send(chunk)
+        except ConnectionClosed as exc:
+            raise UpstreamError(f"{self._what} connection closed ({_reason(exc)})") from None
 
     async def send(self, message: bytes | str) -> None:
         """One frame to the assistant (binary for bytes, text for str)."""

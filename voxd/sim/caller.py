@@ -396,8 +396,8 @@ class _Stream:
             await self.send({"event": "stop", "streamSid": sid, "stop": {
                 "accountSid": self.sim.account_sid, "callSid": self.sim.call_sid}})
             self.report.events.append((self.now(), "caller hung up (stop sent)"))
-        except trio_websocket.ConnectionClosed:
-            pass  # the receiver notes who closed it
+        except trio_websocket.ConnectionClosed as exc:
+            self._closed_by_voxd(exc)
 
     async def echo_marks(self, reached: object) -> None:
         while self.marks and reached(self.marks[0][0]):  # type: ignore[operator]
@@ -446,12 +446,18 @@ class _Stream:
                     report.errors.append(f"{self.now():.2f}s bad message from voxd (Twilio "
                                          f"warning 31951): {exc}")
         except trio_websocket.ConnectionClosed as exc:
-            if report.closed_by == "caller" and not _stop_sent(report):
-                report.closed_by = "voxd"
-                reason = exc.reason
-                report.events.append((self.now(), f"voxd closed the stream (code "
-                                                  f"{reason.code if reason else '?'})"))
-                call_scope.cancel()
+            self._closed_by_voxd(exc)
+            call_scope.cancel()
+
+    def _closed_by_voxd(self, exc: trio_websocket.ConnectionClosed) -> None:
+        """The socket closed: if the caller had not hung up, voxd ended the call (noted once,
+        by whichever of the sender and the receiver sees it first)."""
+        report = self.report
+        if report.closed_by == "caller" and not _stop_sent(report):
+            report.closed_by = "voxd"
+            reason = exc.reason
+            report.events.append((self.now(), f"voxd closed the stream (code "
+                                              f"{reason.code if reason else '?'})"))
 
 
 def _with_echo(frame: bytes, heard: list[bytes], attenuation_db: float,

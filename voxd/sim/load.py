@@ -413,7 +413,8 @@ class Processes:
         self.config = Path(path)
         env = {**os.environ, "VOXD_TWILIO_AUTH_TOKEN": self.token}
         self.echo = subprocess.Popen([sys.executable, "-m", "voxd", "echo-upstream", "--listen",
-                                      f"127.0.0.1:{echo_port}"], stderr=subprocess.DEVNULL)
+                                      f"127.0.0.1:{echo_port}"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
         self.voxd = subprocess.Popen([sys.executable, "-m", "voxd", "serve", "--config", path],
                                      env=env)
 
