@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -63,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="upstream audio of the voxd it starts (default pcm16)")
     load.add_argument("--workers", type=int, default=1, metavar="K",
                       help="server.workers of the voxd it starts (default 1)")
+    load.add_argument("--turns", action="store_true",
+                      help="the echo it starts answers each caller turn 400 ms after the caller "
+                           "stops (measures turn latency; round trips and losses are measured "
+                           "without it)")
     load.add_argument("--auth-token", metavar="T",
                       help="Twilio auth token to sign with, for a running voxd "
                            "(default: $VOXD_TWILIO_AUTH_TOKEN)")
@@ -71,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="a fast echo assistant (generic WebSocket protocol) for loadtest")
     echo.add_argument("--listen", default="127.0.0.1:9100", metavar="HOST:PORT",
                       help="where to listen (default 127.0.0.1:9100)")
+    echo.add_argument("--reply-after-ms", type=float, default=0.0, metavar="MS",
+                      help="take turns: say each stretch of caller speech back once the caller "
+                           "has been quiet this long (default 0: echo every frame at once)")
     return parser
 
 
@@ -195,12 +203,17 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _loadtest(args: argparse.Namespace) -> int:
-    from voxd.sim.load import Processes, run_load
+    from voxd.sim.load import TURN_HOLD_MS, Processes, run_load
 
     if args.calls < 1 or args.workers < 1:
         print("voxd: --calls and --workers must be at least 1", file=sys.stderr)
         return 2
-    processes = None if args.webhook_url else Processes(args.audio, args.workers, args.calls)
+    if args.turns and args.webhook_url:
+        print("voxd: --turns applies to the echo upstream loadtest starts; against a running "
+              "voxd, start `voxd echo-upstream --reply-after-ms 400` for it", file=sys.stderr)
+        return 2
+    processes = None if args.webhook_url else Processes(
+        args.audio, args.workers, args.calls, reply_after_ms=TURN_HOLD_MS if args.turns else 0)
     token = (processes.token if processes else
              args.auth_token or os.environ.get("VOXD_TWILIO_AUTH_TOKEN") or None)
 
@@ -214,11 +227,12 @@ def _loadtest(args: argparse.Namespace) -> int:
         else:
             url = args.webhook_url
         report = await run_load(url, args.calls, args.seconds, auth_token=token,
-                                progress=progress)
+                                progress=progress, turns=args.turns)
         return report.render()
 
     what = (f"{args.audio}, {args.workers} worker{'s' if args.workers > 1 else ''}, echo "
-            "upstream" if processes else args.webhook_url)
+            f"upstream{' answering turns' if args.turns else ''}" if processes
+            else args.webhook_url)
     print(f"voxd loadtest: {args.calls} calls x {args.seconds:.0f}s ({what})", flush=True)
     try:
         print(trio.run(run))
@@ -240,7 +254,7 @@ def _echo_upstream(args: argparse.Namespace) -> int:
     configure_logging("info")
     print(f"echo upstream on ws://{args.listen}/ (set websocket.url to it)", flush=True)
     try:
-        trio.run(serve_echo, args.listen)
+        trio.run(partial(serve_echo, args.listen, reply_after=args.reply_after_ms / 1000))
     except OSError as exc:
         print(f"voxd: --listen: cannot listen on {args.listen}: {exc.strerror or exc}",
               file=sys.stderr)

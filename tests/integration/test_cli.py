@@ -138,6 +138,18 @@ def test_loadtest_runs_its_own_voxd_and_echo_upstream():
     assert "calls up" in result.stderr  # progress while it runs
 
 
+def test_loadtest_measures_turn_latency_with_an_echo_that_takes_turns():
+    result = run("loadtest", "--calls", "2", "--seconds", "6", "--audio", "pcm16", "--turns")
+    assert result.returncode == 0, result.stderr
+    found = re.search(r"turn latency \(voxd's\)  p50 (\d+) ms, p95 (\d+) ms \(the echo waits "
+                      r"400 ms of it\)", result.stdout)
+    assert found, result.stdout
+    # the echo answers 400 ms after the caller stops; voxd and the sockets add a little
+    assert 400 <= int(found.group(1)) <= int(found.group(2)) < 500, result.stdout
+
+
 def test_loadtest_usage_errors():
     result = run("loadtest", "--calls", "0")
     assert result.returncode == 2 and "--calls and --workers must be at least 1" in result.stderr
+    result = run("loadtest", "http://127.0.0.1:9/twilio/voice", "--turns")
+    assert result.returncode == 2 and "--reply-after-ms 400" in result.stderr

@@ -36,6 +36,9 @@ from voxd.net.websocket import ConnectionClosed, HandshakeError, WebSocket, conn
 from voxd.sim.caller import parse_twiml
 
 FRAME = 0.020
+TURN_HOLD_MS = 400
+"""With --turns, the echo answers this long after the caller stops (part of the turn latency,
+not voxd's)."""
 SETTLE_SECONDS = 0.3
 """After its last frame a call waits this long for the echoes still on their way, then hangs
 up (so a frame not back by then counts as lost)."""
@@ -216,6 +219,8 @@ class LoadReport:
     """voxd's CPU over the steady window, in cores (1.0 = one core)."""
     rss_per_call: float | None = None
     idle_rss: float | None = None
+    turns: bool = False
+    """The upstream answered turns (only speech comes back, later: no round trips or losses)."""
 
     @property
     def lost(self) -> int:
@@ -250,19 +255,24 @@ class LoadReport:
 
     def render(self) -> str:
         f = self.figures()
+        frames = (f"frames sent {self.sent}, lost {self.lost}" if not self.turns else
+                  f"frames sent {self.sent} (the echo answers turns: losses not counted)")
         lines = [
-            f"calls {self.calls} x {self.seconds:.0f}s; frames sent {self.sent}, lost "
-            f"{self.lost}; calls failed {len(self.errors)}",
+            f"calls {self.calls} x {self.seconds:.0f}s; {frames}; calls failed "
+            f"{len(self.errors)}",
             f"voxd CPU per call      {f['cpu_per_call_pct']:.2f}% of one core "
             f"(voxd total {self.cpu_cores or float('nan'):.2f} cores)",
             f"voxd RSS per call      {f['rss_per_call_kb']:.0f} kB "
             f"(idle {(self.idle_rss or float('nan')) / 2**20:.1f} MB)",
-            f"frame round trip       p50 {f['rtt_p50_ms']:.1f} ms, p99 {f['rtt_p99_ms']:.1f} ms "
-            "(Twilio -> voxd -> echo -> voxd -> Twilio; one way through voxd is at most half)",
+            (f"frame round trip       p50 {f['rtt_p50_ms']:.1f} ms, p99 {f['rtt_p99_ms']:.1f} ms "
+             "(Twilio -> voxd -> echo -> voxd -> Twilio; one way through voxd is at most half)"
+             if not self.turns else
+             "frame round trip       not measured with --turns (the echo holds each turn)"),
             (f"turn latency (voxd's)  p50 {f['turn_p50_ms']:.0f} ms, p95 {f['turn_p95_ms']:.0f} ms"
+             f"{f' (the echo waits {TURN_HOLD_MS} ms of it)' if self.turns else ''}"
              if f["turn_p50_ms"] == f["turn_p50_ms"] else  # not NaN
              "turn latency (voxd's)  no turns: a passthrough echo talks continuously "
-             "(turn latency under load: bench/latency.py)"),
+             "(run with --turns)"),
             f"teardown after stop    max {f['teardown_max_ms']:.0f} ms",
         ]
         lines += [f"  error: {e}" for e in sorted(set(self.errors))[:5]]
@@ -315,7 +325,7 @@ def proc_sampler(pid: int) -> Sampler:
 async def run_load(webhook_url: str, calls: int, seconds: float, *,
                    auth_token: str | None = None, ramp_seconds: float | None = None,
                    progress: Callable[[str], None] | None = None,
-                   sampler: Sampler | None = None) -> LoadReport:
+                   sampler: Sampler | None = None, turns: bool = False) -> LoadReport:
     """Place `calls` concurrent calls of `seconds` each (started evenly over `ramp_seconds`)
     and measure them, and the bridge (voxd's /metrics, or `sampler`) over the window when all
     of them are up."""
@@ -327,7 +337,7 @@ async def run_load(webhook_url: str, calls: int, seconds: float, *,
                             "plus a steady window)")
     frames = speech_frames(seconds)
     load = [LoadCall(webhook_url, frames, auth_token) for _ in range(calls)]
-    report = LoadReport(calls, seconds, [c.result for c in load])
+    report = LoadReport(calls, seconds, [c.result for c in load], turns=turns)
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(timeout=10.0, limits=limits) as client:
         def default_sampler() -> Awaitable[DaemonSample | None]:
@@ -387,7 +397,8 @@ class Processes:
     """`voxd echo-upstream` and `voxd serve` (configured to use it), each its own process."""
 
     def __init__(self, audio: str, workers: int, calls: int,
-                 extra: dict[str, dict[str, object]] | None = None) -> None:
+                 extra: dict[str, dict[str, object]] | None = None,
+                 reply_after_ms: float = 0) -> None:
         echo_port, port = free_port(), free_port()
         self.origin = f"http://127.0.0.1:{port}"
         self.token = secrets.token_hex(16)
@@ -413,7 +424,8 @@ class Processes:
         self.config = Path(path)
         env = {**os.environ, "VOXD_TWILIO_AUTH_TOKEN": self.token}
         self.echo = subprocess.Popen([sys.executable, "-m", "voxd", "echo-upstream", "--listen",
-                                      f"127.0.0.1:{echo_port}"], stdout=subprocess.DEVNULL,
+                                      f"127.0.0.1:{echo_port}", "--reply-after-ms",
+                                      str(reply_after_ms)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         self.voxd = subprocess.Popen([sys.executable, "-m", "voxd", "serve", "--config", path],
                                      env=env)
