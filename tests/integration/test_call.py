@@ -16,7 +16,9 @@ from voxd.sim.demo import run_demo
 
 
 def heard_pcm(report) -> np.ndarray:
-    return ulaw_decode(np.frombuffer(b"".join(report.heard_frames), np.uint8))
+    """The assistant audio voxd sent, in order (the simulated real-time playout,
+    report.heard_frames, would also show a frame made late by CPU load as a gap)."""
+    return ulaw_decode(np.frombuffer(bytes(report.received_audio), np.uint8))
 
 
 def said_pcm(report) -> np.ndarray:

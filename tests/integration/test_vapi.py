@@ -81,7 +81,7 @@ async def test_a_call_talks_to_the_assistant(vapi_voxd, caplog, audio):
     assert turn.latency is not None and turn.latency < 0.5 + 0.3  # 0.2 s scripted + VAD
     # What the caller heard is what it said, answered by the assistant.
     said = pcm(report.caller_frames)[1600:1600 + 4800]
-    heard = pcm(report.heard_frames)
+    heard = pcm([bytes(report.received_audio)])  # what voxd sent, whatever the CPU load
     lag, correlation = best_alignment(said, heard)
     assert correlation > 0.95
     if audio == "mulaw":

@@ -5,7 +5,9 @@ trio's `SocketStream` goes back to the scheduler after every send and every rece
 the socket was ready: a send plus a receive of one small message costs ~13 us that way, against
 ~2 us for the system calls themselves (`bench/transport.py`). A call moves four such messages
 per 20 ms frame pair, so that was a fifth of a bridged call's CPU. `DirectStream` does the
-system call first and waits (through trio's epoll) only when the socket would block.
+system call first and waits (through trio's epoll) only when the socket would block; after a
+read that emptied the socket, the next read waits first (a message every 20 ms is not there yet,
+and a read that fails costs a system call and an exception).
 
 It stays a well-behaved trio stream:
 - every call checks for cancellation first, and waits are ordinary trio waits (cancellable);
@@ -37,13 +39,14 @@ FAIRNESS: Final = 32
 class DirectStream(trio.abc.HalfCloseableStream):
     """A connected `trio.SocketStream`, read and written directly (see the module doc)."""
 
-    __slots__ = ("_fd", "_streak", "socket", "transport")
+    __slots__ = ("_drained", "_fd", "_streak", "socket", "transport")
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.transport = stream
         self.socket = stream.socket  # for the peer's address
         self._fd = stream.socket.fileno()
         self._streak = 0
+        self._drained = False
 
     def _check_open(self) -> None:
         if self.socket.fileno() == -1:
@@ -51,20 +54,27 @@ class DirectStream(trio.abc.HalfCloseableStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         self._check_open()
-        await checkpoint_if_cancelled()
-        self._streak += 1
-        if self._streak >= FAIRNESS:  # see the module doc (inline: this is the per-frame path)
-            self._streak = 0
-            await cancel_shielded_checkpoint()
-        while True:
-            try:
-                return os.read(self._fd, max_bytes or RECEIVE_BYTES)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise _broken(exc) from exc
+        size = max_bytes or RECEIVE_BYTES
+        if self._drained:  # the last read emptied the socket: a read now would only fail
             self._streak = 0
             await wait_readable(self._fd)
+        else:
+            await checkpoint_if_cancelled()
+            self._streak += 1
+            if self._streak >= FAIRNESS:  # see the module doc (inline: the per-frame path)
+                self._streak = 0
+                await cancel_shielded_checkpoint()
+        while True:
+            try:
+                data = os.read(self._fd, size)
+            except BlockingIOError:
+                self._streak = 0
+                await wait_readable(self._fd)
+                continue
+            except OSError as exc:
+                raise _broken(exc) from exc
+            self._drained = 0 < len(data) < size
+            return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self._check_open()
