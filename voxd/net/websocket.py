@@ -116,12 +116,10 @@ class WebSocket:
             proto.receive_data(data)
             for frame in proto.events_received():
                 self._frame(frame.opcode, frame.data, frame.fin)
-            writes = proto.writes
-            if writes:  # pongs, a close reply, or the close of a failed connection
-                proto.writes = []
-                if any(writes):
-                    with contextlib.suppress(ConnectionClosed):
-                        await self._write(b"".join(writes))
+            owed = b"".join(proto.data_to_send())  # pongs, a close reply, a failure's close
+            if owed:
+                with contextlib.suppress(ConnectionClosed):
+                    await self._write(owed)
             if proto.state is not _OPEN and self._closed is None:
                 self._protocol_ended()  # raised once the messages before it are received
         return messages.popleft()
@@ -197,9 +195,7 @@ class WebSocket:
             proto.send_text(message.encode())
         else:
             proto.send_binary(message)  # type: ignore[arg-type]
-        data = proto.writes[0]
-        proto.writes = []
-        await self._write(data)
+        await self._write(proto.data_to_send()[0])
 
     async def ping(self) -> None:
         """Send a ping and return when its pong arrives (read by whichever task is receiving:
