@@ -72,3 +72,31 @@ async def test_a_cancelled_task_does_not_send():
             await sender.send_all(b"never")
     await sender.send_all(b"after")
     assert await receiver.receive_some() == b"after"
+
+
+async def test_a_stream_closed_while_it_yields_never_touches_a_reused_descriptor():
+    for _ in range(20):  # trio runs the two tasks in either order: cover both
+        reader, _writer = pair()
+        reader._streak = FAIRNESS - 1  # its next receive yields before it reads
+        others: list[socket.socket] = []
+        outcome: list[object] = []
+
+        async def read(reader: DirectStream = reader, outcome: list = outcome) -> None:
+            try:
+                outcome.append(await reader.receive_some())
+            except trio.ClosedResourceError:
+                outcome.append("closed")
+
+        async def close_and_reuse(reader: DirectStream = reader,
+                                  others: list = others) -> None:
+            await reader.aclose()
+            others.extend(socket.socketpair())  # likely takes the freed descriptor number
+            others[1].send(b"another call's audio")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            nursery.start_soon(close_and_reuse)
+        assert outcome == ["closed"]
+        assert others[0].recv(100) == b"another call's audio"  # nobody else took it
+        for s in [*others, _writer.socket]:
+            s.close()

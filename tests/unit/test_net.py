@@ -205,3 +205,59 @@ async def test_client_reports_the_status_of_a_refused_upgrade(nursery):
     with pytest.raises(HandshakeError) as refused:
         await connect(url + "/refuse")
     assert refused.value.status == 401
+
+
+async def test_client_gets_frames_that_came_with_the_101_and_answers_their_pings(nursery):
+    url_holder: dict = {}
+    done = trio.Event()
+
+    async def serve(stream: trio.SocketStream) -> None:
+        conn = WSConnection(ConnectionType.SERVER)
+        while True:
+            conn.receive_data(await stream.receive_some(65536))
+            if any(isinstance(e, Request) for e in conn.events()):
+                break
+        # the 101, a ping and a greeting in one write
+        await stream.send_all(conn.send(AcceptConnection()) + conn.send(Ping(b"hi")) +
+                              conn.send(TextMessage("welcome")))
+        events: list = []
+        while not any(isinstance(e, TextMessage) for e in events):
+            conn.receive_data(await stream.receive_some(65536))
+            events += list(conn.events())
+        url_holder["events"] = events
+        done.set()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    ws = await connect(f"ws://127.0.0.1:{listeners[0].socket.getsockname()[1]}/")
+    with trio.fail_after(1):
+        assert await ws.receive() == "welcome"
+        await ws.send("thanks")
+        await done.wait()
+    kinds = [(type(e).__name__, getattr(e, "payload", getattr(e, "data", None)))
+             for e in url_holder["events"]]
+    assert kinds == [("Pong", b"hi"), ("TextMessage", "thanks")]
+    await ws.close()
+
+
+async def test_invalid_utf8_fails_after_the_messages_before_it():
+    websocket, peer = await open_pair()
+    await peer.stream.send_all(peer.ws.send(TextMessage("first")) +
+                               b"\x81\x82\x00\x00\x00\x00\xff\xfe")  # masked text, not UTF-8
+    assert await websocket.receive() == "first"
+    with pytest.raises(ConnectionClosed, match="1007"):
+        await websocket.receive()
+    with pytest.raises(ConnectionClosed):
+        await websocket.ping()  # closed: refused at once, never left waiting for a pong
+
+
+async def test_a_send_cut_off_mid_frame_makes_the_socket_refuse_further_sends():
+    server_stream, client_stream = trio.testing.lockstep_stream_pair()
+    peer = Peer(client_stream)
+    handshake = ServerHandshake(server_stream, peer.upgrade())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer.events)
+        websocket = await handshake.accept(1000)
+    with trio.move_on_after(0.05):
+        await websocket.send("nobody reads this")  # lockstep: blocks until read
+    with pytest.raises(ConnectionClosed):
+        await websocket.send("end-of-call")

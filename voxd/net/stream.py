@@ -14,7 +14,9 @@ It stays a well-behaved trio stream:
 - after `FAIRNESS` operations in a row that did not wait, one yields to the scheduler, so a
   peer that floods a connection cannot starve the other calls;
 - one task sends and one task receives at a time (the WebSocket above guarantees it);
-- closing goes through the wrapped `trio.SocketStream`, which owns the socket.
+- closing goes through the wrapped `trio.SocketStream`, which owns the socket; every system call
+  is preceded (with no yield between) by a check that the socket is still open, since another
+  task may close it while this one yields and the number may then belong to a new connection.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class DirectStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("the stream is closed")
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        self._check_open()
+        self._check_open()  # before waiting on the number, too
         size = max_bytes or RECEIVE_BYTES
         if self._drained:  # the last read emptied the socket: a read now would only fail
             self._streak = 0
@@ -65,6 +67,7 @@ class DirectStream(trio.abc.HalfCloseableStream):
                 self._streak = 0
                 await cancel_shielded_checkpoint()
         while True:
+            self._check_open()  # after every yield: a closed fd's number may be reused already
             try:
                 data = os.read(self._fd, size)
             except BlockingIOError:
@@ -77,13 +80,13 @@ class DirectStream(trio.abc.HalfCloseableStream):
             return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        self._check_open()
         await checkpoint_if_cancelled()
         self._streak += 1
         if self._streak >= FAIRNESS:
             self._streak = 0
             await cancel_shielded_checkpoint()
         total = len(data)
+        self._check_open()  # after the yields above (see receive_some)
         try:
             sent = os.write(self._fd, data)
         except BlockingIOError:
@@ -96,6 +99,7 @@ class DirectStream(trio.abc.HalfCloseableStream):
         while sent < total:
             self._streak = 0
             await wait_writable(self._fd)
+            self._check_open()
             try:
                 sent += os.write(self._fd, view[sent:])
             except BlockingIOError:

@@ -8,11 +8,12 @@ one `send_all` in the sending task, and everything can be cancelled. The framing
 `websockets`' (about three times cheaper per message than wsproto, measured:
 `bench/transport.py`), which also answers pings and close frames by itself.
 
-One task receives and one task sends (a call's inbound pump and its playout); frames that
-another task or the receiver must write (pings, pongs, close replies) are written when no send
-is in progress, or handed to the send in progress to write right after its own frame: frames
-never interleave, and the hot path takes no lock. `close` waits for a send in progress to end;
-a send cancelled midway leaves the stream unusable, and then `close` just closes TCP.
+One task receives; senders take turns (a send waits while another task's write is in
+progress). The receiver's own replies (pongs, close replies) never wait: they are handed to the
+write in progress, which sends them right after its own frame (bounded: MAX_BACKLOG_BYTES).
+Frames never interleave, and the hot path takes no lock. `close` waits for a write in progress
+to end; a write cancelled midway leaves the stream unusable (further sends raise
+ConnectionClosed), and then `close` just closes TCP.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Final
 import trio
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidStatus, InvalidURI, PayloadTooBig
-from websockets.frames import Opcode
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
@@ -41,6 +42,8 @@ CLOSE_WAIT_SECONDS: Final = 1.0
 
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 _PING_IDS = itertools.count(1)
+MAX_BACKLOG_BYTES: Final = 65536
+"""Control replies (pongs, close) waiting for another task's write to finish, at most."""
 _TEXT, _BINARY, _CONT, _PONG, _CLOSE = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG,
                                         Opcode.CLOSE)
 _OPEN, _CLOSING = State.OPEN, State.CLOSING
@@ -63,6 +66,7 @@ class MessageTooBig(Exception):
 
     def __init__(self, size: int, limit: int) -> None:
         super().__init__(f"message of more than {size} bytes exceeds the limit of {limit}")
+        self.args_ = (size, limit)
 
 
 class WebSocket:
@@ -84,7 +88,7 @@ class WebSocket:
         self._sending = False
         self._write_done: trio.Event | None = None
         self._broken = False
-        self._backlog = b""
+        self._backlog: list[bytes] = []
         self._closed: ConnectionClosed | None = None
         self._too_big: MessageTooBig | None = None
         self._closing = False
@@ -104,33 +108,50 @@ class WebSocket:
         socket is closed; MessageTooBig (after closing with 1009) for an oversized message."""
         messages = self._messages
         while not messages:
-            if self._closed is not None:
-                raise self._too_big or self._closed
+            if self._too_big is not None:
+                raise MessageTooBig(*self._too_big.args_)
+            if self._closed is not None:  # a fresh exception each time (no growing traceback)
+                raise ConnectionClosed(self._closed.code, self._closed.reason)
+            if self._closing:  # `close` reads the peer's answer itself
+                raise ConnectionClosed(1000, "closed by this side")
             try:
                 data = await self._stream.receive_some(RECEIVE_BYTES)
-            except _GONE:
+            except (*_GONE, trio.BusyResourceError):  # busy: `close` started reading
                 data = b""
             if not data:
-                raise self._set_closed(1006, "connection lost")
-            proto = self._proto
-            proto.receive_data(data)
-            for frame in proto.events_received():
-                self._frame(frame.opcode, frame.data, frame.fin)
-            owed = b"".join(proto.data_to_send())  # pongs, a close reply, a failure's close
-            if owed:
-                with contextlib.suppress(ConnectionClosed):
-                    await self._write(owed)
-            if proto.state is not _OPEN and self._closed is None:
-                self._protocol_ended()  # raised once the messages before it are received
+                self._set_closed(1006, "connection lost")
+                continue
+            self._proto.receive_data(data)
+            await self._absorb()
         return messages.popleft()
+
+    async def _absorb(self, events: list[object] | None = None) -> None:
+        """Take in the frames the protocol parsed; write what it owes (pongs, a close reply,
+        the close of a failed connection). A close is raised by `receive` once the messages
+        before it have been received."""
+        proto = self._proto
+        for frame in proto.events_received() if events is None else events:
+            if type(frame) is not Frame:
+                continue  # the handshake's own event (`connect` passes what came with it)
+            if self._closed is not None:
+                break  # failed on an earlier frame (invalid UTF-8): the rest is discarded
+            self._frame(frame.opcode, frame.data, frame.fin)
+        owed = b"".join(proto.data_to_send())
+        if owed:
+            with contextlib.suppress(ConnectionClosed):
+                await self._write(owed, control=True)
+        if proto.state is not _OPEN and self._closed is None:
+            self._protocol_ended()
 
     def _frame(self, opcode: Opcode, data: bytes | bytearray, fin: bool) -> None:
         """One frame received (unmasked frames, from a server, come as bytearray). The
         protocol has checked the order of fragments and the size limit."""
         if opcode is _TEXT or opcode is _BINARY:
             if fin:
-                self._messages.append(self._text(data) if opcode is _TEXT else
-                                      data if type(data) is bytes else bytes(data))
+                message = (self._text(data) if opcode is _TEXT else
+                           data if type(data) is bytes else bytes(data))
+                if message is not None:
+                    self._messages.append(message)
             else:
                 self._parts = [b"T" if opcode is _TEXT else b"B", bytes(data)]
         elif opcode is _CONT:
@@ -139,24 +160,24 @@ class WebSocket:
                 kind, *parts = self._parts
                 self._parts = []
                 whole = b"".join(parts)
-                self._messages.append(self._text(whole) if kind == b"T" else whole)
+                message = self._text(whole) if kind == b"T" else whole
+                if message is not None:
+                    self._messages.append(message)
         elif opcode is _PONG:
             waiter = self._pings.pop(bytes(data), None)
             if waiter is not None:
                 waiter.set()
 
-    def _text(self, data: bytes | bytearray) -> str:
+    def _text(self, data: bytes | bytearray) -> str | None:
+        """The text of a message; None (and the socket failed with 1007) if not UTF-8."""
         try:
             return data.decode()
         except UnicodeDecodeError as exc:
-            raise self._fail(1007, f"invalid UTF-8 in a text message: {exc.reason}") from None
-
-    def _fail(self, code: int, reason: str) -> ConnectionClosed:
-        """Close because of what the peer sent (the close frame goes out with the next write,
-        or from `close`)."""
-        if self._proto.state is _OPEN:
-            self._proto.fail(code, reason)
-        return self._set_closed(code, reason)
+            reason = f"invalid UTF-8 in a text message: {exc.reason}"
+            if self._proto.state is _OPEN:
+                self._proto.fail(1007, reason)  # its close frame is written by `_absorb`
+            self._set_closed(1007, reason)
+            return None
 
     def _protocol_ended(self) -> None:
         """The protocol left OPEN while reading: the peer closed, or sent something invalid."""
@@ -183,7 +204,8 @@ class WebSocket:
         return self._closed
 
     def _check_open(self) -> None:
-        if self._closing or self._proto.state is not _OPEN:
+        if (self._closing or self._broken or self._closed is not None
+                or self._proto.state is not _OPEN):
             raise ConnectionClosed(1006 if self._closed is None else self._closed.code,
                                    "socket closed")
 
@@ -195,7 +217,7 @@ class WebSocket:
             proto.send_text(message.encode())
         else:
             proto.send_binary(message)  # type: ignore[arg-type]
-        await self._write(proto.data_to_send()[0])
+        await self._write(b"".join(proto.data_to_send()))
 
     async def ping(self) -> None:
         """Send a ping and return when its pong arrives (read by whichever task is receiving:
@@ -208,31 +230,51 @@ class WebSocket:
             await self._write(b"".join(self._proto.data_to_send()))
             await waiter.wait()
             if payload in self._pings:  # woken by the close, not by the pong
-                raise self._closed or ConnectionClosed(1006, "connection lost")
+                closed = self._closed or ConnectionClosed(1006, "connection lost")
+                raise ConnectionClosed(closed.code, closed.reason)
         finally:
             self._pings.pop(payload, None)
 
-    async def _write(self, data: bytes) -> None:
-        if self._sending:  # the send in progress writes it right after its own frame
-            self._backlog += data
-            return
+    async def _write(self, data: bytes, control: bool = False) -> None:
+        """Write whole frames. While another task is writing, a sender waits for it to finish;
+        the receiver's control replies (`control`) are handed to it instead (the receiver must
+        not wait on a peer that does not read), up to MAX_BACKLOG_BYTES."""
+        if self._sending:
+            if control:
+                if sum(map(len, self._backlog)) + len(data) > MAX_BACKLOG_BYTES:
+                    self._set_closed(1008, "the peer sends control frames but does not read")
+                    raise ConnectionClosed(1008, "control replies pile up")
+                self._backlog.append(data)
+                return
+            await self._wait_writer()
+        if self._broken:
+            raise ConnectionClosed(1006, "a send was cut off mid-frame")
         self._sending = True
         try:
             await self._stream.send_all(data)
             while self._backlog:
-                data, self._backlog = self._backlog, b""
+                data = b"".join(self._backlog)
+                self._backlog.clear()
                 await self._stream.send_all(data)
         except (*_GONE, trio.BusyResourceError):
             self._set_closed(1006, "connection lost")
             raise ConnectionClosed(1006, "connection lost") from None
         except BaseException:  # cancelled: part of a frame may be out, the stream is unusable
             self._broken = True
+            self._backlog.clear()
             raise
         finally:
             self._sending = False
             if self._write_done is not None:
                 self._write_done.set()
                 self._write_done = None
+
+    async def _wait_writer(self) -> None:
+        """Wait until no task is writing."""
+        while self._sending:
+            if self._write_done is None:
+                self._write_done = trio.Event()
+            await self._write_done.wait()
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Close once: send a close frame (or the one a protocol error left owed), give the
@@ -243,9 +285,7 @@ class WebSocket:
         self._closing = True
         proto = self._proto
         try:
-            while self._sending:  # another task's send (being cancelled, usually) ends first
-                self._write_done = trio.Event()
-                await self._write_done.wait()
+            await self._wait_writer()  # another task's send (being cancelled, usually) first
             if self._broken:
                 return  # no close frame can follow half a frame: just close TCP
             if proto.state is _OPEN:
@@ -351,8 +391,9 @@ async def connect(url: str, headers: list[tuple[str, str]] | None = None, *,
                                      f"bad handshake response: {error}", status)
             if not data and proto.state is State.CONNECTING:
                 raise HandshakeError("connection closed during the WebSocket handshake")
-        proto.events_received()
-        return WebSocket(stream, proto, close_wait)
+        websocket = WebSocket(stream, proto, close_wait)
+        await websocket._absorb(proto.events_received())  # frames that came with the 101
+        return websocket
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise

@@ -48,7 +48,8 @@ async def open_upstream(
     try:
         yield ws
     finally:
-        with trio.CancelScope(shield=True):
+        # Bounded even if the peer stopped reading (the close frame could not be written).
+        with trio.CancelScope(shield=True), trio.move_on_after(DISCONNECT_TIMEOUT + 1.0):
             await ws.close()
 
 
