@@ -66,7 +66,8 @@ class MessageTooBig(Exception):
 
     def __init__(self, size: int, limit: int) -> None:
         super().__init__(f"message of more than {size} bytes exceeds the limit of {limit}")
-        self.args_ = (size, limit)
+        self.size = size
+        self.limit = limit
 
 
 class WebSocket:
@@ -109,7 +110,7 @@ class WebSocket:
         messages = self._messages
         while not messages:
             if self._too_big is not None:
-                raise MessageTooBig(*self._too_big.args_)
+                raise MessageTooBig(self._too_big.size, self._too_big.limit)
             if self._closed is not None:  # a fresh exception each time (no growing traceback)
                 raise ConnectionClosed(self._closed.code, self._closed.reason)
             if self._closing:  # `close` reads the peer's answer itself
