@@ -29,6 +29,7 @@ from voxd.sim.load import (  # noqa: E402
     free_port,
     proc_sampler,
     run_load,
+    stop_processes,
 )
 
 
@@ -60,9 +61,7 @@ async def measure_peer(calls: int, seconds: float) -> LoadReport:
         return await run_load(f"http://127.0.0.1:{port}/twilio/voice", calls, seconds,
                               sampler=proc_sampler(peer.pid))
     finally:
-        for proc in (peer, echo):
-            proc.terminate()
-            proc.wait(10)
+        stop_processes([peer, echo])
 
 
 def row(name: str, calls: int, report: LoadReport) -> str:

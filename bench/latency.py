@@ -19,12 +19,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,20 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 from tests.fakes.vapi import FakeVapi, VapiScript  # noqa: E402
 from tests.fakes.ws_assistant import FakeAssistant  # noqa: E402
-from voxd.audio.g711 import pcm16_to_ulaw  # noqa: E402
+from voxd.sim.load import VoxdProcess, process_cpu_seconds, speech_ulaw  # noqa: E402
 
 FRAME = 0.020
 SILENCE = b"\xff" * 160
-
-
-def speechy(seconds: float, seed: int) -> bytes:
-    """Speech-like mu-law audio (shaped noise, syllable envelope) at about -20 dBFS."""
-    rng = np.random.default_rng(seed)
-    n = int(seconds * 8000)
-    x = np.convolve(rng.standard_normal(n), np.hanning(9) / 4.5, mode="same")
-    x *= 0.6 + 0.4 * np.sin(2 * np.pi * 4 * np.arange(n) / 8000)
-    x = x / np.max(np.abs(x)) * 0.3 * 32767
-    return pcm16_to_ulaw(x.astype("<i2").tobytes())
 
 
 def frames_of(ulaw: bytes) -> list[bytes]:
@@ -67,41 +53,12 @@ def pct(values: list[float], p: float) -> float:
 # -- voxd in its own process ------------------------------------------------------------------
 
 
-class Daemon:
-    """`voxd serve` with a generated config, in a subprocess."""
-
-    def __init__(self, sections: dict[str, dict[str, object]], env: dict[str, str]) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.origin = f"http://127.0.0.1:{self.port}"
-        lines = [f'[server]\nlisten = "127.0.0.1:{self.port}"\npublic_url = "{self.origin}"',
-                 "[twilio]\nvalidate_signatures = false", "[logging]\nlevel = \"warning\""]
-        sections = {**sections, "call": {"stream_token": False, **sections.get("call", {})}}
-        for name, values in sections.items():
-            body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
-            lines.append(f"[{name}]\n{body}")
-        self.config = Path(tempfile.mkstemp(suffix=".toml")[1])
-        self.config.write_text("\n".join(lines) + "\n")
-        self.proc = subprocess.Popen([sys.executable, "-m", "voxd", "serve", "--config",
-                                      str(self.config)], env={**os.environ, **env},
-                                     stderr=subprocess.DEVNULL)
-
-    async def ready(self) -> None:
-        async with httpx.AsyncClient() as client:
-            for _ in range(200):
-                try:
-                    if (await client.get(self.origin + "/healthz")).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                await trio.sleep(0.05)
-        raise RuntimeError("voxd did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self.config.unlink()
+def daemon(sections: dict[str, dict[str, object]], env: dict[str, str]) -> VoxdProcess:
+    """`voxd serve` in its own process: unsigned, no stream tokens, warnings only."""
+    return VoxdProcess({"twilio": {"validate_signatures": False},
+                        "logging": {"level": "warning"}, **sections,
+                        "call": {"stream_token": False, **sections.get("call", {})}},
+                       env, quiet=True)
 
 
 # -- a lean Twilio side that timestamps everything ------------------------------------------
@@ -166,16 +123,16 @@ class TwilioSide:
 async def place_calls(sections: dict[str, dict[str, object]], env: dict[str, str],
                       callers: list[list[bytes]], gap: float) -> list[TwilioSide]:
     """Start voxd with `sections`, place one call per caller `gap` seconds apart, stop it."""
-    daemon = Daemon(sections, env)
+    voxd = daemon(sections, env)
     try:
-        await daemon.ready()
-        sides = [TwilioSide(daemon.origin, caller) for caller in callers]
+        await voxd.ready()
+        sides = [TwilioSide(voxd.origin, caller) for caller in callers]
         async with trio.open_nursery() as nursery:
             for side in sides:
                 nursery.start_soon(side.run)
                 await trio.sleep(gap)
     finally:
-        daemon.stop()
+        voxd.stop()
     return sides
 
 
@@ -208,13 +165,13 @@ async def added_delay(audio: str, calls: int) -> tuple[list[float], list[float],
     fake = TimedLoopback()
     async with trio.open_nursery() as nursery:
         await nursery.start(fake.serve)
-        daemon = Daemon({"assistant": {"provider": "websocket", "audio": audio},
-                         "websocket": {"url": fake.url}, "barge_in": {"local_vad": False}}, {})
+        voxd = daemon({"assistant": {"provider": "websocket", "audio": audio},
+                       "websocket": {"url": fake.url}, "barge_in": {"local_vad": False}}, {})
         try:
-            await daemon.ready()
-            sides = [TwilioSide(daemon.origin, frames_of(speechy(8.0, seed=i)))
+            await voxd.ready()
+            sides = [TwilioSide(voxd.origin, frames_of(speech_ulaw(8.0, i, pauses=False)))
                      for i in range(calls)]
-            cpu = CpuMeter(daemon.proc.pid)
+            cpu = CpuMeter(voxd.proc.pid)
             async with trio.open_nursery() as calls_nursery:
                 for side in sides:
                     calls_nursery.start_soon(side.run)
@@ -224,7 +181,7 @@ async def added_delay(audio: str, calls: int) -> tuple[list[float], list[float],
                 await trio.sleep(3.0)
                 cpu.stop()
         finally:
-            daemon.stop()
+            voxd.stop()
         nursery.cancel_scope.cancel()
     LOAD[(audio, calls)] = cpu
     inbound: list[float] = []
@@ -250,18 +207,14 @@ class CpuMeter:
         self.pid = pid
         self.voxd = self.bench = 0.0
 
-    def _voxd_cpu(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
     def start(self) -> None:
         self._t = time.monotonic()
-        self._v = self._voxd_cpu()
+        self._v = process_cpu_seconds(self.pid)
         self._b = time.process_time()
 
     def stop(self) -> None:
         wall = time.monotonic() - self._t
-        self.voxd = (self._voxd_cpu() - self._v) / wall
+        self.voxd = (process_cpu_seconds(self.pid) - self._v) / wall
         self.bench = (time.process_time() - self._b) / wall
 
 
@@ -270,7 +223,7 @@ LOAD: dict[tuple[str, int], CpuMeter] = {}
 
 async def barge_in_reaction(source: str, calls: int = 20) -> list[float]:
     """Speech start (or the provider's interruption) -> clear received."""
-    reply = speechy(3.0, seed=99)
+    reply = speech_ulaw(3.0, 99, pauses=False)
     talk_at = 1.2
     fake = FakeAssistant(loopback=False, reply=reply, reply_at=0.3,
                          interrupt_after=talk_at if source == "provider" else None)
@@ -284,7 +237,7 @@ async def barge_in_reaction(source: str, calls: int = 20) -> list[float]:
 
         fake._later = timed_later  # type: ignore[method-assign]
     local = source == "vad"
-    caller = frames_of(SILENCE * int(talk_at / FRAME) + speechy(0.8, seed=5)
+    caller = frames_of(SILENCE * int(talk_at / FRAME) + speech_ulaw(0.8, 5, pauses=False)
                        + SILENCE * 50) if local else [SILENCE] * 150
     async with trio.open_nursery() as nursery:
         await nursery.start(fake.serve)
@@ -303,7 +256,7 @@ async def barge_in_reaction(source: str, calls: int = 20) -> list[float]:
 
 async def turn_latency_added(audio: str, calls: int = 10) -> tuple[list[float], list[float]]:
     fake = FakeVapi(VapiScript(response_delay=0.2))
-    caller = frames_of(speechy(0.8, seed=7) + SILENCE * 100)
+    caller = frames_of(speech_ulaw(0.8, 7, pauses=False) + SILENCE * 100)
     async with trio.open_nursery() as nursery:
         await nursery.start(fake.serve)
         sides = await place_calls(

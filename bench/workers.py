@@ -11,7 +11,6 @@ own report.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -19,23 +18,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from voxd.sim.load import Processes, run_load
+from voxd.sim.load import Processes, process_cpu_seconds, process_tree, run_load
 
 SECONDS = 20.0
-
-
-def children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            found += [int(c) for c in f.read().split()]
-    return found
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -43,13 +28,13 @@ async def main(args: argparse.Namespace) -> None:
     try:
         await processes.ready()
         supervisor = processes.voxd.pid
-        pids = [supervisor] + (children(supervisor) if args.workers > 1 else [])
+        pids = process_tree(supervisor)
 
         async def sample() -> None:
             await trio.sleep(8)
-            before, start = {p: cpu_seconds(p) for p in pids}, trio.current_time()
+            before, start = {p: process_cpu_seconds(p) for p in pids}, trio.current_time()
             await trio.sleep(8)
-            after, elapsed = {p: cpu_seconds(p) for p in pids}, trio.current_time() - start
+            after, elapsed = {p: process_cpu_seconds(p) for p in pids}, trio.current_time() - start
             for pid in pids:
                 role = "supervisor" if pid == supervisor and args.workers > 1 else "worker"
                 print(f"{role:10} pid {pid:7d}  {(after[pid] - before[pid]) / elapsed:.3f} cores")

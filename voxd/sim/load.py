@@ -48,15 +48,23 @@ class LoadTestError(VoxdError):
     """The load test could not run (voxd or the upstream unreachable, a bad URL)."""
 
 
-def speech_frames(seconds: float, seed: int = 7) -> list[bytes]:
-    """Speech-like mu-law audio: 1.2 s bursts of syllable-shaped noise, 0.8 s pauses."""
+def speech_ulaw(seconds: float, seed: int = 7, pauses: bool = True) -> bytes:
+    """Speech-like mu-law audio at about -20 dBFS: syllable-shaped noise, in 1.2 s bursts with
+    0.8 s pauses (or without pauses)."""
     rng = np.random.default_rng(seed)
     n = int(seconds * 8000)
     x = np.convolve(rng.standard_normal(n), np.hanning(9) / 4.5, mode="same")
     t = np.arange(n) / 8000
-    x *= (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t)) * ((t % 2.0) < 1.2)
+    x *= 0.6 + 0.4 * np.sin(2 * np.pi * 4 * t)
+    if pauses:
+        x *= (t % 2.0) < 1.2
     x = x / max(1e-9, float(np.max(np.abs(x)))) * 0.3 * 32767
-    ulaw = pcm16_to_ulaw(x.astype("<i2").tobytes())
+    return pcm16_to_ulaw(x.astype("<i2").tobytes())
+
+
+def speech_frames(seconds: float, seed: int = 7) -> list[bytes]:
+    """`speech_ulaw` (with pauses) in whole 20 ms frames."""
+    ulaw = speech_ulaw(seconds, seed)
     return [ulaw[i:i + 160] for i in range(0, len(ulaw) - 159, 160)]
 
 
@@ -282,36 +290,42 @@ class LoadReport:
 Sampler = Callable[[], Awaitable[DaemonSample | None]]
 
 
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants (a voxd supervisor and its workers), from /proc."""
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as children:
+                    todo.extend(int(c) for c in children.read().split())
+        except OSError:
+            pass
+    return pids
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process `pid` so far (/proc/<pid>/stat; never blocks)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_sampler(pid: int) -> Sampler:
     """CPU and RSS of process `pid` and its children (workers), read from /proc: for a
     bridge that has no voxd metrics (bench/peer_bridge.py), or to check them."""
-    tick = os.sysconf("SC_CLK_TCK")
     page = os.sysconf("SC_PAGE_SIZE")
-
-    def tree(root: int) -> list[int]:
-        pids, todo = [], [root]
-        while todo:
-            p = todo.pop()
-            pids.append(p)
-            try:
-                for task in os.listdir(f"/proc/{p}/task"):
-                    with open(f"/proc/{p}/task/{task}/children") as children:
-                        todo.extend(int(c) for c in children.read().split())
-            except OSError:
-                pass
-        return pids
 
     def read() -> tuple[float, float]:  # /proc reads never block
         cpu = rss = 0.0
-        for p in tree(pid):
+        for p in process_tree(pid):
             try:
-                with open(f"/proc/{p}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
+                cpu += process_cpu_seconds(p)
                 with open(f"/proc/{p}/statm") as statm:
                     rss += int(statm.read().split()[1]) * page
             except OSError:
                 continue
-            cpu += (int(fields[11]) + int(fields[12])) / tick
         return cpu, rss
 
     async def sample() -> DaemonSample | None:
@@ -393,18 +407,70 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class VoxdProcess:
+    """`voxd serve` on a free loopback port with a generated config, in its own process.
+    `sections` are voxd.toml's tables; `server.listen` and `server.public_url` are filled in."""
+
+    def __init__(self, sections: dict[str, dict[str, object]],
+                 env: dict[str, str] | None = None, quiet: bool = False) -> None:
+        port = free_port()
+        self.origin = f"http://127.0.0.1:{port}"
+        server = {"listen": f"127.0.0.1:{port}", "public_url": self.origin}
+        sections = {**sections, "server": {**server, **sections.get("server", {})}}
+        text = "".join(f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in
+                                                 values.items()) for name, values in
+                       sections.items())
+        fd, path = tempfile.mkstemp(suffix=".toml")
+        os.write(fd, text.encode())
+        os.close(fd)
+        self.config = Path(path)
+        self.proc = subprocess.Popen([sys.executable, "-m", "voxd", "serve", "--config", path],
+                                     env={**os.environ, **(env or {})},
+                                     stderr=subprocess.DEVNULL if quiet else None)
+
+    @property
+    def webhook_url(self) -> str:
+        return self.origin + "/twilio/voice"
+
+    async def ready(self) -> None:
+        async with httpx.AsyncClient() as client:
+            for _ in range(300):
+                if self.proc.poll() is not None:
+                    raise LoadTestError(f"voxd serve exited with {self.proc.returncode}")
+                try:
+                    if (await client.get(self.origin + "/readyz")).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                await trio.sleep(0.05)
+        raise LoadTestError("voxd did not become ready within 15 s")
+
+    def stop(self) -> None:
+        stop_processes([self.proc])
+        self.config.unlink(missing_ok=True)
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Terminate, then wait (killing what does not stop within 10 s)."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 class Processes:
     """`voxd echo-upstream` and `voxd serve` (configured to use it), each its own process."""
 
     def __init__(self, audio: str, workers: int, calls: int,
                  extra: dict[str, dict[str, object]] | None = None,
                  reply_after_ms: float = 0) -> None:
-        echo_port, port = free_port(), free_port()
-        self.origin = f"http://127.0.0.1:{port}"
+        echo_port = free_port()
         self.token = secrets.token_hex(16)
         sections: dict[str, dict[str, object]] = {
-            "server": {"listen": f"127.0.0.1:{port}", "public_url": self.origin,
-                       "workers": workers, "max_connections": 4 * calls + 100,
+            "server": {"workers": workers, "max_connections": 4 * calls + 100,
                        "max_connections_per_address": 4 * calls + 100},
             "assistant": {"provider": "websocket", "audio": audio},
             "websocket": {"url": f"ws://127.0.0.1:{echo_port}/"},
@@ -415,44 +481,18 @@ class Processes:
         }
         for name, values in (extra or {}).items():
             sections.setdefault(name, {}).update(values)
-        text = "".join(f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in
-                                                 values.items()) for name, values in
-                       sections.items())
-        fd, path = tempfile.mkstemp(suffix=".toml")
-        os.write(fd, text.encode())
-        os.close(fd)
-        self.config = Path(path)
-        env = {**os.environ, "VOXD_TWILIO_AUTH_TOKEN": self.token}
         self.echo = subprocess.Popen([sys.executable, "-m", "voxd", "echo-upstream", "--listen",
                                       f"127.0.0.1:{echo_port}", "--reply-after-ms",
                                       str(reply_after_ms)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        self.voxd = subprocess.Popen([sys.executable, "-m", "voxd", "serve", "--config", path],
-                                     env=env)
-
-    @property
-    def webhook_url(self) -> str:
-        return self.origin + "/twilio/voice"
+        self.daemon = VoxdProcess(sections, {"VOXD_TWILIO_AUTH_TOKEN": self.token})
+        self.voxd = self.daemon.proc
+        self.origin = self.daemon.origin
+        self.webhook_url = self.daemon.webhook_url
 
     async def ready(self) -> None:
-        async with httpx.AsyncClient() as client:
-            for _ in range(300):
-                if self.voxd.poll() is not None:
-                    raise LoadTestError(f"voxd serve exited with {self.voxd.returncode}")
-                try:
-                    if (await client.get(self.origin + "/readyz")).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                await trio.sleep(0.05)
-        raise LoadTestError("voxd did not become ready within 15 s")
+        await self.daemon.ready()
 
     def stop(self) -> None:
-        for proc in (self.voxd, self.echo):
-            proc.terminate()
-        for proc in (self.voxd, self.echo):
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        self.config.unlink(missing_ok=True)
+        stop_processes([self.voxd, self.echo])
+        self.daemon.config.unlink(missing_ok=True)
