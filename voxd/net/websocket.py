@@ -74,8 +74,8 @@ class WebSocket:
     """An open WebSocket (the handshake is done): whole messages in, whole messages out."""
 
     __slots__ = ("_backlog", "_broken", "_closed", "_closing", "_messages", "_parts",
-                 "_pings", "_proto", "_sending", "_stream", "_too_big", "_write_done",
-                 "close_wait")
+                 "_parts_text", "_pings", "_proto", "_sending", "_stream", "_too_big",
+                 "_write_done", "close_wait")
 
     def __init__(self, stream: trio.abc.Stream, protocol: Protocol,
                  close_wait: float = CLOSE_WAIT_SECONDS) -> None:
@@ -85,6 +85,7 @@ class WebSocket:
         """How long `close` waits for the peer's answering close frame before closing TCP."""
         self._messages: deque[str | bytes] = deque()
         self._parts: list[bytes] = []
+        self._parts_text = False
         self._pings: dict[bytes, trio.Event] = {}
         self._sending = False
         self._write_done: trio.Event | None = None
@@ -146,28 +147,29 @@ class WebSocket:
 
     def _frame(self, opcode: Opcode, data: bytes | bytearray, fin: bool) -> None:
         """One frame received (unmasked frames, from a server, come as bytearray). The
-        protocol has checked the order of fragments and the size limit."""
-        if opcode is _TEXT or opcode is _BINARY:
-            if fin:
-                message = (self._text(data) if opcode is _TEXT else
-                           data if type(data) is bytes else bytes(data))
-                if message is not None:
-                    self._messages.append(message)
-            else:
-                self._parts = [b"T" if opcode is _TEXT else b"B", bytes(data)]
-        elif opcode is _CONT:
+        protocol has checked the order of fragments and the size limit, and answers pings
+        and closes itself."""
+        if opcode is _CONT:
             self._parts.append(bytes(data))
-            if fin:
-                kind, *parts = self._parts
-                self._parts = []
-                whole = b"".join(parts)
-                message = self._text(whole) if kind == b"T" else whole
-                if message is not None:
-                    self._messages.append(message)
-        elif opcode is _PONG:
-            waiter = self._pings.pop(bytes(data), None)
-            if waiter is not None:
-                waiter.set()
+            if not fin:
+                return
+            data, text = b"".join(self._parts), self._parts_text
+            self._parts = []
+        elif opcode is _TEXT or opcode is _BINARY:
+            text = opcode is _TEXT
+            if not fin:
+                self._parts, self._parts_text = [bytes(data)], text
+                return
+        else:
+            if opcode is _PONG:
+                waiter = self._pings.pop(bytes(data), None)
+                if waiter is not None:
+                    waiter.set()
+            return
+        if not text:
+            self._messages.append(data if type(data) is bytes else bytes(data))
+        elif (message := self._text(data)) is not None:
+            self._messages.append(message)
 
     def _text(self, data: bytes | bytearray) -> str | None:
         """The text of a message; None (and the socket failed with 1007) if not UTF-8."""
@@ -186,7 +188,7 @@ class WebSocket:
         error = proto.parser_exc
         if isinstance(error, PayloadTooBig):
             self._set_closed(1009, "message too big")
-            size = (getattr(error, "size", None) or 0) + (getattr(error, "current_size", 0) or 0)
+            size = (error.size or 0) + (error.current_size or 0)
             self._too_big = MessageTooBig(max(size, self.max_message_bytes + 1),
                                           self.max_message_bytes)
         elif proto.close_rcvd is not None and error is None:

@@ -71,19 +71,15 @@ class WebSocketAssistant:
         self._end_message = end_message
         self._warnings = 0
 
-    async def send_audio(self, chunk: bytes) -> None:
-        """Caller audio as one binary frame (the per-frame path: no further layer)."""
-        try:
-            await self._ws.send(chunk)
-        except ConnectionClosed as exc:
-            raise UpstreamError(f"{self._what} connection closed ({_reason(exc)})") from None
-
     async def send(self, message: bytes | str) -> None:
         """One frame to the assistant (binary for bytes, text for str)."""
         try:
             await self._ws.send(message)
         except ConnectionClosed as exc:
             raise UpstreamError(f"{self._what} connection closed ({_reason(exc)})") from None
+
+    send_audio = send
+    """Caller audio as one binary frame (the same method: no extra layer per frame)."""
 
     async def receive(self) -> AssistantEvent:
         """The next audio or control event; unreadable control messages are logged, skipped."""
