@@ -1,20 +1,27 @@
 """Calls per core: voxd's CPU, memory, losses and delay per call at 1..200 concurrent calls, in
-both audio modes, next to the reference bridge (bench/peer_bridge.py) measured the same way.
+both audio modes, next to the reference bridge (bench/peer_bridge.py: asyncio, the tutorial
+way) and the trio floor (bench/floor_bridge.py: the same bare pass-through on voxd's own
+transport) measured the same way.
 
 Run: .venv/bin/pip install -q -e '.[bench]' && .venv/bin/python bench/calls_per_core.py
-     [--calls 1,25,50,100,200] [--seconds 20] [--skip-peer] [--workers-check 200]
+     [--calls 1,25,50,100,200] [--seconds 20] [--repeat 1] [--skip-peer] [--workers-check 200]
 
 Every bridge runs in its own process against the same echo upstream process (`voxd
 echo-upstream`), loaded by `voxd loadtest`'s calls (real-time 20 ms frames, signed webhooks,
 marks echoed). CPU and RSS are read from /proc for the bridge's process tree over the steady
-window (all calls up), so voxd and the peer are measured identically.
+window (all calls up), so every bridge is measured identically. This box's CPU figures vary
+by about +-10% from run to run: --repeat interleaves the bridges and reports medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -43,21 +50,22 @@ async def measure_voxd(audio: str, calls: int, seconds: float, workers: int = 1)
         processes.stop()
 
 
-def start_peer() -> tuple[int, list[subprocess.Popen[bytes]]]:
+def start_bridge(script: str) -> tuple[int, list[subprocess.Popen[bytes]]]:
     echo_port, port = free_port(), free_port()
     echo = subprocess.Popen([sys.executable, "-m", "voxd", "echo-upstream", "--listen",
                              f"127.0.0.1:{echo_port}"], stdout=subprocess.DEVNULL)
-    peer = subprocess.Popen([sys.executable, str(ROOT / "bench" / "peer_bridge.py"), "--port",
-                             str(port), "--upstream", f"ws://127.0.0.1:{echo_port}/"])
-    return port, [peer, echo]
+    bridge = subprocess.Popen([sys.executable, str(ROOT / "bench" / script), "--port",
+                               str(port), "--upstream", f"ws://127.0.0.1:{echo_port}/"])
+    return port, [bridge, echo]
 
 
-async def measure_peer(calls: int, seconds: float) -> LoadReport:
-    port, (peer, echo) = start_peer()
+async def measure_bridge(script: str, calls: int, seconds: float) -> LoadReport:
+    """bench/peer_bridge.py or bench/floor_bridge.py, loaded like voxd."""
+    port, (peer, echo) = start_bridge(script)
     try:
         await trio.sleep(1.5)
         if peer.poll() is not None:
-            raise LoadTestError("the peer bridge did not start (pip install -e '.[bench]')")
+            raise LoadTestError(f"bench/{script} did not start (pip install -e '.[bench]')")
         return await run_load(f"http://127.0.0.1:{port}/twilio/voice", calls, seconds,
                               sampler=proc_sampler(peer.pid))
     finally:
@@ -73,34 +81,47 @@ def row(name: str, calls: int, report: LoadReport) -> str:
 
 async def main(args: argparse.Namespace) -> None:
     counts = [int(n) for n in args.calls.split(",")]
+    bridges: list[tuple[str, Callable[[int, float], Awaitable[LoadReport]]]] = [
+        ("voxd mulaw", partial(measure_voxd, "mulaw")),
+        ("voxd pcm16", partial(measure_voxd, "pcm16")),
+    ]
+    if not args.skip_peer:
+        bridges += [("peer (asyncio) mulaw", partial(measure_bridge, "peer_bridge.py")),
+                    ("floor (trio) mulaw", partial(measure_bridge, "floor_bridge.py"))]
     print(f"{'bridge':22}{'calls':>6}{'%core/call':>10}{'cores':>8}{'kB/call':>9}{'lost':>7}"
           f"{'failed':>7}{'rtt p50':>9}{'rtt p99':>9}", flush=True)
-    peer: dict[int, LoadReport] = {}
-    voxd_mulaw: dict[int, LoadReport] = {}
+    cost: dict[tuple[str, int], list[float]] = defaultdict(list)
     for calls in counts:
-        for audio in ("mulaw", "pcm16"):
-            report = await measure_voxd(audio, calls, args.seconds)
-            if audio == "mulaw":
-                voxd_mulaw[calls] = report
-            print(row(f"voxd {audio}", calls, report), flush=True)
-        if not args.skip_peer:
-            peer[calls] = await measure_peer(calls, args.seconds)
-            print(row("peer (asyncio) mulaw", calls, peer[calls]), flush=True)
+        for _ in range(args.repeat):  # interleaved: a slow minute of the box hits all alike
+            for name, measure in bridges:
+                report = await measure(calls, args.seconds)
+                cost[name, calls].append(report.figures()["cpu_per_call_pct"])
+                print(row(name, calls, report), flush=True)
     if args.workers_check:
         report = await measure_voxd("pcm16", args.workers_check, args.seconds, workers=2)
         print(row("voxd pcm16 workers=2", args.workers_check, report), flush=True)
-    if peer:
-        ratios = [f"{n} calls {peer[n].figures()['cpu_per_call_pct'] / cost:.2f}x"
-                  for n, v in voxd_mulaw.items() if n in peer
-                  for cost in [v.figures()["cpu_per_call_pct"]]]
-        print("\npeer CPU per call / voxd's (mulaw): " + ", ".join(ratios))
+    print(f"\nmedians of {args.repeat} run(s), % of a core per call"
+          + ("" if args.skip_peer else "; peer/voxd > 1 means voxd is cheaper"))
+    for calls in counts:
+        med = {name: statistics.median(cost[name, calls]) for name, _ in bridges}
+        line = f"{calls:4d} calls: " + ", ".join(
+            f"{name} {value:.2f} ({min(cost[name, calls]):.2f}-{max(cost[name, calls]):.2f})"
+            for name, value in med.items())
+        if not args.skip_peer and med["voxd mulaw"] > 0:
+            voxd = med["voxd mulaw"]
+            line += (f"; peer/voxd {med['peer (asyncio) mulaw'] / voxd:.2f}x, floor/voxd "
+                     f"{med['floor (trio) mulaw'] / voxd:.2f}x")
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", default="1,25,50,100,200")
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--skip-peer", action="store_true",
+                        help="measure voxd only (not the asyncio peer and the trio floor)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="R",
+                        help="measure every bridge R times at each call count, interleaved")
     parser.add_argument("--workers-check", type=int, default=200, metavar="N",
                         help="also run N pcm16 calls with server.workers = 2 (0: skip)")
     trio.run(main, parser.parse_args())
