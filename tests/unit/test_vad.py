@@ -90,7 +90,16 @@ def test_ulaw_energy_matches_decoded_energy() -> None:
     rng = np.random.default_rng(1)
     frame = rng.integers(0, 256, 160, dtype=np.uint8).tobytes()
     assert frame_energy_dbfs_ulaw(frame) == pytest.approx(
-        frame_energy_dbfs_pcm16(ulaw_to_pcm16(frame)), abs=1e-9
+        frame_energy_dbfs_pcm16(ulaw_to_pcm16(frame)), abs=1e-4
+    )
+
+
+@pytest.mark.parametrize("code", [0x00, 0x10, 0x40, 0x70, 0x7E, 0x80, 0xC0, 0xFE])
+def test_ulaw_energy_matches_decoded_energy_at_every_level(code: int) -> None:
+    """Loud to barely above silence: decoded by audioop, summed in double precision."""
+    frame = bytes([code, 0xFF, code ^ 0x80, code]) * 40
+    assert frame_energy_dbfs_ulaw(frame) == pytest.approx(
+        frame_energy_dbfs_pcm16(ulaw_to_pcm16(frame)), abs=1e-4
     )
 
 
