@@ -194,6 +194,25 @@ class WsTwilioSocket:
         except ConnectionClosed as exc:
             raise CallerDisconnected(f"socket gone while sending ({exc})") from None
 
+    @property
+    def writing(self) -> bool:
+        """A send is in progress (see `voxd.call.playback.Direct`)."""
+        return self._ws.writing
+
+    def send_nowait(self, text: str) -> bool:
+        """Send one text frame to Twilio without waiting; False if part of it is owed."""
+        try:
+            return self._ws.send_nowait(text)
+        except ConnectionClosed as exc:
+            raise CallerDisconnected(f"socket gone while sending ({exc})") from None
+
+    async def flush(self) -> None:
+        """Write what `send_nowait` left owed."""
+        try:
+            await self._ws.flush()
+        except ConnectionClosed as exc:
+            raise CallerDisconnected(f"socket gone while sending ({exc})") from None
+
     async def close(self, code: int = 1000) -> None:
         """Close the socket once (quietly, if the peer is already gone)."""
         await self._ws.close(code)

@@ -208,23 +208,35 @@ async def test_an_oversized_media_payload_is_refused(start_voxd, caplog):
 
 
 async def test_a_twilio_that_stops_reading_ends_the_call(start_voxd, caplog, monkeypatch):
-    """A stalled reader (its TCP window shut: every send blocks) is simulated at the socket
-    adapter: after 5 frames of the assistant's answer, sends never complete."""
+    """A stalled reader (its TCP window shut) is simulated at the socket adapter: after 5
+    frames of the assistant's answer, a send never completes, a send without waiting leaves
+    all of its frame owed, and writing what is owed never completes."""
     from voxd.app import WsTwilioSocket
 
     caplog.set_level(logging.INFO)
-    real_send = WsTwilioSocket.send
+    real_send, real_send_nowait = WsTwilioSocket.send, WsTwilioSocket.send_nowait
     sent = 0
 
-    async def stalling_send(self, text: str) -> None:
+    def stalled(text: str) -> bool:
         nonlocal sent
         if '"media"' in text:
             sent += 1
-            if sent > 5:
-                await trio.sleep_forever()
+        return sent > 5
+
+    async def stalling_send(self, text: str) -> None:
+        if stalled(text):
+            await trio.sleep_forever()
         await real_send(self, text)
 
+    def stalling_send_nowait(self, text: str) -> bool:
+        return False if stalled(text) else real_send_nowait(self, text)
+
+    async def stalling_flush(self) -> None:
+        await trio.sleep_forever()
+
     monkeypatch.setattr(WsTwilioSocket, "send", stalling_send)
+    monkeypatch.setattr(WsTwilioSocket, "send_nowait", stalling_send_nowait)
+    monkeypatch.setattr(WsTwilioSocket, "flush", stalling_flush)
     voxd = await start_voxd(assistant={"audio": "mulaw"}, call={"send_timeout": 0.5})
     caller = np.concatenate([burst(0.6), silence(4.0)])
     with trio.fail_after(4):

@@ -100,3 +100,20 @@ async def test_a_stream_closed_while_it_yields_never_touches_a_reused_descriptor
         assert others[0].recv(100) == b"another call's audio"  # nobody else took it
         for s in [*others, _writer.socket]:
             s.close()
+
+
+async def test_send_nowait_writes_what_the_socket_takes_and_never_waits():
+    sender, receiver = pair()
+    written = sender.send_nowait(b"x" * 100)
+    assert written == 100
+    total = 0
+    while (n := sender.send_nowait(b"y" * 65536)) > 0:  # the peer does not read: it fills
+        total += n
+    assert sender.send_nowait(b"z") == 0  # full: nothing written, no wait
+    got = 0
+    while got < 100 + total:
+        got += len(await receiver.receive_some())
+    assert got == 100 + total
+    await sender.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        sender.send_nowait(b"after close")

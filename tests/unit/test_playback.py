@@ -23,6 +23,9 @@ class Twilio:
         self.marked = trio.Event()
 
     async def send(self, text: str) -> None:
+        self.record(text)
+
+    def record(self, text: str) -> None:
         message = json.loads(text)
         self.sent.append((trio.current_time(), message))
         if message["event"] == "mark":
@@ -36,15 +39,48 @@ class Twilio:
         return [m["event"] for _, m in self.sent]
 
 
-@pytest.fixture
-async def playout(nursery):
+class Direct:
+    """Twilio's socket written without waiting (`voxd.call.playback.Direct`). After `cut_after`
+    frames the socket takes no more: the rest is owed until `unstall` is set."""
+
+    def __init__(self, twilio: Twilio, cut_after: int | None = None) -> None:
+        self.twilio = twilio
+        self.cut_after = cut_after
+        self.writing = False
+        self.taken = 0
+        self.owed: list[str] = []
+        self.unstall = trio.Event()
+
+    def send_nowait(self, text: str) -> bool:
+        if self.owed or (self.cut_after is not None and self.taken >= self.cut_after):
+            self.owed.append(text)
+            return False
+        self.taken += 1
+        self.twilio.record(text)
+        return True
+
+    async def flush(self) -> None:
+        self.writing = True
+        await self.unstall.wait()
+        for text in self.owed:
+            self.twilio.record(text)
+        self.owed.clear()
+        self.writing = False
+
+
+@pytest.fixture(params=["playout task only", "sent inline while idle"])
+async def playout(nursery, request):
     """(make, twilio): tests request `autojump_clock` themselves (pytest-trio looks for the
-    clock among the test's own fixtures), so virtual time makes the timing exact."""
+    clock among the test's own fixtures), so virtual time makes the timing exact. Every test
+    runs twice: with the playout task sending everything, and with `enqueue` sending frames
+    itself while the playout is idle: what Twilio gets, and when, must be the same."""
     stream = MediaStream()
     stream.receive(START)
     twilio = Twilio()
 
     def make(**kw) -> Playback:
+        if request.param == "sent inline while idle":
+            kw.setdefault("direct", Direct(twilio))
         playback = Playback(twilio.send, stream, **kw)
         nursery.start_soon(playback.run)
         return playback
@@ -156,3 +192,45 @@ async def test_the_echo_reference_follows_what_plays_not_what_was_sent(playout, 
     assert playback.echo_level(trio.current_time()) > -19.0
     await trio.sleep(0.2)  # the softer part plays now: the loud part's echo decays away
     assert -23.0 < playback.echo_level(trio.current_time()) < -19.0
+
+
+async def test_a_frame_the_socket_cannot_take_is_owed_and_the_rest_queue_behind_it(
+        nursery, autojump_clock):
+    """Twilio stops reading after 3 frames: the enqueuing task never waits, the later frames
+    queue (stall detection sees them held), and once the socket drains all arrive in order."""
+    stream = MediaStream()
+    stream.receive(START)
+    twilio = Twilio()
+    direct = Direct(twilio, cut_after=3)
+    playback = Playback(twilio.send, stream, lead=0.2, direct=direct)
+    nursery.start_soon(playback.run)
+    await trio.sleep(0.01)  # the playout is idle
+    frames = [bytes([i]) * 160 for i in range(1, 9)]
+    with trio.fail_after(0.001):  # no wait in the enqueuing task
+        for frame in frames[:4]:
+            await playback.enqueue(frame)
+    assert len(twilio.media()) == 3 and len(direct.owed) == 1
+    for frame in frames[4:]:
+        await playback.enqueue(frame)
+    await trio.sleep(0.5)
+    assert playback.held_seconds > 0.0 and playback.frames_sent == 4  # held: no progress
+    direct.unstall.set()
+    await trio.sleep(1)
+    assert [p for _, p in twilio.media()] == frames
+
+
+async def test_audio_enqueued_right_after_an_interrupt_goes_out_after_the_clear(
+        nursery, autojump_clock):
+    stream = MediaStream()
+    stream.receive(START)
+    twilio = Twilio()
+    playback = Playback(twilio.send, stream, direct=Direct(twilio))
+    nursery.start_soon(playback.run)
+    await trio.sleep(0.01)
+    await playback.enqueue(b"\x01" * 160 * 5)
+    assert len(twilio.media()) == 5  # sent inline, at once
+    playback.interrupt()
+    await playback.enqueue(b"\x02" * 160)  # before the playout had a chance to run
+    await trio.sleep(0.5)
+    assert twilio.events() == ["media"] * 5 + ["clear", "media"]
+    assert twilio.media()[-1][1] == b"\x02" * 160

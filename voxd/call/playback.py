@@ -13,8 +13,13 @@ frame only while Twilio holds less than `lead` seconds, so:
 - the lead absorbs network and scheduling jitter, so the caller never hears a gap.
 The lead adds no delay: the first frames of a reply go out at once.
 
-One task (`run`, the playout) sends everything to Twilio: media, `clear` and marks, in the
-order the call asked for them. `enqueue` and `interrupt` only change state and wake it.
+One task (`run`, the playout) sends to Twilio: media, `clear` and marks, in the order the call
+asked for them. `enqueue` and `interrupt` only change state and wake it, with one exception
+that saves a task switch per frame: while the playout is idle (nothing queued or owed) and no
+write is in progress, `enqueue` sends the frames that pacing allows itself, without waiting
+(`Direct.send_nowait`). The socket takes them at once, or the rest is owed and the playout
+flushes it; so the enqueuing task never waits on Twilio, and audio that cannot go out queues
+here as before (stall detection sees it).
 A `clear` echoes every pending mark without playing the audio, so marks are not proof of
 hearing; voxd uses them to confirm the end of playback, and tracks what it cleared itself.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Protocol, runtime_checkable
 
 import trio
 
@@ -33,6 +39,25 @@ from voxd.audio.vad import ENERGY_FLOOR_DBFS, frame_energy_dbfs_ulaw
 from voxd.twilio.protocol import MediaStream
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Direct(Protocol):
+    """Twilio's socket, written without waiting (voxd's own media path provides it)."""
+
+    @property
+    def writing(self) -> bool:
+        """A task is writing: `send_nowait` must not be used now."""
+        ...
+
+    def send_nowait(self, text: str) -> bool:
+        """Send one text frame at once; True if it went out whole, False if the rest is owed
+        (`flush` writes it; later frames queue behind it)."""
+        ...
+
+    async def flush(self) -> None:
+        """Write what `send_nowait` left owed."""
+        ...
 
 FRAME_BYTES = 160
 FRAME_SECONDS = 0.020
@@ -58,8 +83,12 @@ class Playback:
         max_queue_seconds: float = 60.0,
         on_burst: Callable[[float], str | None] | None = None,
         resume_after: float = 0.3,
+        direct: Direct | None = None,
     ) -> None:
         self._send = send
+        self._direct = direct
+        self._idle = False  # the playout waits for work, with nothing queued or owed
+        self._flush_owed = False
         self._on_burst = on_burst
         self._protocol = protocol
         self.lead = lead
@@ -142,14 +171,38 @@ class Playback:
         frames = self._cutter.push(ulaw)
         if frames:
             self._queue.extend(frames)
-            self._wake.set()
+            if self._idle and self._direct is not None and not self._direct.writing:
+                self._send_now()
+                if not (self._queue or self._flush_owed or self._cutter.pending):
+                    return  # all sent: the playout stays idle
+            self._kick()
 
     def flush(self) -> None:
         """Queue a held partial frame, padded with silence (the assistant paused or ended)."""
         frame = self._cutter.flush()
         if frame is not None:
             self._queue.append(frame)
-            self._wake.set()
+            self._kick()
+
+    def _kick(self) -> None:
+        """Wake the playout: it has work (and is not idle from now on)."""
+        self._idle = False
+        self._wake.set()
+
+    def _send_now(self) -> None:
+        """Send what pacing allows from the enqueuing task, without waiting (the playout is
+        idle and no write is in progress). What the socket does not take at once is owed to
+        the playout, and the frames after it stay queued."""
+        assert self._direct is not None
+        send_nowait = self._direct.send_nowait
+        queue = self._queue
+        now = trio.current_time()
+        while queue and max(self._play_end, now) + FRAME_SECONDS - now <= self.lead + _EPSILON:
+            mark, media = self._take(now)
+            whole = send_nowait(mark) if mark is not None else True
+            if not (send_nowait(media) and whole):
+                self._flush_owed = True
+                return
 
     def interrupt(self, mute: bool = False) -> float:
         """Drop all unplayed assistant audio now (voxd's queue at once, Twilio's by a `clear`
@@ -168,7 +221,7 @@ class Playback:
         if self._sent_since_clear:
             self._clear_owed = True
             self._sent_since_clear = False
-            self._wake.set()
+            self._kick()
             self._urgent.set()
         self._room.set()
         return dropped
@@ -185,7 +238,7 @@ class Playback:
         self.flush()
         done = self._marks_played[END_MARK] = trio.Event()
         self._mark_owed = END_MARK
-        self._wake.set()
+        self._kick()
         self._urgent.set()
         with trio.move_on_after(self.held_seconds + self.queued_seconds + grace):
             await done.wait()
@@ -198,9 +251,12 @@ class Playback:
         """Send queued audio to Twilio, paced to stay `lead` ahead of real time. Runs for the
         life of the call."""
         queue = self._queue
-        media = self._protocol.media
         send = self._send
         while True:
+            if self._flush_owed:  # the rest of a frame `enqueue` sent goes first
+                self._flush_owed = False
+                assert self._direct is not None
+                await self._direct.flush()
             if self._clear_owed:
                 self._clear_owed = False
                 await send(self._protocol.clear())
@@ -218,7 +274,11 @@ class Playback:
                     if not queue and not self._clear_owed:
                         self.flush()
                 else:
-                    await self._wake.wait()
+                    self._idle = True
+                    try:
+                        await self._wake.wait()
+                    finally:
+                        self._idle = False
                 continue
             now = trio.current_time()
             # Send the next frame only if Twilio then holds at most `lead`; else wait until it
@@ -229,21 +289,31 @@ class Playback:
                 with trio.move_on_at(ends_at - self.lead):
                     await self._urgent.wait()  # an interrupt must not wait for the pacing
                 continue
-            frame = queue.popleft()
-            if len(queue) < self._max_frames:
-                self._room.set()
-            if now >= self._play_end:
-                new_burst = now >= self._play_end + BURST_GAP or self.bursts == 0
-                self._play_end = now
-                if new_burst:
-                    self.bursts += 1
-                    self._burst_frames = 0
-                    mark = self._on_burst(now) if self._on_burst is not None else None
-                    if mark is not None:  # before the frame: echoed when the answer starts
-                        await send(self._protocol.mark(mark))
-            self._play_end += FRAME_SECONDS
-            self._burst_frames += 1
-            self._unplayed.append((self._play_end, frame_energy_dbfs_ulaw(frame)))
-            self._sent_since_clear = True
-            self.frames_sent += 1
-            await send(media(frame))
+            mark, media = self._take(now)
+            if mark is not None:
+                await send(mark)
+            await send(media)
+
+    def _take(self, now: float) -> tuple[str | None, str]:
+        """Take the next frame off the queue as sent at `now`: the mark to send before it (the
+        start of a new burst, if `on_burst` names one) and its media message."""
+        queue = self._queue
+        frame = queue.popleft()
+        if len(queue) < self._max_frames:
+            self._room.set()
+        mark = None
+        if now >= self._play_end:
+            new_burst = now >= self._play_end + BURST_GAP or self.bursts == 0
+            self._play_end = now
+            if new_burst:
+                self.bursts += 1
+                self._burst_frames = 0
+                name = self._on_burst(now) if self._on_burst is not None else None
+                if name is not None:  # before the frame: echoed when the answer starts
+                    mark = self._protocol.mark(name)
+        self._play_end += FRAME_SECONDS
+        self._burst_frames += 1
+        self._unplayed.append((self._play_end, frame_energy_dbfs_ulaw(frame)))
+        self._sent_since_clear = True
+        self.frames_sent += 1
+        return mark, self._protocol.media(frame)

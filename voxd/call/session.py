@@ -34,7 +34,7 @@ import trio
 
 from voxd.audio.transcode import InboundTranscoder, OutboundTranscoder
 from voxd.audio.vad import ENERGY_FLOOR_DBFS, frame_energy_dbfs_ulaw
-from voxd.call.playback import Playback
+from voxd.call.playback import Direct, Playback
 from voxd.call.turns import TurnTimer
 from voxd.call.upstream_feed import UpstreamFeed
 from voxd.config import Settings
@@ -250,7 +250,8 @@ class CallSession:
                             lead=barge_in.playback_lead_ms / 1000,
                             max_queue_seconds=call.playback_queue_seconds,
                             on_burst=lambda at: self._answer_started(turns, at),
-                            resume_after=barge_in.resume_after_ms / 1000)
+                            resume_after=barge_in.resume_after_ms / 1000,
+                            direct=self.socket if isinstance(self.socket, Direct) else None)
         speech_tx, speech_rx = trio.open_memory_channel[float](8)
         try:
             async with trio.open_nursery() as nursery:

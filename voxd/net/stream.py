@@ -107,6 +107,17 @@ class DirectStream(trio.abc.HalfCloseableStream):
             except OSError as exc:
                 raise _broken(exc) from exc
 
+    def send_nowait(self, data: bytes) -> int:
+        """Write what the socket takes now, without waiting: the number of bytes written (0 if
+        it is full). Only when no other task is sending."""
+        self._check_open()
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise _broken(exc) from exc
+
     async def wait_send_all_might_not_block(self) -> None:
         self._check_open()
         await wait_writable(self._fd)

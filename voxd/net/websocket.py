@@ -73,7 +73,7 @@ class MessageTooBig(Exception):
 class WebSocket:
     """An open WebSocket (the handshake is done): whole messages in, whole messages out."""
 
-    __slots__ = ("_backlog", "_broken", "_closed", "_closing", "_messages", "_parts",
+    __slots__ = ("_backlog", "_broken", "_closed", "_closing", "_messages", "_owed", "_parts",
                  "_parts_text", "_pings", "_proto", "_sending", "_stream", "_too_big",
                  "_write_done", "close_wait")
 
@@ -91,6 +91,7 @@ class WebSocket:
         self._write_done: trio.Event | None = None
         self._broken = False
         self._backlog: list[bytes] = []
+        self._owed = b""  # the rest of a `send_nowait` the socket did not take at once
         self._closed: ConnectionClosed | None = None
         self._too_big: MessageTooBig | None = None
         self._closing = False
@@ -222,6 +223,47 @@ class WebSocket:
             proto.send_binary(message)  # type: ignore[arg-type]
         await self._write(b"".join(proto.data_to_send()))
 
+    @property
+    def writing(self) -> bool:
+        """A task is writing (`send_nowait` must not be called then)."""
+        return self._sending
+
+    @property
+    def owes(self) -> bool:
+        """Part of a `send_nowait` message is still to be written (by `flush`, or first thing
+        by the next write)."""
+        return bool(self._owed)
+
+    def send_nowait(self, message: str | bytes) -> bool:
+        """Send one message without waiting, when no task is `writing`: the socket takes what
+        it can now and the rest is owed (sent first by the next write; `flush` sends it). True
+        if the whole message went out. The caller makes sure the rest does get flushed."""
+        assert not self._sending, "send_nowait while another task is writing"
+        self._check_open()
+        proto = self._proto
+        if type(message) is str:
+            proto.send_text(message.encode())
+        else:
+            proto.send_binary(message)  # type: ignore[arg-type]
+        data = b"".join(proto.data_to_send())
+        if self._owed:
+            self._owed += data
+            return False
+        try:
+            sent = self._stream.send_nowait(data)  # type: ignore[attr-defined]
+        except _GONE:
+            self._set_closed(1006, "connection lost")
+            raise ConnectionClosed(1006, "connection lost") from None
+        if sent == len(data):
+            return True
+        self._owed = data[sent:]
+        return False
+
+    async def flush(self) -> None:
+        """Write what `send_nowait` left owed (waiting for the socket as long as it takes)."""
+        if self._owed:
+            await self._write(b"")
+
     async def ping(self) -> None:
         """Send a ping and return when its pong arrives (read by whichever task is receiving:
         a pong is only seen by a reader). ConnectionClosed if the socket closes first."""
@@ -253,6 +295,8 @@ class WebSocket:
         if self._broken:
             raise ConnectionClosed(1006, "a send was cut off mid-frame")
         self._sending = True
+        if self._owed:  # the rest of a send_nowait goes first
+            data, self._owed = self._owed + data, b""
         try:
             await self._stream.send_all(data)
             while self._backlog:
@@ -294,7 +338,7 @@ class WebSocket:
             if proto.state is _OPEN:
                 proto.send_close(code, reason)
             owed = b"".join(proto.data_to_send())
-            if owed:
+            if owed or self._owed:
                 await self._write(owed)
             if proto.state is _CLOSING and proto.close_rcvd is None and not proto.eof_sent:
                 with trio.move_on_after(self.close_wait):
