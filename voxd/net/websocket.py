@@ -213,15 +213,19 @@ class WebSocket:
             raise ConnectionClosed(1006 if self._closed is None else self._closed.code,
                                    "socket closed")
 
-    async def send(self, message: str | bytes) -> None:
-        """Send one message (str as text, bytes as binary)."""
+    def _framed(self, message: str | bytes) -> bytes:
+        """One message as the bytes of its frame (str as text, bytes as binary)."""
         self._check_open()
         proto = self._proto
         if type(message) is str:
             proto.send_text(message.encode())
         else:
             proto.send_binary(message)  # type: ignore[arg-type]
-        await self._write(b"".join(proto.data_to_send()))
+        return b"".join(proto.data_to_send())
+
+    async def send(self, message: str | bytes) -> None:
+        """Send one message (str as text, bytes as binary)."""
+        await self._write(self._framed(message))
 
     @property
     def writing(self) -> bool:
@@ -239,13 +243,7 @@ class WebSocket:
         it can now and the rest is owed (sent first by the next write; `flush` sends it). True
         if the whole message went out. The caller makes sure the rest does get flushed."""
         assert not self._sending, "send_nowait while another task is writing"
-        self._check_open()
-        proto = self._proto
-        if type(message) is str:
-            proto.send_text(message.encode())
-        else:
-            proto.send_binary(message)  # type: ignore[arg-type]
-        data = b"".join(proto.data_to_send())
+        data = self._framed(message)
         if self._owed:
             self._owed += data
             return False
