@@ -36,6 +36,7 @@ from voxd.sim.load import (  # noqa: E402
     free_port,
     proc_sampler,
     run_load,
+    start_echo,
     stop_processes,
 )
 
@@ -51,9 +52,8 @@ async def measure_voxd(audio: str, calls: int, seconds: float, workers: int = 1)
 
 
 def start_bridge(script: str) -> tuple[int, list[subprocess.Popen[bytes]]]:
-    echo_port, port = free_port(), free_port()
-    echo = subprocess.Popen([sys.executable, "-m", "voxd", "echo-upstream", "--listen",
-                             f"127.0.0.1:{echo_port}"], stdout=subprocess.DEVNULL)
+    echo_port, echo = start_echo()
+    port = free_port()
     bridge = subprocess.Popen([sys.executable, str(ROOT / "bench" / script), "--port",
                                str(port), "--upstream", f"ws://127.0.0.1:{echo_port}/"])
     return port, [bridge, echo]

@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 import trio
 
-from voxd.sim.load import free_port, proc_sampler, run_load, stop_processes
+from voxd.sim.load import free_port, proc_sampler, run_load, start_echo, stop_processes
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def start(script: str) -> tuple[list[int], list[subprocess.Popen[bytes]]]:
     """An echo upstream and the bridge (their ports and processes, bridge last)."""
-    echo_port, port = free_port(), free_port()
+    echo_port, echo = start_echo()
+    port = free_port()
     return [echo_port, port], [
-        subprocess.Popen([sys.executable, "-m", "voxd", "echo-upstream", "--listen",
-                          f"127.0.0.1:{echo_port}"], stdout=subprocess.DEVNULL),
+        echo,
         subprocess.Popen([sys.executable, str(BENCH / script), "--port", str(port),
                           "--upstream", f"ws://127.0.0.1:{echo_port}/"]),
     ]

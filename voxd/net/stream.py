@@ -86,30 +86,19 @@ class DirectStream(trio.abc.HalfCloseableStream):
             self._streak = 0
             await cancel_shielded_checkpoint()
         total = len(data)
-        self._check_open()  # after the yields above (see receive_some)
-        try:
-            sent = os.write(self._fd, data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise _broken(exc) from exc
+        sent = self.send_nowait(data)  # after the yields above: it checks the socket is open
         if sent == total:
             return
         view = memoryview(data)
         while sent < total:
             self._streak = 0
             await wait_writable(self._fd)
-            self._check_open()
-            try:
-                sent += os.write(self._fd, view[sent:])
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise _broken(exc) from exc
+            sent += self.send_nowait(view[sent:])
 
-    def send_nowait(self, data: bytes) -> int:
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
         """Write what the socket takes now, without waiting: the number of bytes written (0 if
-        it is full). Only when no other task is sending."""
+        it is full). Only when no other task is sending; checks the socket is open first (see
+        the module doc)."""
         self._check_open()
         try:
             return os.write(self._fd, data)

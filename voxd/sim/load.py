@@ -461,13 +461,22 @@ def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.kill()
 
 
+def start_echo(reply_after_ms: float = 0) -> tuple[int, subprocess.Popen[bytes]]:
+    """`voxd echo-upstream` on a free loopback port, in its own process: (port, process)."""
+    port = free_port()
+    return port, subprocess.Popen(
+        [sys.executable, "-m", "voxd", "echo-upstream", "--listen", f"127.0.0.1:{port}",
+         "--reply-after-ms", str(reply_after_ms)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 class Processes:
     """`voxd echo-upstream` and `voxd serve` (configured to use it), each its own process."""
 
     def __init__(self, audio: str, workers: int, calls: int,
                  extra: dict[str, dict[str, object]] | None = None,
                  reply_after_ms: float = 0) -> None:
-        echo_port = free_port()
+        echo_port, self.echo = start_echo(reply_after_ms)
         self.token = secrets.token_hex(16)
         sections: dict[str, dict[str, object]] = {
             "server": {"workers": workers, "max_connections": 4 * calls + 100,
@@ -481,10 +490,6 @@ class Processes:
         }
         for name, values in (extra or {}).items():
             sections.setdefault(name, {}).update(values)
-        self.echo = subprocess.Popen([sys.executable, "-m", "voxd", "echo-upstream", "--listen",
-                                      f"127.0.0.1:{echo_port}", "--reply-after-ms",
-                                      str(reply_after_ms)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
         self.daemon = VoxdProcess(sections, {"VOXD_TWILIO_AUTH_TOKEN": self.token})
         self.voxd = self.daemon.proc
         self.origin = self.daemon.origin
