@@ -58,6 +58,10 @@ class AssistantConfig(_Section):
 
     provider: Literal["echo", "vapi", "websocket"] = "echo"
     audio: Literal["pcm16", "mulaw"] = "pcm16"
+    max_message_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    """Largest message accepted from the assistant's socket. Assistants may send a whole
+    utterance as one message: 1 MiB holds 32 s of pcm16 (131 s of mulaw), and bounds what one
+    call can make voxd buffer. Twilio's own limit is call.max_message_bytes."""
 
 
 class VapiConfig(_Section):
@@ -92,11 +96,15 @@ class CallConfig(_Section):
     stream_token_ttl: Annotated[float, Field(gt=0, le=3600)] = 60.0
     playback_queue_seconds: Annotated[float, Field(gt=0)] = 60.0
     max_message_bytes: Annotated[int, Field(ge=1024)] = 65536
+    """Largest WebSocket message accepted from Twilio (a media message is about 400 bytes)."""
     max_payload_bytes: Annotated[int, Field(ge=160)] = 8000
     """Largest decoded media payload accepted from Twilio (it sends 160 bytes, 20 ms)."""
     max_call_seconds: Annotated[float, Field(gt=0)] = 4 * 3600.0
     send_timeout: Annotated[float, Field(gt=0)] = 5.0
     """Queued audio that cannot be sent to Twilio for this long ends the call."""
+    upstream_send_timeout: Annotated[float, Field(gt=0)] = 5.0
+    """Caller audio the assistant does not take for this long ends the call
+    (reason=upstream-stalled); Twilio keeps being read meanwhile."""
 
 
 class BargeInConfig(_Section):
@@ -335,7 +343,7 @@ def _describe_all(errors: list[Any]) -> list[str]:
         key, _, message = _describe(err).partition(": ")
         lines.setdefault(key, []).append(message.rsplit(" (got ", 1)[0])
     got = {_key(err["loc"]): err.get("input") for err in errors}
-    result = []
+    result: list[str] = []
     for key, messages in lines.items():
         if len(messages) == 1:
             result.extend(_describe(e) for e in errors if _key(e["loc"]) == key)

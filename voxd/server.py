@@ -10,14 +10,17 @@ from dataclasses import replace
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from voxd.app import LiveCalls, Runtime, create_app
+from voxd.background import Background
 from voxd.config import Settings, load_settings, parse_listen, summary
-from voxd.errors import ConfigError
+from voxd.errors import ConfigError, VoxdError
+from voxd.media import MediaEndpoint
 from voxd.net.front import ConnectionLimits, FrontDoor
 from voxd.net.http import HttpServer
 from voxd.observability import metrics
 from voxd.observability.logging import configure_logging
 from voxd.observability.systemd import Notifier
+from voxd.routes import create_app
+from voxd.runtime import LiveCalls, Runtime
 
 log = logging.getLogger("voxd.server")
 
@@ -82,15 +85,23 @@ async def serve(
 
 
 class Server:
-    """One voxd process: Hypercorn serving the app, plus draining, reloading, and telling
-    systemd how it is doing."""
+    """One voxd process: the front door, the media endpoint and Hypercorn serving the HTTP app,
+    plus draining, reloading, and telling systemd how it is doing.
+
+    Its nursery holds only what cannot fail on a peer's account: every connection runs behind
+    the front door's boundary, every call behind its session's, and work that outlives a
+    request behind `Background`'s."""
 
     def __init__(self, settings: Settings, sock: socket.socket, notifier: Notifier) -> None:
         self.sock = sock
         self.notifier = notifier
         self.live = LiveCalls(on_change=self._calls_changed)
-        self.runtime = Runtime.from_settings(settings, self.live)
+        self.background = Background()
+        self.runtime = Runtime.from_settings(settings, self.live, self.background)
+        self._runtimes = [self.runtime]
+        """Runtimes whose provider may still need closing at the stop."""
         self.app = create_app(lambda: self.runtime)
+        self.media = MediaEndpoint(lambda: self.runtime)
         self._stop = trio.Event()
 
     def _status(self) -> str:
@@ -112,7 +123,7 @@ class Server:
         stop, accepting ends at once; open connections get SHUTDOWN_GRACE_SECONDS."""
         settings = self.runtime.settings
         http = HttpServer(self.app, hypercorn_config(settings))
-        front = FrontDoor(self._limits, self.app.media_connection, http.handle)
+        front = FrontDoor(self._limits, self.media, http.handle)
 
         async def stop_on(event: trio.Event) -> None:
             await event.wait()
@@ -120,7 +131,7 @@ class Server:
 
         try:
             async with trio.open_nursery() as nursery:
-                self.runtime.background = nursery
+                await nursery.start(self.background.run)
                 await nursery.start(http.run, self._stop)
                 nursery.start_soon(stop_on, shutdown)
                 async with trio.open_nursery() as connections:
@@ -129,9 +140,10 @@ class Server:
                         log.info("listening on %s (public URL %s)", bound_origin(self.sock),
                                  settings.config.server.public_url)
                         self.notifier.ready(self._status())
-                        nursery.start_soon(self.notifier.watchdog)
+                        self.background.start("the systemd watchdog", "", self.notifier.watchdog)
                         if metrics.MULTIPROCESS:
-                            nursery.start_soon(metrics.sample_process_forever)
+                            self.background.start("sampling process metrics", "",
+                                                  metrics.sample_process_forever)
                         task_status.started(self.runtime)
                         await self._stop.wait()
                         accepting.cancel_scope.cancel()
@@ -139,8 +151,9 @@ class Server:
                                                          + SHUTDOWN_GRACE_SECONDS)
                 nursery.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await self.runtime.provider.aclose()
+            for runtime in self._runtimes:
+                if not runtime.closed:
+                    await runtime.aclose()
 
     async def drain(self) -> None:
         """SIGTERM: take no new calls (webhooks get the fallback, /readyz 503), let live calls
@@ -171,16 +184,20 @@ class Server:
             return
         try:
             settings = load_settings(source)
-            runtime = Runtime.from_settings(settings, self.live)
+            runtime = Runtime.from_settings(settings, self.live, self.background)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s: %s", source,
                       "; ".join(exc.problems))
             return
+        except VoxdError as exc:
+            log.error("reload refused, keeping the running config: %s: %s", source, exc)
+            return
         if settings.config.server.listen != old.settings.config.server.listen:
             log.warning("server.listen changed to %s: that takes a restart; still listening on "
                         "%s", settings.config.server.listen, old.settings.config.server.listen)
-        runtime.background = old.background
         self.runtime = runtime
+        self._runtimes = [r for r in self._runtimes if not r.closed] + [runtime]
+        old.retire()  # its provider closes when its last call and background task end
         configure_logging(settings.config.logging.level)
         log.info("reloaded %s: %s", source, summary(settings))
         self.notifier.status(self._status())
@@ -213,7 +230,7 @@ async def _watch_signals(server: Server, now: trio.Event, nursery: trio.Nursery)
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
                 log.info("SIGHUP received: reloading the config")
-                server.reload()
+                Background.call_quietly("reloading the config", "", server.reload)
             elif not draining:
                 draining = True
                 log.info("%s received: draining (send it again to stop at once)", name)

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import trio
 
-from voxd.app import Runtime
 from voxd.config import Secret, Secrets, Settings, parse_config
+from voxd.runtime import Runtime
 from voxd.server import bound_origin, open_listener, serve
 
 

@@ -35,7 +35,7 @@ async def test_webhook_answers_connect_stream_then_the_fallback(start_voxd):
     params = {p.get("name"): p.get("value") for p in stream.iter("Parameter")}
     token = params.pop("token")
     assert params == {"from": "+15551230000", "to": "+15559870000"}
-    assert token.startswith("v1.") and len(token) < 500 - len("token")
+    assert token.startswith("v2.") and len(token) < 500 - len("token")
 
 
 async def test_webhook_signature_is_checked_against_the_public_url(start_voxd):

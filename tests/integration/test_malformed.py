@@ -171,15 +171,21 @@ async def test_streams_need_this_services_token_for_this_call(start_voxd, caplog
                     return "closed"
             return "open"
 
-    assert await outcome(start_with({"from": "+1"})) == "closed"  # no token
-    assert await outcome(start_with({"token": token}, call="CA" + "2" * 32)) == "closed"
-    assert await outcome(start_with({"token": token[:-4] + "AAAA"})) == "closed"  # forged
-    assert await outcome(start_with({"token": token})) == "open"  # the real one
-    assert await outcome(start_with({"token": token})) == "closed"  # replayed
+    real = {"from": "+1", "to": "+2", "token": token}
+    assert await outcome(start_with({"from": "+1", "to": "+2"})) == "closed"  # no token
+    assert await outcome(start_with(real, call="CA" + "2" * 32)) == "closed"
+    assert await outcome(start_with({**real, "token": token[:-4] + "AAAA"})) == "closed"
+    assert await outcome(start_with({**real, "from": "+15550009999"})) == "closed"  # forged
+    assert await outcome(start_with({**real, "extra": "x"})) == "closed"  # added
+    assert await outcome(start_with({**real, "token": "v2.¹²³"})) == "closed"  # non-ASCII
+    assert await outcome(start_with(real)) == "open"  # the real one
+    assert await outcome(start_with(real)) == "closed"  # replayed
     reasons = [r.getMessage() for r in caplog.records if "rejected:" in r.getMessage()]
-    assert len(reasons) == 4
+    assert len(reasons) == 7
+    assert not any(r.exc_info for r in caplog.records)  # one line each, no traceback
     assert "no stream token" in reasons[0] and "another call" in reasons[1]
-    assert "forged" in reasons[2] and "already used" in reasons[3]
+    assert all("parameters were changed" in r for r in reasons[2:5])
+    assert "malformed" in reasons[5] and "already used" in reasons[6]
 
 
 async def test_calls_end_at_the_maximum_duration(start_voxd, caplog):
@@ -211,7 +217,7 @@ async def test_a_twilio_that_stops_reading_ends_the_call(start_voxd, caplog, mon
     """A stalled reader (its TCP window shut) is simulated at the socket adapter: after 5
     frames of the assistant's answer, a send never completes, a send without waiting leaves
     all of its frame owed, and writing what is owed never completes."""
-    from voxd.app import WsTwilioSocket
+    from voxd.twilio.media_socket import TwilioMediaSocket as WsTwilioSocket
 
     caplog.set_level(logging.INFO)
     real_send, real_send_nowait = WsTwilioSocket.send, WsTwilioSocket.send_nowait

@@ -4,8 +4,12 @@ Shape of a call (every task lives in the nursery opened in `CallSession._bridge`
 assistant side's nursery nested in it):
 
     inbound pump    Twilio text frame -> MediaStream.receive -> (transcode) -> UpstreamFeed
-                    (held, bounded, while the assistant connects; then straight through)
-    assistant side  connect the assistant, deliver the held audio, then run:
+                    (held, bounded, while the assistant connects; then straight to its socket
+                    when the socket takes it at once, else queued: the pump never waits)
+    watchdog        Twilio silent, Twilio not reading, assistant not reading, max duration
+    playout         queued assistant audio -> Twilio, paced
+    assistant side  connect the assistant, then run:
+      feeder          held and queued caller audio -> the assistant, in order
       outbound pump   assistant event -> (transcode) -> Playback -> Twilio
       keep-alive      assistant.ping() every keepalive_interval, dead after keepalive_timeout
       barge-in watch  caller speech started (local VAD, when enabled) while audio plays -> clear
@@ -38,7 +42,7 @@ from voxd.call.playback import Direct, Playback
 from voxd.call.turns import TurnTimer
 from voxd.call.upstream_feed import UpstreamFeed
 from voxd.config import Settings
-from voxd.errors import ProtocolError, VoxdError
+from voxd.errors import CallerDisconnected, ProtocolError, VoxdError
 from voxd.observability import metrics
 from voxd.observability.logging import CallLogContext, bind_call
 from voxd.providers.base import (
@@ -66,6 +70,8 @@ from voxd.twilio.rest import CallControl
 log = logging.getLogger("voxd.call")
 
 TEARDOWN_SECONDS = 1.0
+REST_SECONDS = 10.0
+"""Longest a REST call-control request (hang up, redirect) may hold the teardown."""
 METRICS_INTERVAL = 5.0
 """Seconds between additions of a live call's frame counts to the metrics."""
 
@@ -77,8 +83,7 @@ class Ending(NamedTuple):
     outcome: str = "completed"
 
 
-class CallerDisconnected(VoxdError):
-    """Twilio's socket closed without a `stop` message."""
+__all__ = ["CallSession", "CallerDisconnected", "TwilioSocket"]
 
 
 class TwilioSocket(Protocol):
@@ -215,12 +220,12 @@ class CallSession:
         self.log_context.update(call_sid=start.call_sid, stream_sid=start.stream_sid)
         if not self.settings.config.call.stream_token:
             return True
-        token = start.custom_parameters.get("token")
         now = time.time()
         try:
-            expiry = stream_token.verify(self.settings.secrets.stream_secret.reveal().encode(),
-                                         token, start.call_sid, now)
-            self.used_tokens.claim(token or "", expiry, now)
+            mac, expiry = stream_token.verify(
+                self.settings.secrets.stream_secret.reveal().encode(), start.call_sid,
+                start.custom_parameters, now)
+            self.used_tokens.claim(mac, expiry, now)
         except stream_token.TokenRejected as exc:
             log.warning("media stream from %s rejected: %s", self.peer, exc)
             metrics.CALLS_REJECTED.labels(reason="token").inc()
@@ -229,7 +234,8 @@ class CallSession:
         return True
 
     async def _bridge(self, start: StreamStart) -> None:
-        params = {k: v for k, v in start.custom_parameters.items() if k != "token"}
+        params = {k: v for k, v in start.custom_parameters.items()
+                  if k != stream_token.TOKEN_PARAMETER}
         self.call = CallInfo(
             call_sid=start.call_sid,
             stream_sid=start.stream_sid,
@@ -242,8 +248,9 @@ class CallSession:
                  self.call.from_number or "-", self.call.to_number or "-", self.provider.name,
                  self.provider.audio, self.peer)
         call = self.settings.config.call
-        feed = UpstreamFeed(int(call.preconnect_buffer_seconds *
-                                BYTES_PER_SECOND[self.provider.audio]))
+        rate = BYTES_PER_SECOND[self.provider.audio]
+        feed = UpstreamFeed(int(call.preconnect_buffer_seconds * rate),
+                            int((call.upstream_send_timeout + 1.0) * rate))
         barge_in = self.settings.config.barge_in
         turns = TurnTimer(min_speech_ms=barge_in.min_speech_ms)
         playback = Playback(self.socket.send, self.protocol,
@@ -258,7 +265,7 @@ class CallSession:
                 self._cancel = nursery.cancel_scope
                 self._last_in = trio.current_time()
                 nursery.start_soon(self._guard, self._inbound(feed, turns, playback, speech_tx))
-                nursery.start_soon(self._guard, self._twilio_watchdog(playback))
+                nursery.start_soon(self._guard, self._watchdog(playback, feed))
                 nursery.start_soon(self._guard, self._playout(playback))
                 nursery.start_soon(self._guard,
                                    self._assistant_side(feed, playback, turns, speech_rx))
@@ -273,7 +280,10 @@ class CallSession:
                 metrics.MEDIA_FRAMES_DROPPED.labels(
                     direction="outbound", reason="barge_in").inc(playback.dropped_frames)
             self.stats.latencies = turns.latencies
-            self.stats.frames_dropped_in += feed.dropped_chunks
+            self.stats.frames_dropped_in += feed.dropped_chunks + feed.stall_dropped_chunks
+            if feed.stall_dropped_chunks:
+                metrics.MEDIA_FRAMES_DROPPED.labels(
+                    direction="inbound", reason="upstream_stalled").inc(feed.stall_dropped_chunks)
 
     async def _assistant_side(self, feed: UpstreamFeed, playback: Playback, turns: TurnTimer,
                               speech: trio.MemoryReceiveChannel[float]) -> Ending:
@@ -284,10 +294,9 @@ class CallSession:
         async with self.provider.connect(self.call) as assistant:
             connect_seconds = trio.current_time() - started
             metrics.UPSTREAM_CONNECT_SECONDS.observe(connect_seconds)
-            await feed.attach(assistant)
             held = feed.held_chunks
             log.info("assistant connected in %.0f ms%s", connect_seconds * 1000,
-                     f"; delivered {held - feed.dropped_chunks} held chunks of caller audio"
+                     f"; delivering {held - feed.dropped_chunks} held chunks of caller audio"
                      if held else "")
             if feed.dropped_chunks:
                 log.warning("dropped the oldest %d chunks (%.1f s) of caller audio: the "
@@ -299,6 +308,7 @@ class CallSession:
                                                     reason="preconnect").inc(feed.dropped_chunks)
             try:
                 async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._guard, self._feeder(feed, assistant))
                     nursery.start_soon(self._guard, self._outbound(assistant, playback, turns))
                     nursery.start_soon(self._guard, self._keepalive(assistant))
                     nursery.start_soon(self._guard,
@@ -321,7 +331,7 @@ class CallSession:
             return
         self._caller_released = True
         reason = self.end_reason or "server-shutdown"
-        with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True), trio.move_on_after(REST_SECONDS + TEARDOWN_SECONDS):
             if self.call_control is not None and self.call is not None:
                 sid = self.call.call_sid
                 if reason.startswith("assistant-ended"):
@@ -370,7 +380,7 @@ class CallSession:
         margin = self.settings.config.barge_in.echo_margin_db
         receive = self.socket.receive
         parse = self.protocol.receive
-        send_audio = feed.send
+        feed_audio = feed.send
         transcode = (InboundTranscoder().process if self.provider.audio == "pcm16" else None)
         clock = trio.current_time
         stats = self.stats
@@ -387,13 +397,17 @@ class CallSession:
                 if started:
                     with contextlib.suppress(trio.WouldBlock):
                         speech.send_nowait(now)
-                await send_audio(transcode(payload) if transcode else payload)
+                feed_audio(transcode(payload) if transcode else payload)
             elif type(event) is MarkPlayed:
                 mark_played(event.name)
             elif type(event) is Dtmf:
                 log.info("caller pressed a key (DTMF; digits are never logged)")
             elif type(event) is StreamStop:
                 return Ending("caller-hangup")
+
+    async def _feeder(self, feed: UpstreamFeed, assistant: AssistantSession) -> Ending:
+        await feed.run(assistant)
+        return Ending("feeder-ended")  # pragma: no cover - runs for the life of the call
 
     async def _outbound(self, assistant: AssistantSession, playback: Playback,
                         turns: TurnTimer) -> Ending:
@@ -429,20 +443,23 @@ class CallSession:
         log.debug("turn %d: response latency %.0f ms", turn, latency * 1000)
         return f"voxd:turn={turn};latency_ms={latency * 1000:.0f}"
 
-    async def _twilio_watchdog(self, playback: Playback) -> Ending:
+    async def _watchdog(self, playback: Playback, feed: UpstreamFeed) -> Ending:
         """Twilio sends 50 media messages a second: a long silence means the socket is dead
         even if TCP has not noticed (no FIN, no RST), and the call must not hold its slot.
-        Also ends the call at call.max_call_seconds, and when Twilio stops reading (queued
-        audio makes no progress for call.send_timeout: a stalled reader must not pin memory).
+        Also ends the call at call.max_call_seconds, when Twilio stops reading (queued
+        audio makes no progress for call.send_timeout: a stalled reader must not pin memory),
+        and when the assistant stops reading caller audio (call.upstream_send_timeout: the
+        assistant is blamed, not Twilio, whose socket the inbound pump keeps reading).
         Also adds the call's frame counts to the metrics every few seconds (not per frame:
         the per-frame path takes no metric locks)."""
         call = self.settings.config.call
         timeout, longest, stall = call.media_timeout, call.max_call_seconds, call.send_timeout
+        upstream_stall = call.upstream_send_timeout
         end_by = self.stats.started_at + longest
         sent, progressed = playback.frames_sent, trio.current_time()
         while True:
-            await trio.sleep_until(min(self._last_in + timeout, end_by,
-                                       trio.current_time() + min(METRICS_INTERVAL, stall / 2)))
+            await trio.sleep_until(min(self._last_in + timeout, end_by, trio.current_time()
+                                       + min(METRICS_INTERVAL, stall / 2, upstream_stall / 4)))
             self._report_frames(playback.frames_sent)
             now = trio.current_time()
             if now >= end_by:
@@ -456,6 +473,12 @@ class CallSession:
                             playback.held_seconds)
                 metrics.ERRORS.labels(kind="twilio_stalled").inc()
                 return Ending("twilio-stalled", "error")
+            stalled = feed.stalled_seconds(now)
+            if stalled >= upstream_stall:
+                log.error("the assistant stopped taking caller audio: none taken for %.1fs "
+                          "(call.upstream_send_timeout); ending the call", stalled)
+                metrics.ERRORS.labels(kind="upstream_stalled").inc()
+                return Ending("upstream-stalled", "error")
             if now - self._last_in >= timeout:
                 log.warning("no message from Twilio for %.1fs (call.media_timeout); ending the "
                             "call", timeout)

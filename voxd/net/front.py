@@ -3,9 +3,14 @@
 Before any other work is done for a connection, the front door enforces the connection limits
 (total, and per remote address) and reads the first request head under a deadline and a size
 limit (slowloris clients and scanners cost a file descriptor for at most
-`server.handshake_timeout`). It then routes: a WebSocket upgrade of `/media-stream` goes to
-voxd's own media path (`voxd.net.websocket`), everything else to the HTTP server, which gets
-the connection with the bytes already read put back in front.
+`server.handshake_timeout`). It then routes: a WebSocket upgrade of exactly `/media-stream`
+goes to voxd's own media path (`voxd.media`), any other WebSocket upgrade is answered 404 here,
+everything else goes to the HTTP server, which gets the connection with the bytes already read
+put back in front.
+
+Each connection's task is its own boundary: whatever its handling raises ends that connection
+only, with one throttled log line and one `voxd_errors_total{kind="connection"}` (a peer's
+doing, mapped into `PeerError`, is logged at debug: it is the peer's problem, not voxd's).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Final
 
 import trio
 
+from voxd.errors import PeerError
 from voxd.net.request_head import HeadError, RequestHead, head_length, parse_head
 from voxd.net.stream import DirectStream
 from voxd.observability import metrics
@@ -29,6 +35,8 @@ from voxd.observability import metrics
 log = logging.getLogger("voxd.front")
 
 MAX_HEAD_BYTES: Final = 16 * 1024
+MEDIA_PATH: Final = "/media-stream"
+NOT_FOUND: Final = (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
 LOG_EVERY_SECONDS: Final = 10.0
 """Refused connections are logged once per reason per this many seconds (with a count), so a
 flood cannot flood the journal."""
@@ -85,14 +93,23 @@ class _Throttled:
         self._suppressed: Counter[str] = Counter()
 
     def warning(self, key: str, message: str, *args: object) -> None:
+        self._log(logging.WARNING, key, message, args)
+
+    def error(self, key: str, message: str, *args: object,
+              exc_info: BaseException | None = None) -> None:
+        self._log(logging.ERROR, key, message, args, exc_info)
+
+    def _log(self, level: int, key: str, message: str, args: tuple[object, ...],
+             exc_info: BaseException | None = None) -> None:
         now = trio.current_time()
         if now - self._last.get(key, -LOG_EVERY_SECONDS) < LOG_EVERY_SECONDS:
             self._suppressed[key] += 1
             return
         self._last[key] = now
         more = self._suppressed.pop(key, 0)
-        log.warning(message + (f" (and {more} more like it in the last "
-                               f"{LOG_EVERY_SECONDS:.0f}s)" if more else ""), *args)
+        log.log(level, message + (f" (and {more} more like it in the last "
+                                  f"{LOG_EVERY_SECONDS:.0f}s)" if more else ""), *args,
+                exc_info=exc_info)
 
 
 class FrontDoor:
@@ -118,11 +135,12 @@ class FrontDoor:
                 try:
                     stream = await listener.accept()
                 except OSError as exc:
-                    if exc.errno not in _ACCEPT_RETRY:
-                        raise
+                    # Out of descriptors or memory passes; anything else is logged and retried
+                    # more slowly: the calls in progress go on either way.
                     self._throttled.warning("accept", "cannot accept connections: %s; retrying",
-                                            exc.strerror)
-                    await trio.sleep(0.1)
+                                            exc.strerror or exc)
+                    metrics.ERRORS.labels(kind="accept").inc()
+                    await trio.sleep(0.1 if exc.errno in _ACCEPT_RETRY else 1.0)
                     continue
                 self._admit(stream, handlers)
 
@@ -157,12 +175,22 @@ class FrontDoor:
             routed = await self._read_head(stream, peer, handshake_timeout)
             if routed is not None:
                 head, data = routed
-                if head.websocket and head.path == "/media-stream":
+                if not head.websocket:
+                    await self.http(ReplayStream(stream, data))
+                elif head.path == MEDIA_PATH:
                     await self.media(DirectStream(stream), data, peer)
                 else:
-                    await self.http(ReplayStream(stream, data))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the peer went away; whoever owned the connection has logged what matters
+                    self._refuse("websocket_path", "WebSocket upgrade from %s refused: only %s "
+                                 "takes one", peer, MEDIA_PATH)
+                    await stream.send_all(NOT_FOUND)
+        except Exception as exc:
+            if _peer_caused(exc):  # whoever owned the connection has logged what matters
+                log.debug("connection from %s ended: %s: %s", peer, type(exc).__name__, exc)
+                return
+            metrics.ERRORS.labels(kind="connection").inc()
+            self._throttled.error("connection", "connection from %s failed (voxd's bug; the "
+                                  "connection is closed, nothing else is affected): %s: %s",
+                                  peer, type(exc).__name__, exc, exc_info=exc)
         finally:
             self.open -= 1
             self.per_address[host] -= 1
@@ -179,20 +207,23 @@ class FrontDoor:
             try:
                 data = await receive_head(stream)
             except HeadError as exc:
-                return self._refuse("head_too_big", "connection from %s closed: %s", peer, exc)
+                self._refuse("head_too_big", "connection from %s closed: %s", peer, exc)
+                return None
             if not data:
                 log.debug("connection from %s closed before sending a request", peer)
                 return None
             try:
                 head = parse_head(data[:head_length(data)])
             except HeadError as exc:
-                return self._refuse("not_http", "connection from %s closed: %s", peer, exc)
+                self._refuse("not_http", "connection from %s closed: %s", peer, exc)
+                return None
             return head, data
-        return self._refuse("handshake_timeout", "connection from %s closed: no complete "
-                            "request within %.1fs (server.handshake_timeout)", peer,
-                            deadline_seconds)
+        self._refuse("handshake_timeout", "connection from %s closed: no complete request "
+                     "within %.1fs (server.handshake_timeout)", peer, deadline_seconds)
+        return None
 
     def _refuse(self, reason: str, message: str, *args: object) -> None:
+        """Count and log (throttled) a refused connection."""
         metrics.CONNECTIONS_REJECTED.labels(reason=reason).inc()
         self._throttled.warning(reason, message, *args)
         return None
@@ -210,6 +241,17 @@ async def receive_head(stream: trio.abc.ReceiveStream) -> bytes:
             return b""
         buffer += data
     return bytes(buffer)
+
+
+_PEER_CAUSED = (trio.BrokenResourceError, trio.ClosedResourceError, PeerError)
+"""The peer went away or broke its protocol: not voxd's failure."""
+
+
+def _peer_caused(exc: BaseException) -> bool:
+    """`exc` (or every exception in the group it is) is the peer's doing."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(_PEER_CAUSED)[1] is None
+    return isinstance(exc, _PEER_CAUSED)
 
 
 def _reset(sock: trio.socket.SocketType) -> None:

@@ -43,5 +43,5 @@ class HttpServer:
 
     async def handle(self, stream: trio.abc.HalfCloseableStream) -> None:
         """Serve one connection until it closes."""
-        await TCPServer(self.app, self.config, self.context,  # type: ignore[arg-type]
-                        ConnectionState(self.state.copy()), stream).run()
+        await TCPServer(self.app, self.config, self.context, ConnectionState(self.state.copy()),
+                        stream).run()  # type: ignore[arg-type]  # any trio stream works

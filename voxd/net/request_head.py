@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from voxd.errors import ProtocolError
+
 HEAD_END: Final = b"\r\n\r\n"
 
 
-class HeadError(ValueError):
+class HeadError(ProtocolError):
     """The bytes are not the head of an HTTP/1.x request."""
 
 

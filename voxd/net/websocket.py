@@ -23,6 +23,7 @@ import itertools
 import logging
 import ssl
 from collections import deque
+from collections.abc import Sequence
 from typing import Final
 
 import trio
@@ -34,6 +35,7 @@ from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
+from voxd.errors import LocalMisuse, ProtocolError, TransportError
 from voxd.net.stream import DirectStream
 
 RECEIVE_BYTES: Final = 65536
@@ -52,7 +54,7 @@ _protocol_log = logging.getLogger("voxd.net.websocket")
 _protocol_log.setLevel(logging.WARNING)
 
 
-class ConnectionClosed(Exception):
+class ConnectionClosed(TransportError):
     """The WebSocket is closed (by the peer, by us, or because TCP broke)."""
 
     def __init__(self, code: int, reason: str = "") -> None:
@@ -61,7 +63,7 @@ class ConnectionClosed(Exception):
         self.reason = reason
 
 
-class MessageTooBig(Exception):
+class MessageTooBig(ProtocolError):
     """A message over the size limit arrived; the socket has been closed with 1009."""
 
     def __init__(self, size: int, limit: int) -> None:
@@ -128,7 +130,7 @@ class WebSocket:
             await self._absorb()
         return messages.popleft()
 
-    async def _absorb(self, events: list[object] | None = None) -> None:
+    async def _absorb(self, events: Sequence[object] | None = None) -> None:
         """Take in the frames the protocol parsed; write what it owes (pongs, a close reply,
         the close of a failed connection). A close is raised by `receive` once the messages
         before it have been received."""
@@ -138,7 +140,8 @@ class WebSocket:
                 continue  # the handshake's own event (`connect` passes what came with it)
             if self._closed is not None:
                 break  # failed on an earlier frame (invalid UTF-8): the rest is discarded
-            self._frame(frame.opcode, frame.data, frame.fin)
+            # The parser gives bytes (masked) or bytearray (unmasked), never a memoryview.
+            self._frame(frame.opcode, frame.data, frame.fin)  # type: ignore[arg-type]
         owed = b"".join(proto.data_to_send())
         if owed:
             with contextlib.suppress(ConnectionClosed):
@@ -242,7 +245,8 @@ class WebSocket:
         """Send one message without waiting, when no task is `writing`: the socket takes what
         it can now and the rest is owed (sent first by the next write; `flush` sends it). True
         if the whole message went out. The caller makes sure the rest does get flushed."""
-        assert not self._sending, "send_nowait while another task is writing"
+        if self._sending:
+            raise LocalMisuse("send_nowait while another task is writing")
         data = self._framed(message)
         if self._owed:
             self._owed += data
@@ -357,7 +361,7 @@ class WebSocket:
             proto.events_received()  # messages after our close are discarded
 
 
-class HandshakeError(Exception):
+class HandshakeError(ProtocolError):
     """The request is not a valid WebSocket opening handshake (server side), or the server did
     not accept ours (client side: `status` is its HTTP status, if it answered one)."""
 
@@ -392,14 +396,20 @@ class ServerHandshake:
         """Answer 101 and return the open WebSocket."""
         self._proto.max_message_size = max_message_bytes
         self._proto.send_response(self._response)
-        await self._stream.send_all(b"".join(self._proto.data_to_send()))
+        await self._send(b"".join(self._proto.data_to_send()))
         return WebSocket(self._stream, self._proto)
 
     async def reject(self, status: int) -> None:
         """Answer `status` (the caller closes the stream)."""
         response = self._proto.reject(status, "")
         self._proto.send_response(response)
-        await self._stream.send_all(b"".join(self._proto.data_to_send()))
+        await self._send(b"".join(self._proto.data_to_send()))
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            await self._stream.send_all(data)
+        except (*_GONE, trio.BusyResourceError):
+            raise ConnectionClosed(1006, "connection lost during the handshake") from None
 
 
 async def connect(url: str, headers: list[tuple[str, str]] | None = None, *,

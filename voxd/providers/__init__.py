@@ -8,11 +8,12 @@ from voxd.errors import ConfigError
 
 if TYPE_CHECKING:
     from voxd.config import Settings
-    from voxd.providers.base import Provider
+    from voxd.providers.base import EarlyStarts, Provider
 
 
-def build_provider(settings: Settings) -> Provider:
-    """The provider `assistant.provider` names, configured from the settings."""
+def build_provider(settings: Settings, early: EarlyStarts | None = None) -> Provider:
+    """The provider `assistant.provider` names, configured from the settings; `early` is the
+    server's registry of work started at the webhook (shared across reloads)."""
     config = settings.config
     name = config.assistant.provider
     if name == "echo":
@@ -22,7 +23,7 @@ def build_provider(settings: Settings) -> Provider:
     if name == "vapi":
         from voxd.providers.vapi import VapiProvider
 
-        return VapiProvider(settings)
+        return VapiProvider(settings, early)
     if name == "websocket":
         from voxd.providers.websocket import WebSocketProvider
 

@@ -9,12 +9,12 @@ and the provider never sees Twilio's protocol.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import msgspec
-import trio
 
 AudioFormat = Literal["pcm16", "mulaw"]
 
@@ -82,6 +82,44 @@ class AssistantSession(Protocol):
         ...
 
 
+class BackgroundTasks(Protocol):
+    """Where a provider starts work that outlives the request (see `voxd.background`): each
+    task is supervised, and whatever it raises is logged and counted, never spread."""
+
+    def start(self, what: str, call_sid: str, fn: Callable[..., Awaitable[Any]],
+              *args: Any) -> None:
+        """Run `fn(*args)`; `what` and `call_sid` name it in the log line if it fails."""
+        ...
+
+
+class EarlyStarts:
+    """What providers began for calls at the webhook, by CallSid, until the call's media
+    stream claims it. One is shared by every provider object the server builds, so a stream
+    arriving after a reload finds what the replaced provider started."""
+
+    def __init__(self) -> None:
+        self._by_call: dict[str, object] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_call)
+
+    def __contains__(self, call_sid: str) -> bool:
+        return call_sid in self._by_call
+
+    def add(self, call_sid: str, started: object) -> None:
+        """Remember what was started for `call_sid`."""
+        self._by_call[call_sid] = started
+
+    def claim(self, call_sid: str) -> object | None:
+        """Take what was started for `call_sid` (None if nothing, or claimed already)."""
+        return self._by_call.pop(call_sid, None)
+
+    def forget(self, call_sid: str, started: object) -> None:
+        """Drop `started` if it is still unclaimed."""
+        if self._by_call.get(call_sid) is started:
+            del self._by_call[call_sid]
+
+
 class Provider(Protocol):
     """A kind of assistant (echo, vapi, websocket, ...), configured once, connected per call."""
 
@@ -93,9 +131,9 @@ class Provider(Protocol):
         when the assistant cannot be reached."""
         ...
 
-    def prepare(self, call: CallInfo, nursery: trio.Nursery) -> None:
+    def prepare(self, call: CallInfo, tasks: BackgroundTasks) -> None:
         """The voice webhook has seen `call`: start whatever can start before the media stream
-        arrives (in `nursery`). `connect` must still work if this was never called, or was
+        arrives (as `tasks`). `connect` must still work if this was never called, or was
         called in another process."""
         ...
 

@@ -2,10 +2,12 @@
 
 Early start: the voice webhook already knows the call, so `prepare` begins `POST /call` while
 Twilio is still reading the TwiML and opening the media stream; `connect` then only opens the
-socket. The early call lives in this process's memory, keyed by CallSid: if the stream lands on
-another worker or host, that one creates its own call at stream start (always correct, just
-slower), and the unclaimed early call here is ended after EARLY_CLAIM_SECONDS so it is never
-left running on Vapi's side.
+socket. The early call lives in this process's memory, keyed by CallSid, in the server's
+`EarlyStarts` (which outlives a reload: a stream after a SIGHUP claims the call made before
+it). If the stream lands on another worker or host, that one creates its own call at stream
+start (always correct, just slower), and the unclaimed early call here is ended after
+EARLY_CLAIM_SECONDS so it is never left running on Vapi's side. Creating and ending early
+calls runs as supervised background work: whatever fails there is one log line, never more.
 
 Secrets: the API key and the websocketCallUrl are never logged (the call id is).
 """
@@ -26,8 +28,10 @@ from voxd.providers.base import (
     AssistantEnded,
     AssistantEvent,
     AssistantInterrupted,
+    BackgroundTasks,
     CallerSpeechStarted,
     CallInfo,
+    EarlyStarts,
 )
 from voxd.providers.vapi_protocol import (
     END_CALL,
@@ -40,7 +44,7 @@ from voxd.providers.vapi_protocol import (
     parse_control,
     parse_create_response,
 )
-from voxd.providers.ws_upstream import WebSocketAssistant, open_upstream
+from voxd.providers.ws_upstream import WebSocketAssistant, assistant_errors, open_upstream
 
 log = logging.getLogger("voxd.providers.vapi")
 
@@ -50,8 +54,10 @@ FIRST_RETRY_DELAY = 0.25
 MAX_RETRY_DELAY = 2.0
 
 
-@dataclass
+@dataclass(eq=False)
 class _EarlyCall:
+    auth: list[tuple[str, str]]
+    """The headers it was created with (a reload may change the key; its call keeps it)."""
     done: trio.Event = field(default_factory=trio.Event)
     claimed: trio.Event = field(default_factory=trio.Event)
     created: CreatedCall | None = None
@@ -80,16 +86,16 @@ class VapiProvider:
 
     name = "vapi"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, early: EarlyStarts | None = None) -> None:
         config = settings.config
         key = settings.secrets.vapi_api_key
         if key is None:  # config.check_settings reports this first; this guards direct use
             raise UpstreamError("the Vapi API key is not configured")
         self.audio = config.assistant.audio
         self.vapi = config.vapi
-        self.max_message_bytes = config.call.max_message_bytes
+        self.max_message_bytes = config.assistant.max_message_bytes
         self._auth = {"Authorization": f"Bearer {key.reveal()}"}
-        self._early: dict[str, _EarlyCall] = {}
+        self._early = early if early is not None else EarlyStarts()
         self._client: httpx.AsyncClient | None = None
 
     # -- creating calls --
@@ -148,58 +154,75 @@ class VapiProvider:
 
     # -- early start --
 
-    def prepare(self, call: CallInfo, nursery: trio.Nursery) -> None:
+    def prepare(self, call: CallInfo, tasks: BackgroundTasks) -> None:
         """Start creating the Vapi call now (from the voice webhook)."""
         if not self.vapi.early_start or call.call_sid in self._early:
             return
-        early = self._early[call.call_sid] = _EarlyCall()
-        nursery.start_soon(self._create_early, call, early)
+        early = _EarlyCall(list(self._auth.items()))
+        self._early.add(call.call_sid, early)
+        try:
+            tasks.start("creating the Vapi call early", call.call_sid, self._create_early,
+                        call, early)
+        except BaseException:
+            self._early.forget(call.call_sid, early)
+            raise
 
     async def _create_early(self, call: CallInfo, early: _EarlyCall) -> None:
         try:
-            early.created = await self.create_call(call)
-        except UpstreamError as exc:
-            early.error = exc
+            try:
+                early.created = await self.create_call(call)
+            except UpstreamError as exc:
+                early.error = exc
+            finally:
+                early.done.set()
+            with trio.move_on_after(EARLY_CLAIM_SECONDS):
+                await early.claimed.wait()
+                return
         finally:
-            early.done.set()
-        with trio.move_on_after(EARLY_CLAIM_SECONDS):
-            await early.claimed.wait()
-            return
-        # Nobody came for it: the stream went elsewhere, or the caller hung up first.
-        if self._early.get(call.call_sid) is early:
-            del self._early[call.call_sid]
+            # Claimed, or nobody came for it (the stream went elsewhere, or the caller hung
+            # up first), or the server is stopping: it is no longer anyone's to claim.
+            self._early.forget(call.call_sid, early)
         if early.created is not None:
             log.info("call_sid=%s Vapi call %s created early was never claimed by a media "
                      "stream here; ending it", call.call_sid, early.created.id)
-            await self._end_unclaimed(early.created)
+            await self._end_unclaimed(call.call_sid, early)
 
-    async def _end_unclaimed(self, created: CreatedCall) -> None:
-        with trio.move_on_after(5):
+    async def _end_unclaimed(self, call_sid: str, early: _EarlyCall) -> None:
+        """Open the call's socket only to say end-call: Vapi may have ended an idle call
+        already (its socket closed with the 101, or reset right after it), which is fine."""
+        assert early.created is not None
+        created = early.created
+        with trio.move_on_after(5) as scope:
             try:
-                async with open_upstream(created.websocket_call_url, list(self._auth.items()),
-                                         "Vapi", self.max_message_bytes) as ws:
-                    await ws.send(END_CALL)
+                async with open_upstream(created.websocket_call_url, early.auth, "Vapi",
+                                         self.max_message_bytes) as ws:
+                    with assistant_errors("Vapi"):
+                        await ws.send(END_CALL)
             except UpstreamError as exc:
-                log.warning("could not end the unclaimed Vapi call %s: %s", created.id, exc)
+                log.info("call_sid=%s the unclaimed Vapi call %s could not be told to end "
+                         "(%s); Vapi ends idle calls itself", call_sid, created.id, exc)
+        if scope.cancelled_caught:
+            log.info("call_sid=%s ending the unclaimed Vapi call %s timed out", call_sid,
+                     created.id)
 
     # -- one call --
 
     @asynccontextmanager
     async def connect(self, call: CallInfo) -> AsyncIterator[WebSocketAssistant]:
         """Create (or claim the early-created) Vapi call and open its socket."""
-        early = self._early.pop(call.call_sid, None)
-        if early is not None:
+        early = self._early.claim(call.call_sid)
+        if isinstance(early, _EarlyCall):
             early.claimed.set()
             await early.done.wait()
             if early.error is not None:
-                raise early.error
+                raise UpstreamError(str(early.error))
             assert early.created is not None
-            created = early.created
+            created, auth = early.created, early.auth
             log.info("using the Vapi call %s created early by the webhook", created.id)
         else:
-            created = await self.create_call(call)
-        async with open_upstream(created.websocket_call_url, list(self._auth.items()),
-                                 "Vapi", self.max_message_bytes) as ws:
+            created, auth = await self.create_call(call), list(self._auth.items())
+        async with open_upstream(created.websocket_call_url, auth, "Vapi",
+                                 self.max_message_bytes) as ws:
             yield WebSocketAssistant(ws, "Vapi", translate, END_CALL)
 
 

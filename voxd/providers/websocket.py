@@ -28,6 +28,7 @@ from voxd.providers.base import (
     AssistantEnded,
     AssistantEvent,
     AssistantInterrupted,
+    BackgroundTasks,
     CallerSpeechStarted,
     CallInfo,
 )
@@ -70,13 +71,13 @@ class WebSocketProvider:
         config = settings.config
         self.audio = config.assistant.audio
         self.url = config.websocket.url
-        self.max_message_bytes = config.call.max_message_bytes
+        self.max_message_bytes = config.assistant.max_message_bytes
         headers = dict(config.websocket.headers)
         if settings.secrets.websocket_auth is not None:
             headers["Authorization"] = settings.secrets.websocket_auth.reveal()
         self.headers = list(headers.items())
 
-    def prepare(self, call: CallInfo, nursery: trio.Nursery) -> None:
+    def prepare(self, call: CallInfo, tasks: BackgroundTasks) -> None:
         """Nothing to start before the stream: connecting is one step."""
 
     async def aclose(self) -> None:

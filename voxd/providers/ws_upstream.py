@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from voxd.errors import ProtocolError, UpstreamError
+from voxd.errors import ErrorMap, ProtocolError, UpstreamError, VoxdError
 from voxd.net import websocket
 from voxd.net.websocket import ConnectionClosed, WebSocket
 from voxd.providers.base import AssistantAudio, AssistantEnded, AssistantEvent
@@ -25,26 +25,55 @@ DISCONNECT_TIMEOUT = 0.5
 MAX_CONTROL_WARNINGS = 3
 
 
+def assistant_errors(what: str) -> ErrorMap:
+    """The assistant boundary's one table: every way its connection can fail, as UpstreamError
+    naming `what` (never the URL, which may carry a secret)."""
+
+    def too_big(e: BaseException) -> VoxdError:
+        return UpstreamError(f"{what} sent a message over the size limit "
+                             f"(assistant.max_message_bytes): {e}")
+
+    def closed(e: BaseException) -> VoxdError:
+        assert isinstance(e, ConnectionClosed)
+        return UpstreamError(f"{what} connection closed ({_reason(e)})")
+
+    def refused(e: BaseException) -> VoxdError:
+        assert isinstance(e, websocket.HandshakeError)
+        if e.status is not None:
+            return UpstreamError(f"{what} refused the WebSocket (HTTP {e.status})")
+        return UpstreamError(f"cannot connect to {what}: {e}")
+
+    def broke_protocol(e: BaseException) -> VoxdError:
+        return UpstreamError(f"{what} broke its protocol: {e}")
+
+    def too_slow(e: BaseException) -> VoxdError:
+        return UpstreamError(f"{what} did not accept the WebSocket within "
+                             f"{CONNECT_TIMEOUT:.0f}s")
+
+    def unreachable(e: BaseException) -> VoxdError:
+        return UpstreamError(f"cannot reach {what}: {type(e).__name__}: {e}")
+
+    return ErrorMap([
+        (websocket.MessageTooBig, too_big),
+        (ConnectionClosed, closed),
+        (websocket.HandshakeError, refused),
+        (ProtocolError, broke_protocol),
+        (trio.TooSlowError, too_slow),
+        ((OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError),
+         unreachable),
+    ])
+
+
 @asynccontextmanager
 async def open_upstream(
     url: str, headers: list[tuple[str, str]], what: str, max_message_bytes: int
 ) -> AsyncIterator[WebSocket]:
     """Connect to an assistant's WebSocket (voxd's own, `voxd.net.websocket`: no reader task
     or queue between the socket and the call); UpstreamError (naming `what`, never the URL,
-    which may carry a secret) when it cannot be opened. Closed on exit."""
-    try:
-        with trio.fail_after(CONNECT_TIMEOUT):
-            ws = await websocket.connect(url, headers, max_message_bytes=max_message_bytes,
-                                         close_wait=DISCONNECT_TIMEOUT)
-    except trio.TooSlowError:
-        raise UpstreamError(f"{what} did not accept the WebSocket within "
-                            f"{CONNECT_TIMEOUT:.0f}s") from None
-    except websocket.HandshakeError as exc:
-        if exc.status is not None:
-            raise UpstreamError(f"{what} refused the WebSocket (HTTP {exc.status})") from None
-        raise UpstreamError(f"cannot connect to {what}: {exc}") from None
-    except (OSError, trio.BrokenResourceError) as exc:
-        raise UpstreamError(f"cannot connect to {what}: {type(exc).__name__}: {exc}") from None
+    which may carry a secret) when it cannot be opened. Closed on exit, within a deadline."""
+    with assistant_errors(what), trio.fail_after(CONNECT_TIMEOUT):
+        ws = await websocket.connect(url, headers, max_message_bytes=max_message_bytes,
+                                     close_wait=DISCONNECT_TIMEOUT)
     try:
         yield ws
     finally:
@@ -70,29 +99,43 @@ class WebSocketAssistant:
         self._translate = translate
         self._end_message = end_message
         self._warnings = 0
+        self._errors = assistant_errors(what)
 
     async def send(self, message: bytes | str) -> None:
         """One frame to the assistant (binary for bytes, text for str)."""
-        try:
+        with self._errors:
             await self._ws.send(message)
-        except ConnectionClosed as exc:
-            raise UpstreamError(f"{self._what} connection closed ({_reason(exc)})") from None
 
     send_audio = send
     """Caller audio as one binary frame (the same method: no extra layer per frame)."""
 
+    def send_audio_nowait(self, chunk: bytes) -> bool:
+        """Caller audio without waiting, when `ready_nowait`: the socket takes what it can now;
+        False if part of it is owed (then `flush` must follow before anything else)."""
+        with self._errors:
+            return self._ws.send_nowait(chunk)
+
+    @property
+    def ready_nowait(self) -> bool:
+        """`send_audio_nowait` may be called: no task is writing and nothing is owed."""
+        ws = self._ws
+        return not ws.writing and not ws.owes
+
+    async def flush(self) -> None:
+        """Write what `send_audio_nowait` left owed (as long as the assistant takes)."""
+        with self._errors:
+            await self._ws.flush()
+
     async def receive(self) -> AssistantEvent:
         """The next audio or control event; unreadable control messages are logged, skipped."""
         while True:
-            try:
-                message = await self._ws.receive()
-            except websocket.MessageTooBig as exc:
-                raise UpstreamError(f"{self._what} sent a message over the size limit: "
-                                    f"{exc}") from None
-            except ConnectionClosed as exc:
-                if exc.code == 1000:
-                    return AssistantEnded(f"{self._what} closed the call")
-                raise UpstreamError(f"{self._what} connection dropped ({_reason(exc)})") from None
+            with self._errors:
+                try:
+                    message = await self._ws.receive()
+                except ConnectionClosed as exc:
+                    if exc.code == 1000:  # a normal close: the assistant ended the call
+                        return AssistantEnded(f"{self._what} closed the call")
+                    raise
             if isinstance(message, bytes):
                 if message:
                     return AssistantAudio(message)
@@ -110,10 +153,8 @@ class WebSocketAssistant:
 
     async def ping(self) -> None:
         """A WebSocket ping; returns when the pong arrives."""
-        try:
+        with self._errors:
             await self._ws.ping()
-        except ConnectionClosed as exc:
-            raise UpstreamError(f"{self._what} connection closed ({_reason(exc)})") from None
 
     async def barge_in(self, heard_seconds: float) -> None:
         """Tell the assistant how much of its interrupted turn was heard, if it can be told."""
@@ -127,7 +168,7 @@ class WebSocketAssistant:
         if self._end_message is None:
             await trio.lowlevel.checkpoint()
             return
-        with contextlib.suppress(ConnectionClosed):  # gone: nothing to end
+        with contextlib.suppress(UpstreamError), self._errors:  # gone: nothing to end
             await self._ws.send(self._end_message)
 
 

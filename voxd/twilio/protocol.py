@@ -224,6 +224,7 @@ class MediaStream:
             return self._start(wire)
         if self.state is not StreamState.AWAITING_START:
             raise ProtocolError(f"'connected' received while {self.state.value}")
+        assert isinstance(wire, _Connected)
         return Connected(wire.protocol, wire.version)
 
     def _start(self, wire: _Start) -> StreamStart:

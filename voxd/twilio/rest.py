@@ -42,7 +42,7 @@ class CallControl:
 
     async def _update(self, call_sid: str, what: str, **fields: str) -> bool:
         def update() -> None:
-            self._client.calls(call_sid).update(**fields)  # type: ignore[arg-type]
+            self._client.calls(call_sid).update(**fields)
 
         try:
             with trio.fail_after(REQUEST_TIMEOUT + 0.5):

@@ -1,0 +1,146 @@
+"""voxd's HTTP routes: Twilio's voice webhook, health, readiness and metrics (a Quart-Trio app
+served by Hypercorn on connections the front door hands it).
+
+WebSockets are not served here: the media stream has its own path (`voxd.media`), and a
+WebSocket that reaches the HTTP app anyway (an upgrade as a later request on a connection, or
+a spelling of the path the front door does not route) is refused before it is accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from voxd.observability import metrics
+from voxd.providers.base import CallInfo
+from voxd.runtime import Runtime
+from voxd.twilio import stream_token, twiml
+
+log = logging.getLogger("voxd.routes")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+SEND_SECONDS = 10.0
+"""Longest one HTTP send may take (it is shielded: see `_shielded`)."""
+
+
+class HttpApp:
+    """The ASGI app: HTTP requests to the Quart app; every WebSocket refused."""
+
+    def __init__(self, http_app: QuartTrio) -> None:
+        self.http_app = http_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            log.debug("WebSocket upgrade of %r refused: not the media stream's path",
+                      scope.get("path", "")[:100])
+            metrics.CONNECTIONS_REJECTED.labels(reason="websocket_path").inc()
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] == "http":
+            send = _shielded(send)
+        await self.http_app(scope, receive, send)  # type: ignore[arg-type]
+
+
+def _shielded(send: Send) -> Send:
+    """Hypercorn (trio) + Quart-Trio never close an HTTP connection after a response: Quart-Trio
+    cancels the request's nursery and Hypercorn's close runs inside that cancelled scope. Running
+    Hypercorn's `send` shielded lets the close complete (tested: tests/integration/test_http.py).
+    The shield has a deadline (SEND_SECONDS): a client that never reads cannot hold it.
+
+    Every response also says `Connection: close`: with keep-alive, a connection the client
+    closes after concurrent requests is often left in CLOSE-WAIT by Hypercorn until its
+    keep-alive timeout (75 s), holding a descriptor and two tasks (found by bench/soak.py; the
+    soak test checks descriptors and tasks return to baseline). Twilio sends one webhook per
+    call, and nginx talks to voxd with `Connection: close` anyway, so nothing is lost."""
+
+    async def send_shielded(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
+        with trio.CancelScope(shield=True), trio.move_on_after(SEND_SECONDS):
+            await send(message)
+
+    return send_shielded
+
+
+def create_app(runtime_ref: Callable[[], Runtime]) -> HttpApp:
+    """The HTTP app; `runtime_ref()` gives the current Runtime (swapped on reload)."""
+    http = QuartTrio("voxd")
+    http.config["MAX_CONTENT_LENGTH"] = 64 * 1024
+
+    @http.route("/twilio/voice", methods=["POST", "GET"])
+    async def voice() -> Response | tuple[str, int]:
+        runtime = runtime_ref()
+        settings = runtime.settings
+        # A number may be configured to GET: then the parameters are in the (signed) URL.
+        form = await request.form if request.method == "POST" else request.args
+        if runtime.validator is not None:
+            url = settings.webhook_url
+            if request.query_string:
+                url += "?" + request.query_string.decode("latin-1")
+            signature = request.headers.get("X-Twilio-Signature", "")
+            signed: Any = form if request.method == "POST" else {}
+            if not runtime.validator.validate(url, signed, signature):
+                log.warning("voice webhook from %s rejected: %s X-Twilio-Signature (signed URL "
+                            "must be %s)", request.remote_addr,
+                            "invalid" if signature else "missing", url)
+                metrics.CALLS_REJECTED.labels(reason="signature").inc()
+                return "invalid signature\n", 403
+        call_sid = form.get("CallSid", "")
+        if not call_sid:
+            log.warning("voice webhook from %s without CallSid", request.remote_addr)
+            return "missing CallSid\n", 400
+        if runtime.live.draining:
+            log.info("call_sid=%s voice webhook: draining, answering the fallback", call_sid)
+            metrics.CALLS_REJECTED.labels(reason="draining").inc()
+            return Response(twiml.verbs_only(settings.config.call.fallback_twiml),
+                            content_type="text/xml")
+        if len(runtime.calls) >= settings.config.call.max_concurrent_calls:
+            log.warning("call_sid=%s voice webhook: at capacity (%d calls), answering the "
+                        "fallback", call_sid, len(runtime.calls))
+            metrics.CALLS_REJECTED.labels(reason="capacity").inc()
+            return Response(twiml.verbs_only(settings.config.call.fallback_twiml),
+                            content_type="text/xml")
+        parameters = {"from": form.get("From", ""), "to": form.get("To", "")}
+        runtime.provider.prepare(
+            CallInfo(call_sid=call_sid, stream_sid="", account_sid=form.get("AccountSid", ""),
+                     from_number=parameters["from"], to_number=parameters["to"],
+                     parameters=parameters),
+            runtime)
+        stream_parameters = dict(parameters)
+        if settings.config.call.stream_token:
+            stream_parameters[stream_token.TOKEN_PARAMETER] = stream_token.issue(
+                settings.secrets.stream_secret.reveal().encode(), call_sid, parameters,
+                time.time(), settings.config.call.stream_token_ttl)
+        body = twiml.connect_stream(settings.stream_url, stream_parameters,
+                                    settings.config.call.fallback_twiml)
+        log.info("call_sid=%s voice webhook: connecting the stream (from=%s to=%s)",
+                 call_sid, parameters["from"] or "-", parameters["to"] or "-")
+        return Response(body, content_type="text/xml")
+
+    @http.get("/healthz")
+    async def healthz() -> tuple[str, int]:
+        return "ok\n", 200
+
+    @http.get("/readyz")
+    async def readyz() -> tuple[str, int]:
+        runtime = runtime_ref()
+        if runtime.live.draining:
+            return "draining\n", 503
+        if len(runtime.calls) >= runtime.settings.config.call.max_concurrent_calls:
+            return "at capacity\n", 503
+        return "ready\n", 200
+
+    @http.get("/metrics")
+    async def metrics_page() -> Response:
+        return Response(metrics.render(), content_type="text/plain; version=0.0.4")
+
+    return HttpApp(http)
