@@ -5,6 +5,7 @@ scripted to interrupt, to end the call, or to refuse the connection."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,10 @@ class FakeAssistant:
     reply_at: float = 0.5
     """Speak `reply` (20 ms frames in real time) this long after the call starts, whatever
     the caller does: an assistant with no barge-in of its own."""
+    reply_in_one_message: bool = False
+    """Send `reply` as one binary message (a whole utterance at once) instead of frames."""
+    reply_if: Callable[[dict[str, Any]], bool] | None = None
+    """Speak `reply` only on calls whose start message passes this (default: every call)."""
     url: str = ""
     headers: dict[str, str] = field(default_factory=dict)
     start: dict[str, Any] = field(default_factory=dict)
@@ -46,7 +51,7 @@ class FakeAssistant:
             return
         ws = await request.accept()
         try:
-            self.start = json.loads(await ws.get_message())
+            self.start = start = json.loads(await ws.get_message())
             async with trio.open_nursery() as nursery:
                 if self.end_after is not None:
                     nursery.start_soon(self._later, ws, self.end_after,
@@ -54,8 +59,8 @@ class FakeAssistant:
                 if self.interrupt_after is not None:
                     nursery.start_soon(self._later, ws, self.interrupt_after,
                                        {"type": "interrupted"})
-                if self.reply:
-                    nursery.start_soon(self._speak, ws)
+                if self.reply and (self.reply_if is None or self.reply_if(start)):
+                    nursery.start_soon(self._speak, ws, start)
                 while True:
                     message = await ws.get_message()
                     if isinstance(message, bytes):
@@ -69,10 +74,14 @@ class FakeAssistant:
         finally:
             self.closed.set()
 
-    async def _speak(self, ws: trio_websocket.WebSocketConnection) -> None:
+    async def _speak(self, ws: trio_websocket.WebSocketConnection,
+                     call: dict[str, Any]) -> None:
         await trio.sleep(self.reply_at)
+        if self.reply_in_one_message:
+            await ws.send_message(self.reply)
+            return
         start = trio.current_time()
-        size = 640 if self.start.get("audio") == "pcm16" else 160
+        size = 640 if call.get("audio") == "pcm16" else 160
         for i in range(0, len(self.reply), size):
             await trio.sleep_until(start + i // size * 0.02)
             await ws.send_message(self.reply[i:i + size])
