@@ -10,7 +10,10 @@ worker takes the request, adds up all of them: one view of the whole service.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
+from collections.abc import Iterable
 
 import trio
 from prometheus_client import (
@@ -18,9 +21,9 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    ProcessCollector,
     generate_latest,
 )
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -69,8 +72,66 @@ PROCESS_CPU = Gauge("voxd_process_cpu_seconds", "CPU time used by voxd (all work
                     registry=REGISTRY, multiprocess_mode="livesum")
 PROCESS_RSS = Gauge("voxd_process_resident_memory_bytes", "Resident memory of voxd (all "
                     "workers)", registry=REGISTRY, multiprocess_mode="livesum")
+
+
+class SelfProcessCollector:
+    """The standard `process_*` metrics of this process, from /proc/self only.
+
+    prometheus-client's ProcessCollector needs /proc/stat (the boot time) and exports nothing at
+    all without it, and the unit's `ProcSubset=pid` hides /proc/stat. Here the boot time comes
+    from the clocks instead: `CLOCK_BOOTTIME` is the clock /proc/self/stat's start time counts
+    on, so now - boottime is when the machine booted."""
+
+    def __init__(self, proc: str = "/proc") -> None:
+        self._self = os.path.join(proc, "self")
+        self._ticks = os.sysconf("SC_CLK_TCK")
+
+    def collect(self) -> Iterable[Metric]:
+        result: list[Metric] = []
+        try:
+            with open(os.path.join(self._self, "stat"), "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            times = os.times()  # no /proc at all: CPU time is still known
+            result.append(CounterMetricFamily(
+                "process_cpu_seconds_total", "Total user and system CPU time spent in seconds.",
+                value=times.user + times.system))
+        else:
+            # fields[0] is the state, the 3rd field of /proc/PID/stat (proc(5))
+            booted = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+            result += [
+                GaugeMetricFamily("process_virtual_memory_bytes", "Virtual memory size in bytes.",
+                                  value=float(fields[20])),
+                GaugeMetricFamily("process_resident_memory_bytes",
+                                  "Resident memory size in bytes.",
+                                  value=float(fields[21]) * PAGE_BYTES),
+                GaugeMetricFamily("process_start_time_seconds",
+                                  "Start time of the process since unix epoch in seconds.",
+                                  value=booted + int(fields[19]) / self._ticks),
+                CounterMetricFamily("process_cpu_seconds_total",
+                                    "Total user and system CPU time spent in seconds.",
+                                    value=(int(fields[11]) + int(fields[12])) / self._ticks),
+            ]
+        with contextlib.suppress(OSError):
+            result.append(GaugeMetricFamily(
+                "process_open_fds", "Number of open file descriptors.",
+                value=float(len(os.listdir(os.path.join(self._self, "fd"))))))
+        try:
+            with open(os.path.join(self._self, "limits"), "rb") as limits:
+                for line in limits:
+                    if line.startswith(b"Max open files"):
+                        soft = line.split()[3]
+                        result.append(GaugeMetricFamily(
+                            "process_max_fds", "Maximum number of open file descriptors.",
+                            value=float("inf") if soft == b"unlimited" else float(soft)))
+                        break
+        except OSError:
+            pass
+        return result
+
+
 if not MULTIPROCESS:  # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total
-    ProcessCollector(registry=REGISTRY)
+    REGISTRY.register(SelfProcessCollector())
 
 
 def count_tasks() -> int:
