@@ -1,10 +1,11 @@
-"""The `voxd` command line: serve, check-config, call, demo."""
+"""The `voxd` command line: serve, check-config, reload, call, demo."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
 from functools import partial
 from pathlib import Path
@@ -14,7 +15,7 @@ import trio
 from voxd import __version__
 from voxd.config import load_settings, resolve_config_path, summary
 from voxd.errors import ConfigError, VoxdError
-from voxd.observability.logging import configure_logging
+from voxd.observability.logging import configure_logging, stderr_problem
 
 log = logging.getLogger("voxd")
 
@@ -30,6 +31,17 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate the config and exit")
     check.add_argument("--config", metavar="PATH", help="voxd.toml to check")
+
+    reload = sub.add_parser(
+        "reload", help="check the config, then tell a running voxd to reload it (SIGHUP)",
+        description="Check the config like check-config; if it is valid, send SIGHUP to the "
+                    "running voxd (exit 0), else print one line per problem and signal nothing "
+                    "(exit 2). The unit's ExecReload= runs it, so `systemctl reload voxd` fails "
+                    "when the file is invalid.")
+    reload.add_argument("--config", metavar="PATH", help="voxd.toml the running voxd reads")
+    reload.add_argument("--pid", metavar="PID",
+                        help="the voxd process to signal (default: $MAINPID, which systemd sets "
+                             "for ExecReload=)")
 
     call = sub.add_parser("call", help="place a simulated Twilio call against a webhook")
     call.add_argument("webhook_url", metavar="WEBHOOK_URL",
@@ -88,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             return _check_config(args)
+        if args.command == "reload":
+            return _reload(args)
         if args.command == "serve":
             return _serve(args)
         if args.command == "call":
@@ -100,15 +114,20 @@ def main(argv: list[str] | None = None) -> int:
             return _echo_upstream(args)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"voxd: {problem}", file=sys.stderr)
+            _problem(f"voxd: {problem}")
         return 2
     except VoxdError as exc:
-        print(f"voxd: {exc}", file=sys.stderr)
+        _problem(f"voxd: {exc}")
         return 1
     except KeyboardInterrupt:
         print("voxd: interrupted", file=sys.stderr)
         return 130
     return 2  # pragma: no cover - argparse requires a command
+
+
+def _problem(text: str) -> None:
+    """Print a problem that ends the command (with its journal priority under systemd)."""
+    print(stderr_problem(text), file=sys.stderr, flush=True)
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -117,6 +136,37 @@ def _check_config(args: argparse.Namespace) -> int:
     settings = load_settings(resolve_config_path(args.config))
     build_provider(settings)
     print(summary(settings))
+    return 0
+
+
+def _reload(args: argparse.Namespace) -> int:
+    from voxd.providers import build_provider
+
+    named = args.pid if args.pid is not None else os.environ.get("MAINPID", "")
+    if not named:
+        _problem("voxd: reload: no --pid given and no $MAINPID (systemd sets it for ExecReload=)")
+        return 2
+    if not named.isdigit() or int(named) <= 1:
+        _problem(f"voxd: reload: {'--pid' if args.pid is not None else '$MAINPID'} is not a "
+                 f"process id: {named!r}")
+        return 2
+    pid = int(named)
+    try:
+        settings = load_settings(resolve_config_path(args.config))
+        build_provider(settings)  # the checks the running voxd applies to the new file
+    except ConfigError as exc:
+        for problem in exc.problems:
+            _problem(f"voxd: reload refused, voxd keeps its running config: {problem}")
+        return 2
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        _problem(f"voxd: reload: no process {pid}")
+        return 1
+    except PermissionError:
+        _problem(f"voxd: reload: not allowed to signal process {pid}")
+        return 1
+    print(f"{summary(settings)}; sent SIGHUP to process {pid}", flush=True)
     return 0
 
 
@@ -139,8 +189,8 @@ def _serve(args: argparse.Namespace) -> int:
             return trio.run(run_workers, settings)
         trio.run(run_daemon, settings)
     except OSError as exc:
-        print(f"voxd: server.listen: cannot listen on {settings.config.server.listen}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
+        _problem(f"voxd: server.listen: cannot listen on {settings.config.server.listen}: "
+                 f"{exc.strerror or exc}")
         return 1
     return 0
 

@@ -31,3 +31,13 @@ def test_journal_lines_carry_their_syslog_priority():
     assert render(True, logging.INFO, "x").startswith("<6>INFO")
     assert render(True, logging.WARNING, "x").startswith("<4>WARNING")
     assert render(True, logging.ERROR, "a\nb").splitlines()[1] == "<3>b"  # every line
+
+
+def test_problems_printed_outside_logging_carry_a_priority_under_journald(monkeypatch):
+    from voxd.observability import logging as voxd_logging
+
+    monkeypatch.setattr(voxd_logging, "stderr_is_journal", lambda: True)
+    assert voxd_logging.stderr_problem("voxd: a\nb") == "<3>voxd: a\n<3>b"
+    assert voxd_logging.stderr_problem("x", logging.WARNING) == "<4>x"
+    monkeypatch.setattr(voxd_logging, "stderr_is_journal", lambda: False)
+    assert voxd_logging.stderr_problem("voxd: a") == "voxd: a"  # a terminal gets plain text

@@ -98,6 +98,16 @@ def stderr_is_journal() -> bool:
     return stream == f"{st.st_dev}:{st.st_ino}"
 
 
+def stderr_problem(text: str, level: int = logging.ERROR) -> str:
+    """`text` as the command line prints it to stderr (a problem that ends the command, outside
+    the logging system): under journald each line carries its syslog priority, like log lines,
+    so `journalctl -u voxd -p warning` shows why the service did not start."""
+    if not stderr_is_journal():
+        return text
+    prio = _PRIORITY.get(level, 3)
+    return "\n".join(f"<{prio}>{line}" for line in text.splitlines() or [""])
+
+
 def configure_logging(level: str = "info") -> None:
     """Install voxd's handler on the root logger (idempotent)."""
     root = logging.getLogger()
