@@ -13,7 +13,7 @@ import re
 import secrets as _random
 import tomllib
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -175,6 +175,9 @@ class Secrets:
     vapi_api_key: Secret | None = None
     websocket_auth: Secret | None = None
     stream_secret: Secret = field(default_factory=lambda: Secret(_random.token_urlsafe(32)))
+    stream_secret_generated: bool = True
+    """No stream secret was configured: this one was made at start (a reload keeps it, so the
+    tokens given out before the reload stay valid)."""
 
 
 SECRET_SOURCES = {
@@ -203,12 +206,14 @@ def read_secret(name: str, environ: dict[str, str] | None = None) -> Secret | No
 def load_secrets(environ: dict[str, str] | None = None) -> Secrets:
     """All secrets; the stream secret is generated when none is configured."""
     stream = read_secret("stream_secret", environ)
-    return Secrets(
+    secrets = Secrets(
         twilio_auth_token=read_secret("twilio_auth_token", environ),
         vapi_api_key=read_secret("vapi_api_key", environ),
         websocket_auth=read_secret("websocket_auth", environ),
-        **({"stream_secret": stream} if stream else {}),
     )
+    if stream is None:
+        return secrets
+    return replace(secrets, stream_secret=stream, stream_secret_generated=False)
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,9 @@ class Server:
             return
         try:
             settings = load_settings(source)
+            if settings.secrets.stream_secret_generated:  # tokens already given out stay valid
+                settings = replace(settings, secrets=replace(
+                    settings.secrets, stream_secret=old.settings.secrets.stream_secret))
             runtime = Runtime.from_settings(settings, self.live, self.background)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s: %s", source,

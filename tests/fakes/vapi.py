@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import collections
 import json
+import socket
+import struct
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +58,9 @@ class VapiScript:
     drop_after: float | None = None
     end_after: float | None = None
     garbage: bool = False
+    socket_at_accept: str | None = None
+    """'close' (a close frame right after the 101) or 'reset' (TCP reset right after it): a
+    call Vapi already ended by itself."""
 
 
 @dataclass
@@ -161,6 +166,13 @@ class FakeVapi:
         ws = await req.accept()
         call.socket_headers = headers
         call.connected.set()
+        if self.script.socket_at_accept is not None:
+            if self.script.socket_at_accept == "reset":
+                reset(ws)
+            else:
+                await ws.aclose(1000, "call already ended")
+            call.closed.set()
+            return
         try:
             async with trio.open_nursery() as nursery:
                 assistant = _Assistant(self.script, call, ws, nursery)
@@ -292,3 +304,10 @@ def _validate(body: Any) -> str | None:
     if fmt.get("container") != "raw" or (fmt.get("format"), fmt.get("sampleRate")) not in FORMATS:
         return f"unsupported transport.audioFormat {fmt}"
     return None
+
+
+def reset(ws: trio_websocket.WebSocketConnection) -> None:
+    """Close the socket under a WebSocket with a TCP reset (no close frame, no FIN)."""
+    sock = ws._stream.socket  # trio-websocket keeps its stream private
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()

@@ -168,3 +168,43 @@ async def test_frame_counts_reach_the_metrics_while_the_call_lasts(start_voxd, m
     with trio.fail_after(1):
         await voxd.runtime.wait_idle()
     assert inbound() - before == 100  # and exactly all of them at the end
+
+
+UPGRADE = ("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+async def exchange(origin: str, data: bytes) -> bytes:
+    """Send raw bytes on a fresh connection; everything voxd answers until it closes."""
+    host, port = origin.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    answer = b""
+    with trio.fail_after(5):
+        await stream.send_all(data)
+        while chunk := await stream.receive_some(4096):
+            answer += chunk
+    await stream.aclose()
+    return answer
+
+
+@pytest.mark.parametrize("path", ["/media%2Dstream", "/media-stream/", "//media-stream",
+                                  "/Media-Stream", "/nope", "/healthz"])
+async def test_only_the_media_path_takes_a_websocket(start_voxd, caplog, path):
+    """One media path: an upgrade of any other spelling or path is answered 404 by voxd
+    itself (with a byte more after it: Hypercorn once died of that), and no call starts."""
+    voxd = await start_voxd(signed=False)
+    answer = await exchange(voxd.origin, UPGRADE.format(path=path).encode() + b"x")
+    assert answer.startswith(b"HTTP/1.1 404 ")
+    assert not any("call started" in r.getMessage() for r in caplog.records)
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(voxd.origin + "/healthz")).status_code == 200
+
+
+async def test_a_websocket_as_a_later_request_is_refused(start_voxd, caplog):
+    """An upgrade pipelined after an HTTP request reaches the HTTP app, which has no media
+    path: refused before it is accepted, whatever its path."""
+    voxd = await start_voxd(signed=False)
+    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer = await exchange(voxd.origin, first + UPGRADE.format(path="/media-stream").encode())
+    assert b" 101 " not in answer
+    assert not any("call started" in r.getMessage() for r in caplog.records)

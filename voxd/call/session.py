@@ -42,7 +42,7 @@ from voxd.call.playback import Direct, Playback
 from voxd.call.turns import TurnTimer
 from voxd.call.upstream_feed import UpstreamFeed
 from voxd.config import Settings
-from voxd.errors import CallerDisconnected, ProtocolError, VoxdError
+from voxd.errors import CallerDisconnected, ProtocolError, UpstreamError, VoxdError
 from voxd.observability import metrics
 from voxd.observability.logging import CallLogContext, bind_call
 from voxd.providers.base import (
@@ -170,9 +170,7 @@ class CallSession:
             self._end("server-shutdown", "error")
             raise
         except Exception as exc:  # a bug: still end this call cleanly, and say so
-            log.exception("internal error, ending the call: %s", exc)
-            metrics.ERRORS.labels(kind="internal").inc()
-            self._end("internal-error", "error")
+            self._internal_error(exc)
         finally:
             try:
                 with trio.CancelScope(shield=True), trio.move_on_after(TEARDOWN_SECONDS):
@@ -343,28 +341,38 @@ class CallSession:
                 await self.socket.close()
 
     async def _guard(self, task: Awaitable[Ending]) -> None:
-        """Run one task of the call; whatever way it ends, end the call with a reason."""
+        """Run one task of the call, its owner: whatever way it ends (an ending, any exception)
+        becomes the call's end reason, and nothing but a cancellation goes further."""
         try:
             ending = await task
-        except (VoxdError, BaseExceptionGroup) as exc:
-            error = _voxd_error(exc)
-            if error is None:
-                raise
-            self._fail(error)
+        except Exception as exc:
+            self._fail(exc)
         else:
             self._end(*ending)
 
-    def _fail(self, error: VoxdError) -> None:
-        """End the call because of `error`, with the one log line it deserves."""
-        if isinstance(error, ProtocolError):
-            self._protocol_error(error)
-        elif isinstance(error, CallerDisconnected):
-            log.info("Twilio closed the media socket without 'stop': %s", error)
-            self._end("caller-disconnected")
-        else:
+    def _fail(self, exc: Exception) -> None:
+        """End the call because a task raised `exc`, with the one log line it deserves. The
+        boundaries map every transport failure first (Twilio's into CallerDisconnected or
+        ProtocolError, the assistant's into UpstreamError), so anything else here is voxd's
+        own bug: logged with its traceback, the call ended as internal-error."""
+        error = _voxd_error(exc)
+        if isinstance(error, UpstreamError):
             log.error("assistant failed: %s", error)
             metrics.ERRORS.labels(kind="upstream").inc()
             self._end("upstream-error", "error")
+        elif isinstance(error, CallerDisconnected):
+            log.info("Twilio closed the media socket without 'stop': %s", error)
+            self._end("caller-disconnected")
+        elif isinstance(error, ProtocolError):
+            self._protocol_error(error)
+        else:
+            self._internal_error(exc)
+
+    def _internal_error(self, exc: BaseException) -> None:
+        log.error("internal error, ending the call: %s: %s", type(exc).__name__, exc,
+                  exc_info=exc)
+        metrics.ERRORS.labels(kind="internal").inc()
+        self._end("internal-error", "error")
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         log.warning("protocol error from Twilio (peer %s), ending the call: %s", self.peer, exc)
