@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -121,7 +122,8 @@ class EchoAssistant:
         )
         self._threshold = provider.threshold_dbfs
         self._max_frames = int(provider.max_utterance_seconds / FRAME_SECONDS)
-        self._interrupt_frames = max(1, -(-provider.interrupt_ms // 20))
+        self._interrupt_frames = max(1, math.ceil(provider.interrupt_ms / 1000 / FRAME_SECONDS
+                                                  - 1e-9))
         self._margin = provider.echo_margin_db
         self._tail = provider.echo_tail_seconds
         # Frames are kept with their energy (dBFS, before the gate): the echo reference once
