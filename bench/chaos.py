@@ -412,7 +412,8 @@ async def run_chaos(options: Options) -> Report:
                     settled = all(
                         pid in after and after[pid].fds <= base[pid].fds + allowance
                         and (after[pid].tasks or 0) <= (base[pid].tasks or 0) for pid in base
-                    ) and metric_sum(text, "voxd_calls_active") == 0
+                    ) and metric_sum(text, "voxd_calls_active") == 0 and all(
+                        vapi.connect_attempts.get(cid) for cid in vapi.calls)
                     if settled or trio.current_time() >= deadline or daemon.proc.poll() is not None:
                         break
                     await trio.sleep(1.0)
