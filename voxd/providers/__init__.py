@@ -19,7 +19,8 @@ def build_provider(settings: Settings, early: EarlyStarts | None = None) -> Prov
     if name == "echo":
         from voxd.providers.echo import EchoProvider
 
-        return EchoProvider(config.assistant.audio)
+        return EchoProvider(config.assistant.audio,
+                            echo_margin_db=config.barge_in.echo_margin_db)
     if name == "vapi":
         from voxd.providers.vapi import VapiProvider
 

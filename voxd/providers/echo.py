@@ -45,6 +45,7 @@ from voxd.providers.base import (
     AssistantEvent,
     AssistantInterrupted,
     AudioFormat,
+    BackgroundTasks,
     CallInfo,
 )
 
@@ -89,7 +90,7 @@ class EchoProvider:
         self.echo_margin_db = echo_margin_db
         self.echo_tail_seconds = echo_tail_seconds
 
-    def prepare(self, call: CallInfo, tasks: object) -> None:
+    def prepare(self, call: CallInfo, tasks: BackgroundTasks) -> None:
         """Nothing to prepare: the echo is in-process."""
 
     async def aclose(self) -> None:

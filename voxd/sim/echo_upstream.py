@@ -123,7 +123,7 @@ async def _pass_through(websocket: WebSocket) -> None:
     frame = _frame_bytes(audio)
     while True:
         message = await websocket.receive()
-        if type(message) is bytes:
+        if isinstance(message, bytes):
             if len(message) <= frame:
                 await websocket.send(message)
             else:
@@ -142,7 +142,7 @@ async def _answer_turns(websocket: WebSocket, hold: float) -> None:
     quiet = 0.0
     while True:
         message = await websocket.receive()
-        if type(message) is str:
+        if isinstance(message, str):
             audio = _audio_format(message, audio)
             energy = frame_energy_dbfs_pcm16 if audio == "pcm16" else frame_energy_dbfs_ulaw
             bytes_per_second, frame = BYTES_PER_SECOND[audio], _frame_bytes(audio)
