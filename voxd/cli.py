@@ -125,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     return 2  # pragma: no cover - argparse requires a command
 
 
-def _problem(text: str) -> None:
-    """Print a problem that ends the command (with its journal priority under systemd)."""
-    print(stderr_problem(text), file=sys.stderr, flush=True)
+def _problem(text: str, level: int = logging.ERROR) -> None:
+    """Print a problem (with its journal priority under systemd)."""
+    print(stderr_problem(text, level), file=sys.stderr, flush=True)
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -151,8 +151,9 @@ def _reload(args: argparse.Namespace) -> int:
                  f"process id: {named!r}")
         return 2
     pid = int(named)
+    environ = _reload_environ(pid)
     try:
-        settings = load_settings(resolve_config_path(args.config))
+        settings = load_settings(resolve_config_path(args.config), environ)
         build_provider(settings)  # the checks the running voxd applies to the new file
     except ConfigError as exc:
         for problem in exc.problems:
@@ -168,6 +169,32 @@ def _reload(args: argparse.Namespace) -> int:
         return 1
     print(f"{summary(settings)}; sent SIGHUP to process {pid}", flush=True)
     return 0
+
+
+def _reload_environ(pid: int) -> dict[str, str]:
+    """The environment to check the new file in: with the secrets the running voxd sees.
+
+    systemd (252 at least) does not mount a service's credentials for ExecReload= when the
+    service has its own mount namespace (systemd issue #35227): $CREDENTIALS_DIRECTORY is set
+    but cannot be read there. The running voxd's directory can be, through /proc/PID/root,
+    unless PrivateUsers= (as in the shipped unit) puts each process in a user namespace of its
+    own. Failing both, every secret counts as given: the file's own checks are made here, and
+    voxd checks the secrets it needs on SIGHUP, refusing the file with a log line if one is
+    missing (credentials do not change on reload: they are loaded when the service starts)."""
+    from voxd.config import SECRET_SOURCES
+
+    env = dict(os.environ)
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if not creds:
+        return env
+    for seen in (f"/proc/{pid}/root{creds}", creds):
+        if os.access(seen, os.R_OK | os.X_OK):
+            return {**env, "CREDENTIALS_DIRECTORY": seen}
+    _problem(f"voxd: reload: the service's credentials ({creds}) are not readable here: the "
+             "file is checked as if every secret were set; voxd checks the secrets itself",
+             logging.INFO)
+    env.pop("CREDENTIALS_DIRECTORY")
+    return {**env, **{var: env.get(var) or "unseen" for var in SECRET_SOURCES.values()}}
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ and journal priorities on the lines that say why voxd did not start."""
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 VOXD = [sys.executable, "-m", "voxd"]
 
@@ -131,3 +134,49 @@ def test_startup_failures_carry_an_error_priority_under_journald(tmp_path):
     with log.open("w") as err:  # a terminal (no journal) gets the lines without the prefix
         subprocess.run([*VOXD, "serve", "--config", str(config)], stderr=err, timeout=60)
     assert all(line.startswith("voxd: server.") for line in log.read_text().splitlines())
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare(1) to give voxd a mount of its own")
+def test_reload_checks_with_the_credentials_the_running_voxd_sees(tmp_path):
+    """As under systemd: voxd's credentials are a mount in its own namespace, and ExecReload=
+    gets $CREDENTIALS_DIRECTORY but not the mount (systemd issue #35227)."""
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    port = free_port()
+    config = write_config(tmp_path / "voxd.toml", port)
+    config.write_text(config.read_text().replace("validate_signatures = false",
+                                                 "validate_signatures = true"))
+    log = tmp_path / "voxd.log"
+    env = {**os.environ, "CREDENTIALS_DIRECTORY": str(creds)}
+    env.pop("VOXD_TWILIO_AUTH_TOKEN", None)
+    script = (f"mount -t tmpfs tmpfs {creds} && printf tok > {creds}/twilio_auth_token && "
+              f"exec {shlex.join([*VOXD, 'serve', '--config', str(config)])}")
+    with log.open("w") as err:
+        proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                 script], stderr=err, env=env)
+    try:
+        wait_for(log, "listening on", timeout=30)
+        assert list(creds.iterdir()) == []  # this side of the mount sees none of them
+        ok = subprocess.run([*VOXD, "reload", "--config", str(config), "--pid", str(proc.pid)],
+                            capture_output=True, text=True, timeout=60, env=env)
+        assert ok.returncode == 0, ok.stderr
+        wait_for(log, "reloaded ")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_reload_without_any_view_of_the_credentials_checks_the_rest(tmp_path):
+    config = write_config(tmp_path / "voxd.toml", free_port())
+    config.write_text(config.read_text().replace("validate_signatures = false",
+                                                 "validate_signatures = true"))
+    env = {**os.environ, "CREDENTIALS_DIRECTORY": str(tmp_path / "not-mounted-here")}
+    env.pop("VOXD_TWILIO_AUTH_TOKEN", None)
+    with subprocess.Popen(["sleep", "30"]) as target:
+        result = subprocess.run([*VOXD, "reload", "--config", str(config), "--pid",
+                                 str(target.pid)], capture_output=True, text=True, timeout=60,
+                                env=env)
+        assert target.wait(timeout=10) == -signal.SIGHUP
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("voxd: reload: the service's credentials (")
