@@ -339,9 +339,11 @@ class Checks:
 
     def install(self) -> None:
         """README.md, "Run it as a service", with /opt/voxd-src as /path/to/voxd; pip reads the
-        wheelhouse instead of the network; the token is a test one; signatures are on."""
+        wheelhouse instead of the network; the token is a test one; signatures are on; procps
+        is removed first."""
         started = time.monotonic()
         result = self.box.sh(f"""set -e
+dpkg --purge procps >/dev/null  # the unit must not need /bin/kill (minimal systems lack it)
 python3 -m venv /opt/voxd/.venv && /opt/voxd/.venv/bin/pip install -q --no-index \
     --find-links {WHEELS} {SRC}
 cp {SRC}/README.md /opt/voxd/
