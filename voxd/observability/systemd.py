@@ -31,10 +31,10 @@ class Notifier:
         pid = env.get("WATCHDOG_PID", "")
         mine = not pid or pid == str(os.getpid())
         self.watchdog_interval = (int(usec) / 1e6 / 2) if usec.isdigit() and mine else None
+        """Seconds between WATCHDOG=1 pings (half of WatchdogSec), None if not asked for."""
         worker = env.get("VOXD_WORKER")
         self._tag = (f"VOXD_WORKER={worker}",) if worker is not None else ()
         """A worker tells its supervisor which worker it is."""
-        """Seconds between WATCHDOG=1 pings (half of WatchdogSec), None if not asked for."""
 
     @property
     def enabled(self) -> bool:
