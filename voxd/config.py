@@ -13,6 +13,7 @@ import re
 import secrets as _random
 import tomllib
 import xml.etree.ElementTree as ET
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -42,6 +43,10 @@ class ServerConfig(_Section):
     """Open TCP connections (calls, webhooks, scrapes, and ones still handshaking)."""
     max_connections_per_address: Annotated[int, Field(ge=1)] = 250
     """Open TCP connections from one remote address (behind a proxy, the proxy's)."""
+    ipv6_prefix_length: Annotated[int, Field(ge=1, le=128)] = 64
+    """IPv6 peers count against max_connections_per_address per network of this prefix."""
+    metrics_listen: str = ""
+    """host:port to serve /metrics on instead of the public port ("": the public port)."""
 
 
 class TwilioConfig(_Section):
@@ -129,6 +134,14 @@ class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class StateConfig(_Section):
+    """`[state]`: state shared by several hosts behind one proxy."""
+
+    redis_url: str = ""
+    """redis:// or rediss:// URL of a Redis every host shares ("": this host only). One with a
+    password belongs in the `redis_url` secret, which wins over this key."""
+
+
 class Config(_Section):
     """The whole voxd.toml."""
 
@@ -141,6 +154,7 @@ class Config(_Section):
     barge_in: BargeInConfig = BargeInConfig()
     drain: DrainConfig = DrainConfig()
     logging: LoggingConfig = LoggingConfig()
+    state: StateConfig = StateConfig()
 
 
 class Secret:
@@ -174,10 +188,26 @@ class Secrets:
     twilio_auth_token: Secret | None = None
     vapi_api_key: Secret | None = None
     websocket_auth: Secret | None = None
+    redis_url: Secret | None = None
     stream_secret: Secret = field(default_factory=lambda: Secret(_random.token_urlsafe(32)))
     stream_secret_generated: bool = True
     """No stream secret was configured: this one was made at start (a reload keeps it, so the
     tokens given out before the reload stay valid)."""
+
+    def filled_from(self, before: Secrets) -> Secrets:
+        """These secrets, with what is missing taken from `before` (a reload: the environment
+        was scrubbed; a credential file that is still there wins), and a generated stream
+        secret replaced by the one in use."""
+        generated = self.stream_secret_generated
+        return replace(
+            self,
+            twilio_auth_token=self.twilio_auth_token or before.twilio_auth_token,
+            vapi_api_key=self.vapi_api_key or before.vapi_api_key,
+            websocket_auth=self.websocket_auth or before.websocket_auth,
+            redis_url=self.redis_url or before.redis_url,
+            stream_secret=before.stream_secret if generated else self.stream_secret,
+            stream_secret_generated=before.stream_secret_generated if generated else False,
+        )
 
 
 SECRET_SOURCES = {
@@ -185,6 +215,7 @@ SECRET_SOURCES = {
     "vapi_api_key": "VAPI_API_KEY",
     "websocket_auth": "VOXD_WEBSOCKET_AUTH",
     "stream_secret": "VOXD_STREAM_SECRET",
+    "redis_url": "VOXD_REDIS_URL",
 }
 """systemd credential name -> environment variable."""
 
@@ -203,6 +234,16 @@ def read_secret(name: str, environ: dict[str, str] | None = None) -> Secret | No
     return Secret(value) if value else None
 
 
+def scrub_environment(environ: MutableMapping[str, str] | None = None) -> None:
+    """Remove the secrets' environment variables (once read), so no child process inherits
+    them and nothing that dumps the environment shows them. (Linux keeps the process's
+    initial environment block in /proc/PID/environ, readable by the same user and root only:
+    systemd credentials avoid even that.)"""
+    env = os.environ if environ is None else environ
+    for variable in SECRET_SOURCES.values():
+        env.pop(variable, None)
+
+
 def load_secrets(environ: dict[str, str] | None = None) -> Secrets:
     """All secrets; the stream secret is generated when none is configured."""
     stream = read_secret("stream_secret", environ)
@@ -210,6 +251,7 @@ def load_secrets(environ: dict[str, str] | None = None) -> Secrets:
         twilio_auth_token=read_secret("twilio_auth_token", environ),
         vapi_api_key=read_secret("vapi_api_key", environ),
         websocket_auth=read_secret("websocket_auth", environ),
+        redis_url=read_secret("redis_url", environ),
     )
     if stream is None:
         return secrets
@@ -223,6 +265,12 @@ class Settings:
     config: Config
     secrets: Secrets
     source: Path | None = None
+
+    @property
+    def redis_url(self) -> str:
+        """The shared Redis (the `redis_url` secret, else `[state] redis_url`; "" for none)."""
+        secret = self.secrets.redis_url
+        return secret.reveal() if secret is not None else self.config.state.redis_url
 
     @property
     def webhook_url(self) -> str:
@@ -274,10 +322,12 @@ def resolve_config_path(explicit: str | None, environ: dict[str, str] | None = N
 
 
 def load_settings(
-    path: Path | None, environ: dict[str, str] | None = None, *, text: str | None = None
+    path: Path | None, environ: dict[str, str] | None = None, *, text: str | None = None,
+    secrets_before: Secrets | None = None,
 ) -> Settings:
     """Read, validate and freeze the config at `path` (or `text`) plus secrets; ConfigError lists
-    every problem."""
+    every problem. On a reload, `secrets_before` fills in what the environment no longer holds
+    (voxd removes secrets from it once read: see `scrub_environment`)."""
     if text is None:
         if path is None:
             raise ConfigError(["no config file given"])
@@ -291,6 +341,8 @@ def load_settings(
         raise ConfigError([f"{path or 'config'}: not valid TOML: {exc}"]) from exc
     config = parse_config(raw)
     secrets = load_secrets(environ)
+    if secrets_before is not None:
+        secrets = secrets.filled_from(secrets_before)
     problems = check_settings(config, secrets)
     if problems:
         raise ConfigError(problems)
@@ -374,6 +426,16 @@ def _check_values(config: Config) -> list[str]:
         parse_listen(config.server.listen)
     except ValueError as exc:
         problems.append(f"server.listen: {exc}")
+    if config.state.redis_url and not config.state.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")):
+        problems.append("state.redis_url: must be a redis://, rediss:// or unix:// URL")
+    if config.server.metrics_listen:
+        try:
+            parse_listen(config.server.metrics_listen)
+        except ValueError as exc:
+            problems.append(f"server.metrics_listen: {exc}")
+        if config.server.metrics_listen == config.server.listen:
+            problems.append("server.metrics_listen: must differ from server.listen")
     public = urlsplit(config.server.public_url)
     if public.scheme not in ("http", "https") or not public.netloc:
         problems.append(

@@ -9,6 +9,7 @@ a spelling of the path the front door does not route) is refused before it is ac
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -18,6 +19,8 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from voxd.observability import metrics
+from voxd.observability.throttled import ThrottledLog
+from voxd.observability.untrusted import show
 from voxd.providers.base import CallInfo
 from voxd.runtime import Runtime
 from voxd.twilio import stream_token, twiml
@@ -28,6 +31,8 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
+ACCOUNT_SID = re.compile(r"AC[0-9a-f]{32}")
+"""Twilio's AccountSid: AC and 32 lower-case hex digits."""
 SEND_SECONDS = 10.0
 """Longest one HTTP send may take (it is shielded: see `_shielded`)."""
 
@@ -71,9 +76,30 @@ def _shielded(send: Send) -> Send:
     return send_shielded
 
 
-def create_app(runtime_ref: Callable[[], Runtime]) -> HttpApp:
-    """The HTTP app; `runtime_ref()` gives the current Runtime (swapped on reload)."""
+def create_metrics_app() -> HttpApp:
+    """The app of `server.metrics_listen`: /metrics (and /healthz) only."""
+    http = QuartTrio("voxd-metrics")
+    http.config["MAX_CONTENT_LENGTH"] = 1024
+    http.add_url_rule("/metrics", "metrics", metrics_page)
+    http.add_url_rule("/healthz", "healthz", healthz)
+    return HttpApp(http)
+
+
+async def metrics_page() -> Response:
+    """Prometheus text format."""
+    return Response(metrics.render(), content_type="text/plain; version=0.0.4")
+
+
+async def healthz() -> tuple[str, int]:
+    """200 while the process is alive."""
+    return "ok\n", 200
+
+
+def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) -> HttpApp:
+    """The HTTP app; `runtime_ref()` gives the current Runtime (swapped on reload).
+    `metrics_here`: /metrics is served here (not on server.metrics_listen)."""
     http = QuartTrio("voxd")
+    refusals = ThrottledLog(log)
     http.config["MAX_CONTENT_LENGTH"] = 64 * 1024
 
     @http.route("/twilio/voice", methods=["POST", "GET"])
@@ -89,15 +115,26 @@ def create_app(runtime_ref: Callable[[], Runtime]) -> HttpApp:
             signature = request.headers.get("X-Twilio-Signature", "")
             signed: Any = form if request.method == "POST" else {}
             if not runtime.validator.validate(url, signed, signature):
-                log.warning("voice webhook from %s rejected: %s X-Twilio-Signature (signed URL "
-                            "must be %s)", request.remote_addr,
-                            "invalid" if signature else "missing", url)
+                refusals.warning("signature", "voice webhook from %s rejected: %s "
+                                 "X-Twilio-Signature (the signed URL must be %s%s)",
+                                 request.remote_addr, "invalid" if signature else "missing",
+                                 settings.webhook_url,
+                                 " and its query string" if request.query_string else "")
                 metrics.CALLS_REJECTED.labels(reason="signature").inc()
                 return "invalid signature\n", 403
         call_sid = form.get("CallSid", "")
-        if not call_sid:
-            log.warning("voice webhook from %s without CallSid", request.remote_addr)
-            return "missing CallSid\n", 400
+        if not stream_token.CALL_SID.fullmatch(call_sid):
+            refusals.warning("callsid", "voice webhook from %s refused: %s CallSid %s",
+                             request.remote_addr, "malformed" if call_sid else "missing",
+                             show(call_sid, 40))
+            metrics.CALLS_REJECTED.labels(reason="malformed").inc()
+            return "missing or malformed CallSid\n", 400
+        account_sid = form.get("AccountSid", "")
+        if account_sid and not ACCOUNT_SID.fullmatch(account_sid):
+            refusals.warning("accountsid", "voice webhook from %s refused: malformed AccountSid "
+                             "%s", request.remote_addr, show(account_sid, 40))
+            metrics.CALLS_REJECTED.labels(reason="malformed").inc()
+            return "malformed AccountSid\n", 400
         if runtime.live.draining:
             log.info("call_sid=%s voice webhook: draining, answering the fallback", call_sid)
             metrics.CALLS_REJECTED.labels(reason="draining").inc()
@@ -109,26 +146,24 @@ def create_app(runtime_ref: Callable[[], Runtime]) -> HttpApp:
             metrics.CALLS_REJECTED.labels(reason="capacity").inc()
             return Response(twiml.verbs_only(settings.config.call.fallback_twiml),
                             content_type="text/xml")
-        parameters = {"from": form.get("From", ""), "to": form.get("To", "")}
+        # As Twilio will hand them back (cut to its <Parameter> limit): what the token binds.
+        parameters = twiml.fitted({"from": form.get("From", ""), "to": form.get("To", "")})
         runtime.provider.prepare(
-            CallInfo(call_sid=call_sid, stream_sid="", account_sid=form.get("AccountSid", ""),
+            CallInfo(call_sid=call_sid, stream_sid="", account_sid=account_sid,
                      from_number=parameters["from"], to_number=parameters["to"],
                      parameters=parameters),
             runtime)
-        stream_parameters = dict(parameters)
+        url = settings.stream_url
         if settings.config.call.stream_token:
-            stream_parameters[stream_token.TOKEN_PARAMETER] = stream_token.issue(
-                settings.secrets.stream_secret.reveal().encode(), call_sid, parameters,
-                time.time(), settings.config.call.stream_token_ttl)
-        body = twiml.connect_stream(settings.stream_url, stream_parameters,
-                                    settings.config.call.fallback_twiml)
+            url += "/" + stream_token.issue(settings.secrets.stream_secret.reveal().encode(),
+                                            call_sid, parameters, time.time(),
+                                            settings.config.call.stream_token_ttl)
+        body = twiml.connect_stream(url, parameters, settings.config.call.fallback_twiml)
         log.info("call_sid=%s voice webhook: connecting the stream (from=%s to=%s)",
-                 call_sid, parameters["from"] or "-", parameters["to"] or "-")
+                 call_sid, show(parameters["from"] or "-", 40), show(parameters["to"] or "-", 40))
         return Response(body, content_type="text/xml")
 
-    @http.get("/healthz")
-    async def healthz() -> tuple[str, int]:
-        return "ok\n", 200
+    http.add_url_rule("/healthz", "healthz", healthz)
 
     @http.get("/readyz")
     async def readyz() -> tuple[str, int]:
@@ -139,8 +174,7 @@ def create_app(runtime_ref: Callable[[], Runtime]) -> HttpApp:
             return "at capacity\n", 503
         return "ready\n", 200
 
-    @http.get("/metrics")
-    async def metrics_page() -> Response:
-        return Response(metrics.render(), content_type="text/plain; version=0.0.4")
+    if metrics_here:
+        http.add_url_rule("/metrics", "metrics", metrics_page)
 
     return HttpApp(http)

@@ -21,7 +21,7 @@ from voxd.background import Background
 from voxd.config import Settings
 from voxd.providers import build_provider
 from voxd.providers.base import EarlyStarts, Provider
-from voxd.twilio import stream_token
+from voxd.shared_state import LocalTokens, RedisState, TokenLedger
 from voxd.twilio.rest import CallControl
 
 if TYPE_CHECKING:
@@ -37,11 +37,16 @@ class LiveCalls:
     """What every Runtime shares across reloads: the calls in progress (capacity, readiness,
     draining), the stream tokens used, and the work providers started early for calls."""
 
-    def __init__(self, on_change: Callable[[LiveCalls], None] | None = None) -> None:
+    def __init__(self, on_change: Callable[[LiveCalls], None] | None = None,
+                 used_tokens: TokenLedger | None = None,
+                 shared: RedisState | None = None) -> None:
         self.sessions: set[CallSession] = set()
         self.draining = False
-        self.used_tokens = stream_token.UsedTokens()
-        self.early = EarlyStarts()
+        self.used_tokens: TokenLedger = used_tokens or LocalTokens()
+        """Used stream tokens: this process's, this host's workers', or every host's."""
+        self.shared = shared
+        """The Redis several hosts share (`[state] redis_url`), if any."""
+        self.early = EarlyStarts(remote=shared)
         self.on_change = on_change
         self._idle = trio.Event()
         self._idle.set()

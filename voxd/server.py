@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 from dataclasses import replace
@@ -11,16 +12,18 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 
 from voxd.background import Background
-from voxd.config import Settings, load_settings, parse_listen, summary
+from voxd.config import Settings, load_settings, parse_listen, scrub_environment, summary
 from voxd.errors import ConfigError, VoxdError
 from voxd.media import MediaEndpoint
-from voxd.net.front import ConnectionLimits, FrontDoor
+from voxd.net.front import NOT_FOUND, ConnectionLimits, FrontDoor
 from voxd.net.http import HttpServer
+from voxd.net.stream import DirectStream
 from voxd.observability import metrics
 from voxd.observability.logging import configure_logging
 from voxd.observability.systemd import Notifier
-from voxd.routes import create_app
+from voxd.routes import create_app, create_metrics_app
 from voxd.runtime import LiveCalls, Runtime
+from voxd.shared_state import RedisState, token_ledger
 
 log = logging.getLogger("voxd.server")
 
@@ -62,6 +65,7 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     # Hypercorn's, above it, bounds what is buffered before that check can run.
     config.websocket_max_message_size = 2 * settings.config.call.max_message_bytes
     config.accesslog = None
+    config.include_server_header = False  # no stack name on the public port
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = SHUTDOWN_GRACE_SECONDS
     config.keep_alive_timeout = 75  # longer than Twilio's HTTP client keeps connections idle
@@ -79,9 +83,17 @@ async def serve(
     notifier: Notifier | None = None,
     task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve voxd on an already-listening socket until `shutdown` is set (or cancelled)."""
-    server = Server(settings, sock, notifier or Notifier({}))
-    await server.run(shutdown if shutdown is not None else trio.Event(), task_status=task_status)
+    """Serve voxd on an already-listening socket until `shutdown` is set (or cancelled); opens
+    `server.metrics_listen` itself when it is set."""
+    metrics_listen = settings.config.server.metrics_listen
+    metrics_sock = open_listener(metrics_listen) if metrics_listen else None
+    try:
+        server = Server(settings, sock, notifier or Notifier({}), metrics_sock)
+        await server.run(shutdown if shutdown is not None else trio.Event(),
+                         task_status=task_status)
+    finally:
+        if metrics_sock is not None:
+            metrics_sock.close()
 
 
 class Server:
@@ -92,15 +104,22 @@ class Server:
     the front door's boundary, every call behind its session's, and work that outlives a
     request behind `Background`'s."""
 
-    def __init__(self, settings: Settings, sock: socket.socket, notifier: Notifier) -> None:
+    def __init__(self, settings: Settings, sock: socket.socket, notifier: Notifier,
+                 metrics_sock: socket.socket | None = None) -> None:
         self.sock = sock
+        self.metrics_sock = metrics_sock
+        """Where /metrics is served instead of the public port (server.metrics_listen)."""
         self.notifier = notifier
-        self.live = LiveCalls(on_change=self._calls_changed)
+        from voxd.supervisor import TOKENS_ENV
+
+        self.shared = RedisState(settings.redis_url) if settings.redis_url else None
+        self.live = LiveCalls(on_change=self._calls_changed, shared=self.shared,
+                              used_tokens=token_ledger(self.shared, os.environ.get(TOKENS_ENV)))
         self.background = Background()
         self.runtime = Runtime.from_settings(settings, self.live, self.background)
         self._runtimes = [self.runtime]
         """Runtimes whose provider may still need closing at the stop."""
-        self.app = create_app(lambda: self.runtime)
+        self.app = create_app(lambda: self.runtime, metrics_here=metrics_sock is None)
         self.media = MediaEndpoint(lambda: self.runtime)
         self._stop = trio.Event()
 
@@ -115,7 +134,7 @@ class Server:
     def _limits(self) -> ConnectionLimits:
         server = self.runtime.settings.config.server
         return ConnectionLimits(server.handshake_timeout, server.max_connections,
-                                server.max_connections_per_address)
+                                server.max_connections_per_address, server.ipv6_prefix_length)
 
     async def run(self, shutdown: trio.Event,
                   task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED) -> None:
@@ -124,6 +143,8 @@ class Server:
         settings = self.runtime.settings
         http = HttpServer(self.app, hypercorn_config(settings))
         front = FrontDoor(self._limits, self.media, http.handle)
+        metrics_http = (HttpServer(create_metrics_app(), hypercorn_config(settings))
+                        if self.metrics_sock is not None else None)
 
         async def stop_on(event: trio.Event) -> None:
             await event.wait()
@@ -133,10 +154,17 @@ class Server:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.background.run)
                 await nursery.start(http.run, self._stop)
+                if metrics_http is not None:
+                    await nursery.start(metrics_http.run, self._stop)
                 nursery.start_soon(stop_on, shutdown)
                 async with trio.open_nursery() as connections:
                     async with trio.open_nursery() as accepting:
                         await accepting.start(front.serve, self.sock, connections)
+                        if metrics_http is not None and self.metrics_sock is not None:
+                            metrics_door = FrontDoor(self._limits, no_media, metrics_http.handle)
+                            await accepting.start(metrics_door.serve, self.metrics_sock,
+                                                  connections)
+                            log.info("serving /metrics on %s", bound_origin(self.metrics_sock))
                         log.info("listening on %s (public URL %s)", bound_origin(self.sock),
                                  settings.config.server.public_url)
                         self.notifier.ready(self._status())
@@ -154,6 +182,9 @@ class Server:
             for runtime in self._runtimes:
                 if not runtime.closed:
                     await runtime.aclose()
+            if self.shared is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await self.shared.aclose()
 
     async def drain(self) -> None:
         """SIGTERM: take no new calls (webhooks get the fallback, /readyz 503), let live calls
@@ -183,10 +214,9 @@ class Server:
             log.error("reload refused: voxd was not started from a config file")
             return
         try:
-            settings = load_settings(source)
-            if settings.secrets.stream_secret_generated:  # tokens already given out stay valid
-                settings = replace(settings, secrets=replace(
-                    settings.secrets, stream_secret=old.settings.secrets.stream_secret))
+            # What the scrubbed environment no longer holds, and a generated stream secret
+            # (tokens already given out stay valid), carry over from the running config.
+            settings = load_settings(source, secrets_before=old.settings.secrets)
             runtime = Runtime.from_settings(settings, self.live, self.background)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s: %s", source,
@@ -195,6 +225,9 @@ class Server:
         except VoxdError as exc:
             log.error("reload refused, keeping the running config: %s: %s", source, exc)
             return
+        if settings.redis_url != old.settings.redis_url:
+            log.warning("the shared state's Redis changed: that takes a restart; still using "
+                        "the one voxd started with")
         if settings.config.server.listen != old.settings.config.server.listen:
             log.warning("server.listen changed to %s: that takes a restart; still listening on "
                         "%s", settings.config.server.listen, old.settings.config.server.listen)
@@ -206,14 +239,27 @@ class Server:
         self.notifier.status(self._status())
 
 
+async def no_media(stream: DirectStream, data: bytes, peer: str) -> None:
+    """The metrics address has no media endpoint."""
+    await stream.send_all(NOT_FOUND)
+
+
 async def run_daemon(settings: Settings) -> None:
     """`voxd serve`: listen, serve; SIGTERM or SIGINT drains (a second one stops at once),
     SIGHUP reloads."""
-    from voxd.supervisor import inherited_listener
+    from voxd.supervisor import METRICS_FD_ENV, inherited_listener
 
+    scrub_environment()  # read already; no child process or dump gets them
     sock = inherited_listener() or open_listener(settings.config.server.listen)
+    metrics_listen = settings.config.server.metrics_listen
+    try:
+        metrics_sock = (inherited_listener(METRICS_FD_ENV) or open_listener(metrics_listen)
+                        if metrics_listen else None)
+    except OSError:
+        sock.close()
+        raise
     notifier = Notifier()
-    server = Server(settings, sock, notifier)
+    server = Server(settings, sock, notifier, metrics_sock)
     now = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
@@ -222,6 +268,8 @@ async def run_daemon(settings: Settings) -> None:
             nursery.cancel_scope.cancel()
     finally:
         sock.close()
+        if metrics_sock is not None:
+            metrics_sock.close()
     notifier.stopping("stopped")
     log.info("stopped")
 

@@ -26,13 +26,15 @@ from pathlib import Path
 
 import trio
 
-from voxd.config import Settings
+from voxd.config import SECRET_SOURCES, Settings, scrub_environment
 from voxd.observability.systemd import Notifier
 from voxd.server import open_listener
 
 log = logging.getLogger("voxd.supervisor")
 
 FD_ENV = "VOXD_WORKER_FD"
+METRICS_FD_ENV = "VOXD_WORKER_METRICS_FD"
+TOKENS_ENV = "VOXD_WORKER_TOKENS"
 INDEX_ENV = "VOXD_WORKER"
 RESTART_DELAY = 1.0
 
@@ -54,21 +56,32 @@ async def run_workers(settings: Settings) -> int:
     assert settings.source is not None
     sock = open_listener(settings.config.server.listen)
     os.set_inheritable(sock.fileno(), True)
+    metrics_listen = settings.config.server.metrics_listen
+    metrics_sock = open_listener(metrics_listen) if metrics_listen else None
+    inherited = (sock.fileno(),) if metrics_sock is None else (sock.fileno(),
+                                                                metrics_sock.fileno())
     notifier = Notifier()
     scratch = Path(tempfile.mkdtemp(prefix="voxd-"))
     (scratch / "metrics").mkdir()
+    (scratch / "tokens").mkdir()  # stream tokens used by any worker (voxd.shared_state)
     inbox = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     await inbox.bind(str(scratch / "notify"))
     workers = [Worker(i) for i in range(count)]
     stopping = trio.Event()
     env = {**os.environ, FD_ENV: str(sock.fileno()),
+           **({METRICS_FD_ENV: str(metrics_sock.fileno())} if metrics_sock else {}),
            "PROMETHEUS_MULTIPROC_DIR": str(scratch / "metrics"),
-           "NOTIFY_SOCKET": str(scratch / "notify")}
+           "NOTIFY_SOCKET": str(scratch / "notify"), TOKENS_ENV: str(scratch / "tokens")}
     if notifier.watchdog_interval is not None:
         env["WATCHDOG_USEC"] = str(int(notifier.watchdog_interval * 1e6))  # ping us twice as often
     env.pop("WATCHDOG_PID", None)
-    # Workers must verify each other's stream tokens: one secret for all of them.
-    env["VOXD_STREAM_SECRET"] = settings.secrets.stream_secret.reveal()
+    # The workers get the secrets this process read (and then removed from its environment);
+    # one stream secret for all of them, so each verifies the others' tokens.
+    for name, variable in SECRET_SOURCES.items():
+        secret = getattr(settings.secrets, name)
+        if secret is not None:
+            env[variable] = secret.reveal()
+    scrub_environment()
     failed = False
     try:
         async with trio.open_nursery() as nursery:
@@ -77,21 +90,23 @@ async def run_workers(settings: Settings) -> int:
             nursery.start_soon(_watchdog, workers, notifier)
             async with trio.open_nursery() as keepers:
                 for worker in workers:
-                    keepers.start_soon(_keep, worker, settings, env, sock.fileno(), stopping)
+                    keepers.start_soon(_keep, worker, settings, env, inherited, stopping)
             failed = any(w.process is not None and w.process.returncode not in (0, None)
                          for w in workers)
             nursery.cancel_scope.cancel()
     finally:
         inbox.close()
         sock.close()
+        if metrics_sock is not None:
+            metrics_sock.close()
         shutil.rmtree(scratch, ignore_errors=True)
     notifier.stopping("stopped")
     log.info("all %d workers stopped", count)
     return 1 if failed else 0
 
 
-async def _keep(worker: Worker, settings: Settings, env: dict[str, str], fd: int,
-                stopping: trio.Event) -> None:
+async def _keep(worker: Worker, settings: Settings, env: dict[str, str],
+                fds: tuple[int, ...], stopping: trio.Event) -> None:
     """Run one worker; start it again if it dies while the service is not stopping."""
     from prometheus_client import multiprocess
 
@@ -99,7 +114,7 @@ async def _keep(worker: Worker, settings: Settings, env: dict[str, str], fd: int
     while True:
         worker.ready = False
         worker.process = await trio.lowlevel.open_process(
-            command, env={**env, INDEX_ENV: str(worker.index)}, pass_fds=(fd,))
+            command, env={**env, INDEX_ENV: str(worker.index)}, pass_fds=fds)
         log.info("worker %d started (pid %d)", worker.index, worker.process.pid)
         code = await worker.process.wait()
         multiprocess.mark_process_dead(worker.process.pid, env["PROMETHEUS_MULTIPROC_DIR"])
@@ -172,9 +187,10 @@ async def _watchdog(workers: list[Worker], notifier: Notifier) -> None:
             log.warning("worker(s) %s stopped pinging: withholding the watchdog", stale)
 
 
-def inherited_listener() -> socket.socket | None:
-    """In a worker: the listening socket the supervisor passed down (None otherwise)."""
-    fd = os.environ.get(FD_ENV)
+def inherited_listener(name: str = FD_ENV) -> socket.socket | None:
+    """In a worker: the listening socket the supervisor passed down in `name` (the public
+    one, or METRICS_FD_ENV's); None otherwise."""
+    fd = os.environ.get(name)
     if not fd or os.environ.get(INDEX_ENV) is None:
         return None
     return socket.socket(fileno=int(fd))

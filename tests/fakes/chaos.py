@@ -637,10 +637,15 @@ class ChaosCaller:
         fault = plan.twilio
         if fault == "webhook-only":
             return
-        uri = parse_uri(stream.url)
+        url = stream.url
+        if fault == "bad-token":  # the per-call token is the stream URL's last path segment
+            base, _, token = url.rpartition("/")
+            url = base + "/" + (token + "%C3%A9", "", token[:-1] + "x", "%00%01" * 8,
+                                "y" * 20000)[plan.variant % 5]
+        uri = parse_uri(url)
         tcp = await trio.open_tcp_stream(uri.host, uri.port)
         try:
-            await self._stream(tcp, uri, stream.url, stream.parameters)
+            await self._stream(tcp, uri, url, stream.parameters)
         finally:
             if fault not in ("reset-at-101", "reset-mid-turn"):
                 with contextlib.suppress(*_GONE):
@@ -707,11 +712,7 @@ class ChaosCaller:
 
     def _start(self, parameters: dict[str, str]) -> str:
         plan, params = self.plan, dict(parameters)
-        if plan.twilio == "bad-token":
-            token = params.get("token", "")
-            params["token"] = (token + "\u00e9", "", token[:-1] + "x", "\x00\x01" * 8,
-                               "y" * 20000)[plan.variant % 5]
-        elif plan.twilio == "forged-from":
+        if plan.twilio == "forged-from":
             params["from"] = FORGED_FROM
         return json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": self.stream_sid,
                            "start": {"streamSid": self.stream_sid, "callSid": plan.call_sid,

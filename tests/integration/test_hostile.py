@@ -69,6 +69,27 @@ async def unsigned_upgrade(voxd) -> bytes:
     return str(caught.value).encode()
 
 
+H2C = (b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+       b"Upgrade: h2c\r\nHTTP2-Settings: AAQAAAAA\r\n\r\n")
+POST = b"POST /twilio/voice HTTP/1.1\r\nHost: x\r\n"
+
+
+async def slow_body(voxd) -> bytes:
+    """A whole head, then the body a byte at a time: bounded like a slow head."""
+    stream = await raw_connection(voxd)
+    await stream.send_all(POST + b"Content-Length: 200\r\n\r\n")
+    async with trio.open_nursery() as nursery:
+        async def dribble() -> None:
+            for _ in range(200):
+                await stream.send_all(b"x")
+                await trio.sleep(0.05)
+
+        nursery.start_soon(dribble)
+        received = await read_until_closed(stream)
+        nursery.cancel_scope.cancel()
+    return received
+
+
 CASES = {
     "slowloris handshake": (slowloris, b"",
                             f"no complete request within {SLOW}s (server.handshake_timeout)"),
@@ -79,6 +100,22 @@ CASES = {
     "upgrade without a key": (lambda v: send_and_read(v, (UPGRADE + "\r\n").encode()),
                               b"400 Bad Request", "bad WebSocket upgrade"),
     "unsigned upgrade": (unsigned_upgrade, b"403", "rejected: missing X-Twilio-Signature"),
+    "h2c upgrade": (lambda v: send_and_read(v, H2C), b"400 Bad Request",
+                    "voxd serves HTTP/1.1 only (Upgrade: h2c)"),
+    "HTTP/2 preface": (lambda v: send_and_read(v, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+                       b"", "not an HTTP/1.x request line"),
+    "slow body": (slow_body, b"", f"no complete request within {SLOW}s"),
+    "chunked body": (lambda v: send_and_read(v, POST + b"Transfer-Encoding: chunked\r\n\r\n"),
+                     b"411 Length Required", "a body without Content-Length"),
+    "huge body": (lambda v: send_and_read(v, POST + b"Content-Length: 99999999\r\n\r\n"),
+                  b"413", "a body of 99999999 bytes"),
+    "two lengths": (lambda v: send_and_read(
+        v, POST + b"Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"), b"",
+        "ambiguous body length"),
+    "WebSocket elsewhere, a byte more": (
+        lambda v: send_and_read(v, (UPGRADE.replace("/media-stream", "/healthz") +
+                                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\nx")
+                                .encode()), b"404 Not Found", "only /media-stream takes one"),
 }
 
 

@@ -31,11 +31,11 @@ async def test_webhook_answers_connect_stream_then_the_fallback(start_voxd):
     root = ET.fromstring(r.text)
     assert [v.tag for v in root] == ["Connect", "Say", "Hangup"]
     stream = root.find("Connect/Stream")
-    assert stream.get("url") == voxd.origin.replace("http://", "ws://") + "/media-stream"
+    base, token = stream.get("url").rsplit("/", 1)
+    assert base == voxd.origin.replace("http://", "ws://") + "/media-stream"
+    assert token.startswith("v3." + FORM["CallSid"] + ".")  # each call its own stream URL
     params = {p.get("name"): p.get("value") for p in stream.iter("Parameter")}
-    token = params.pop("token")
     assert params == {"from": "+15551230000", "to": "+15559870000"}
-    assert token.startswith("v2.") and len(token) < 500 - len("token")
 
 
 async def test_webhook_signature_is_checked_against_the_public_url(start_voxd):
@@ -77,7 +77,7 @@ async def test_webhook_without_validation_needs_no_signature(start_voxd):
 
 
 async def test_media_upgrade_signature_is_checked(start_voxd):
-    voxd = await start_voxd()
+    voxd = await start_voxd(call={"stream_token": False})
     good = RequestValidator(voxd.token).compute_signature(voxd.stream_url, {})
     https_form = RequestValidator(voxd.token).compute_signature(
         voxd.stream_url.replace("ws://", "http://"), {})
@@ -194,7 +194,7 @@ async def test_only_the_media_path_takes_a_websocket(start_voxd, caplog, path):
     itself (with a byte more after it: Hypercorn once died of that), and no call starts."""
     voxd = await start_voxd(signed=False)
     answer = await exchange(voxd.origin, UPGRADE.format(path=path).encode() + b"x")
-    assert answer.startswith(b"HTTP/1.1 404 ")
+    assert answer.startswith((b"HTTP/1.1 404 ", b"HTTP/1.1 403 "))  # 403: no valid token
     assert not any("call started" in r.getMessage() for r in caplog.records)
     async with httpx.AsyncClient() as client:
         assert (await client.get(voxd.origin + "/healthz")).status_code == 200
@@ -208,3 +208,50 @@ async def test_a_websocket_as_a_later_request_is_refused(start_voxd, caplog):
     answer = await exchange(voxd.origin, first + UPGRADE.format(path="/media-stream").encode())
     assert b" 101 " not in answer
     assert not any("call started" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("call_sid", ["", "CA1", "ca" + "a" * 32, "CA" + "A" * 32,
+                                      "CA" + "a" * 32 + "\r\nX: y", "CA" + "ä" * 32])
+async def test_the_webhook_takes_only_twilio_callsids(start_voxd, caplog, call_sid):
+    voxd = await start_voxd(signed=False)
+    async with httpx.AsyncClient() as client:
+        r = await client.post(voxd.webhook, data={**FORM, "CallSid": call_sid})
+    assert r.status_code == 400
+    lines = [r.getMessage() for r in caplog.records if "voice webhook" in r.getMessage()]
+    assert len(lines) == 1 and "\r" not in lines[0] and "\n" not in lines[0]
+
+
+async def test_refused_webhooks_log_nothing_the_attacker_sent_and_are_throttled(
+        start_voxd, caplog):
+    """A rejected webhook's line names the URL voxd expects, never the query string the
+    request carried, and a flood of them is one line per 10 s (with a count)."""
+    voxd = await start_voxd()
+    async with httpx.AsyncClient() as client:
+        for _ in range(20):
+            r = await client.post(voxd.webhook + "?" + "%1b[2J" * 100, data=FORM)
+            assert r.status_code == 403
+    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(lines) == 1
+    assert "\x1b" not in lines[0] and "2J" not in lines[0] and len(lines[0]) < 300
+
+
+async def test_no_stack_name_in_the_server_header(start_voxd):
+    voxd = await start_voxd()
+    async with httpx.AsyncClient() as client:
+        r = await client.get(voxd.origin + "/healthz")
+    assert "server" not in r.headers
+
+
+async def test_metrics_can_move_off_the_public_port(start_voxd):
+    """server.metrics_listen: /metrics answers there and no longer on the call port."""
+    from voxd.server import bound_origin, open_listener
+
+    probe = open_listener("127.0.0.1:0")  # a free port for the metrics address
+    metrics_origin = bound_origin(probe)
+    probe.close()
+    voxd = await start_voxd(server={"metrics_listen": metrics_origin.removeprefix("http://")})
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(voxd.origin + "/metrics")).status_code == 404
+        r = await client.get(metrics_origin + "/metrics")
+        assert r.status_code == 200 and "voxd_calls_active" in r.text
+        assert (await client.get(metrics_origin + "/twilio/voice")).status_code == 404

@@ -139,53 +139,69 @@ async def test_dtmf_digits_are_never_logged(start_voxd, caplog):
 
 
 async def test_streams_need_this_services_token_for_this_call(start_voxd, caplog):
-    """The per-call stream token: missing, forged, for another call, or replayed -> refused,
-    while a call set up by the webhook goes through."""
+    """The per-call stream URL: its token is checked at the upgrade (missing, malformed,
+    forged or replayed: 403 before anything else), and at `start` the stream must be the
+    token's call with exactly the webhook's parameters; a call set up by the webhook goes
+    through. Every refusal is one line, never a traceback."""
     caplog.set_level(logging.INFO)
     voxd = await start_voxd()
-    call_sid = "CA" + "1" * 32
-    form = {"CallSid": call_sid, "From": "+1", "To": "+2"}
-    signature = RequestValidator(voxd.token).compute_signature(voxd.webhook, form)
-    async with httpx.AsyncClient() as client:
-        body = (await client.post(voxd.webhook, data=form,
-                                  headers={"X-Twilio-Signature": signature})).text
-    token = next(p.get("value") for p in ET.fromstring(body).iter("Parameter")
-                 if p.get("name") == "token")
+    origin = voxd.stream_url.removesuffix("/media-stream")
 
-    def start_with(parameters: dict[str, str], call: str = call_sid) -> str:
+    async def stream_url(call_sid: str) -> str:
+        form = {"CallSid": call_sid, "From": "+1", "To": "+2"}
+        signature = RequestValidator(voxd.token).compute_signature(voxd.webhook, form)
+        async with httpx.AsyncClient() as client:
+            body = (await client.post(voxd.webhook, data=form,
+                                      headers={"X-Twilio-Signature": signature})).text
+        return ET.fromstring(body).find("Connect/Stream").get("url")
+
+    def start_with(call_sid: str, **parameters: str) -> str:
         message = json.loads(start_message())
-        message["start"]["customParameters"] = parameters
-        message["start"]["callSid"] = call
+        message["start"]["customParameters"] = {"from": "+1", "to": "+2", **parameters}
+        message["start"]["callSid"] = call_sid
         return json.dumps(message)
 
-    async def outcome(start: str) -> str:
-        async with await open_stream(voxd) as ws:
-            await ws.send_message(CONNECTED)
-            await ws.send_message(start)
-            await ws.send_message(media())
-            with trio.move_on_after(0.5):
-                try:
-                    while True:
-                        await ws.get_message()
-                except trio_websocket.ConnectionClosed:
-                    return "closed"
-            return "open"
+    async def outcome(url: str, start: str) -> str:
+        signature = RequestValidator(voxd.token).compute_signature(url, {})
+        try:
+            async with trio_websocket.open_websocket_url(
+                    url, extra_headers=[(b"X-Twilio-Signature", signature.encode())]) as ws:
+                await ws.send_message(CONNECTED)
+                await ws.send_message(start)
+                await ws.send_message(media())
+                with trio.move_on_after(0.5):
+                    try:
+                        while True:
+                            await ws.get_message()
+                    except trio_websocket.ConnectionClosed:
+                        return "closed"
+                return "open"
+        except trio_websocket.ConnectionRejected as exc:
+            return f"refused {exc.status_code}"
 
-    real = {"from": "+1", "to": "+2", "token": token}
-    assert await outcome(start_with({"from": "+1", "to": "+2"})) == "closed"  # no token
-    assert await outcome(start_with(real, call="CA" + "2" * 32)) == "closed"
-    assert await outcome(start_with({**real, "token": token[:-4] + "AAAA"})) == "closed"
-    assert await outcome(start_with({**real, "from": "+15550009999"})) == "closed"  # forged
-    assert await outcome(start_with({**real, "extra": "x"})) == "closed"  # added
-    assert await outcome(start_with({**real, "token": "v2.¹²³"})) == "closed"  # non-ASCII
-    assert await outcome(start_with(real)) == "open"  # the real one
-    assert await outcome(start_with(real)) == "closed"  # replayed
+    sids = ["CA" + f"{i:x}" * 32 for i in range(1, 7)]
+    url = await stream_url(sids[0])
+    token = url.rsplit("/", 1)[1]
+    assert await outcome(origin + "/media-stream", start_with(sids[0])) == "refused 403"
+    for bad in (token[:-4] + "AAAA",  # forged
+                token.replace(".", ".0", 2),  # the expiry spelled otherwise
+                "v3.%C2%B9%C2%B2", "x" * 5000, token + "%0d%0a"):
+        assert await outcome(f"{origin}/media-stream/{bad}", start_with(sids[0])) == \
+            "refused 403", bad
+    assert await outcome(await stream_url(sids[1]), start_with(sids[2])) == "closed"
+    assert await outcome(await stream_url(sids[3]), start_with(sids[3], **{"from": "+9"})) == \
+        "closed"  # a forged caller number
+    assert await outcome(await stream_url(sids[4]), start_with(sids[4], extra="x")) == \
+        "closed"  # a parameter added
+    assert await outcome(url, start_with(sids[0])) == "open"  # the real one
+    assert await outcome(url, start_with(sids[0])) == "refused 403"  # replayed
     reasons = [r.getMessage() for r in caplog.records if "rejected:" in r.getMessage()]
-    assert len(reasons) == 7
     assert not any(r.exc_info for r in caplog.records)  # one line each, no traceback
-    assert "no stream token" in reasons[0] and "another call" in reasons[1]
-    assert all("parameters were changed" in r for r in reasons[2:5])
-    assert "malformed" in reasons[5] and "already used" in reasons[6]
+    assert any("no stream token" in r for r in reasons)
+    assert any("malformed" in r for r in reasons) and any("forged" in r for r in reasons)
+    assert any("not the one its token was issued for" in r for r in reasons)
+    assert sum("parameters were changed" in r for r in reasons) == 2
+    assert any("already used" in r for r in reasons)
 
 
 async def test_calls_end_at_the_maximum_duration(start_voxd, caplog):

@@ -147,7 +147,8 @@ async def test_stream_on_another_worker_works_and_the_orphan_is_ended(
 
         async def request_stream(self):
             instruction = await super().request_stream()
-            return replace(instruction, url=stream_host.stream_url)
+            path = instruction.url.split("/media-stream", 1)[1]  # the call's token
+            return replace(instruction, url=stream_host.stream_url + path)
 
     report = await StreamElsewhere(webhook_host.webhook).call(
         np.concatenate([burst(0.4), silence(1.2)]))

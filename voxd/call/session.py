@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
@@ -130,9 +129,10 @@ class CallSession:
 
     def __init__(self, socket: TwilioSocket, settings: Settings, provider: Provider,
                  peer: str = "-", call_control: CallControl | None = None,
-                 used_tokens: stream_token.UsedTokens | None = None) -> None:
+                 stream_pass: stream_token.StreamPass | None = None) -> None:
         self.socket = socket
-        self.used_tokens = used_tokens if used_tokens is not None else stream_token.UsedTokens()
+        self.stream_pass = stream_pass
+        """What the stream's token (verified at the upgrade) proves; None with tokens off."""
         self.call_control = call_control
         self._caller_released = False
         local_vad = settings.config.barge_in.local_vad
@@ -144,7 +144,7 @@ class CallSession:
         self.peer = peer
         self.protocol = MediaStream(settings.config.call.max_message_bytes,
                                     settings.config.call.max_payload_bytes)
-        self.log_context = CallLogContext()
+        self.log_context = CallLogContext(stream_pass.call_sid if stream_pass else "-")
         self.stats = CallStats()
         self.end_reason: str | None = None
         self.outcome = "completed"
@@ -214,26 +214,23 @@ class CallSession:
         return None
 
     def _token_ok(self, start: StreamStart) -> bool:
-        """The stream carries this service's token for this call (call.stream_token)."""
+        """The stream is the call its token (verified at the upgrade) was issued for, with
+        exactly the parameters the webhook gave it (call.stream_token)."""
+        if self.stream_pass is not None:
+            try:
+                self.stream_pass.check_stream(self.settings.secrets.stream_secret.reveal()
+                                              .encode(), start.call_sid,
+                                              start.custom_parameters)
+            except stream_token.TokenRejected as exc:
+                log.warning("media stream from %s rejected: %s", self.peer, exc)
+                metrics.CALLS_REJECTED.labels(reason="token").inc()
+                self._end("token-rejected", "error")
+                return False
         self.log_context.update(call_sid=start.call_sid, stream_sid=start.stream_sid)
-        if not self.settings.config.call.stream_token:
-            return True
-        now = time.time()
-        try:
-            mac, expiry = stream_token.verify(
-                self.settings.secrets.stream_secret.reveal().encode(), start.call_sid,
-                start.custom_parameters, now)
-            self.used_tokens.claim(mac, expiry, now)
-        except stream_token.TokenRejected as exc:
-            log.warning("media stream from %s rejected: %s", self.peer, exc)
-            metrics.CALLS_REJECTED.labels(reason="token").inc()
-            self._end("token-rejected", "error")
-            return False
         return True
 
     async def _bridge(self, start: StreamStart) -> None:
-        params = {k: v for k, v in start.custom_parameters.items()
-                  if k != stream_token.TOKEN_PARAMETER}
+        params = dict(start.custom_parameters)
         self.call = CallInfo(
             call_sid=start.call_sid,
             stream_sid=start.stream_sid,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
 import socket
 import struct
@@ -31,15 +32,23 @@ from voxd.errors import PeerError
 from voxd.net.request_head import HeadError, RequestHead, head_length, parse_head
 from voxd.net.stream import DirectStream
 from voxd.observability import metrics
+from voxd.observability.throttled import ThrottledLog
+from voxd.observability.untrusted import show
 
 log = logging.getLogger("voxd.front")
 
+def _answer(status: bytes) -> bytes:
+    return b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
 MAX_HEAD_BYTES: Final = 16 * 1024
+MAX_BODY_BYTES: Final = 64 * 1024
+"""Largest request body (Twilio's webhook form is about 1 KiB)."""
 MEDIA_PATH: Final = "/media-stream"
-NOT_FOUND: Final = (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-LOG_EVERY_SECONDS: Final = 10.0
-"""Refused connections are logged once per reason per this many seconds (with a count), so a
-flood cannot flood the journal."""
+NOT_FOUND: Final = _answer(b"404 Not Found")
+BAD_REQUEST: Final = _answer(b"400 Bad Request")
+LENGTH_REQUIRED: Final = _answer(b"411 Length Required")
+TOO_LARGE: Final = _answer(b"413 Content Too Large")
 
 _ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
@@ -51,6 +60,8 @@ class ConnectionLimits:
     handshake_timeout: float
     max_connections: int
     max_connections_per_address: int
+    ipv6_prefix_length: int = 64
+    """IPv6 addresses are counted per network of this prefix (one host usually has a /64)."""
 
 
 MediaHandler = Callable[[DirectStream, bytes, str], Awaitable[None]]
@@ -85,33 +96,6 @@ class ReplayStream(trio.abc.HalfCloseableStream):
         await self.transport.aclose()
 
 
-class _Throttled:
-    """One log line per key per LOG_EVERY_SECONDS, saying how many it stands for."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-        self._suppressed: Counter[str] = Counter()
-
-    def warning(self, key: str, message: str, *args: object) -> None:
-        self._log(logging.WARNING, key, message, args)
-
-    def error(self, key: str, message: str, *args: object,
-              exc_info: BaseException | None = None) -> None:
-        self._log(logging.ERROR, key, message, args, exc_info)
-
-    def _log(self, level: int, key: str, message: str, args: tuple[object, ...],
-             exc_info: BaseException | None = None) -> None:
-        now = trio.current_time()
-        if now - self._last.get(key, -LOG_EVERY_SECONDS) < LOG_EVERY_SECONDS:
-            self._suppressed[key] += 1
-            return
-        self._last[key] = now
-        more = self._suppressed.pop(key, 0)
-        log.log(level, message + (f" (and {more} more like it in the last "
-                                  f"{LOG_EVERY_SECONDS:.0f}s)" if more else ""), *args,
-                exc_info=exc_info)
-
-
 class FrontDoor:
     """Accepts connections on voxd's listening socket and routes each one."""
 
@@ -122,7 +106,7 @@ class FrontDoor:
         self.http = http
         self.open = 0
         self.per_address: Counter[str] = Counter()
-        self._throttled = _Throttled()
+        self._throttled = ThrottledLog(log)
 
     async def serve(self, sock: socket.socket, handlers: trio.Nursery,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -152,6 +136,7 @@ class FrontDoor:
             stream.socket.close()
             return
         peer = f"{host}:{port}"
+        host = address_key(host, limits.ipv6_prefix_length)
         reason = None
         if self.open >= limits.max_connections:
             reason, key = "max_connections", "server.max_connections"
@@ -172,12 +157,16 @@ class FrontDoor:
     async def _connection(self, stream: trio.SocketStream, host: str, peer: str,
                           handshake_timeout: float) -> None:
         try:
-            routed = await self._read_head(stream, peer, handshake_timeout)
+            routed = await self._read_request(stream, peer, handshake_timeout)
             if routed is not None:
                 head, data = routed
-                if not head.websocket:
+                if head.upgrade and not head.websocket:
+                    self._refuse("upgrade", "connection from %s refused: voxd serves HTTP/1.1 "
+                                 "only (Upgrade: %s)", peer, show(head.upgrade, 20))
+                    await stream.send_all(BAD_REQUEST)
+                elif not head.websocket:
                     await self.http(ReplayStream(stream, data))
-                elif head.path == MEDIA_PATH:
+                elif head.path == MEDIA_PATH or head.path.startswith(MEDIA_PATH + "/"):
                     await self.media(DirectStream(stream), data, peer)
                 else:
                     self._refuse("websocket_path", "WebSocket upgrade from %s refused: only %s "
@@ -199,10 +188,11 @@ class FrontDoor:
             metrics.CONNECTIONS_OPEN.dec()
             stream.socket.close()
 
-    async def _read_head(self, stream: trio.SocketStream, peer: str,
-                         deadline_seconds: float) -> tuple[RequestHead, bytes] | None:
-        """The first request head (and the bytes read with it), or None after refusing the
-        connection with a log line."""
+    async def _read_request(self, stream: trio.SocketStream, peer: str,
+                            deadline_seconds: float) -> tuple[RequestHead, bytes] | None:
+        """The first request's head and body (and any bytes read with them), all within the
+        handshake deadline (a slow body is bounded like a slow head), or None after refusing
+        the connection with a log line."""
         with trio.move_on_after(deadline_seconds):
             try:
                 data = await receive_head(stream)
@@ -217,7 +207,20 @@ class FrontDoor:
             except HeadError as exc:
                 self._refuse("not_http", "connection from %s closed: %s", peer, exc)
                 return None
-            return head, data
+            if head.websocket or not (head.content_length or head.chunked):
+                return head, data
+            if head.chunked or head.content_length > MAX_BODY_BYTES:
+                self._refuse("body", "connection from %s refused: %s", peer,
+                             "a body without Content-Length" if head.chunked else
+                             f"a body of {head.content_length} bytes (at most "
+                             f"{MAX_BODY_BYTES})")
+                await stream.send_all(LENGTH_REQUIRED if head.chunked else TOO_LARGE)
+                return None
+            data = await receive_body(stream, data, head_length(data) or 0, head.content_length)
+            if data:
+                return head, data
+            log.debug("connection from %s closed before its request body ended", peer)
+            return None
         self._refuse("handshake_timeout", "connection from %s closed: no complete request "
                      "within %.1fs (server.handshake_timeout)", peer, deadline_seconds)
         return None
@@ -227,6 +230,18 @@ class FrontDoor:
         metrics.CONNECTIONS_REJECTED.labels(reason=reason).inc()
         self._throttled.warning(reason, message, *args)
         return None
+
+
+async def receive_body(stream: trio.abc.ReceiveStream, data: bytes, head_bytes: int,
+                       body_bytes: int) -> bytes:
+    """Read until the body after the head has arrived; b"" if the peer closed first."""
+    buffer = bytearray(data)
+    while len(buffer) < head_bytes + body_bytes:
+        chunk = await stream.receive_some(MAX_BODY_BYTES)
+        if not chunk:
+            return b""
+        buffer += chunk
+    return bytes(buffer)
 
 
 async def receive_head(stream: trio.abc.ReceiveStream) -> bytes:
@@ -252,6 +267,21 @@ def _peer_caused(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return exc.split(_PEER_CAUSED)[1] is None
     return isinstance(exc, _PEER_CAUSED)
+
+
+def address_key(host: str, ipv6_prefix_length: int) -> str:
+    """What the per-address limit counts a peer as: an IPv4 address itself (also when it comes
+    IPv4-mapped), an IPv6 address as its network of `ipv6_prefix_length` bits (a host can
+    take any address of its /64)."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/{ipv6_prefix_length}", strict=False))
+    return host
 
 
 def _reset(sock: trio.socket.SocketType) -> None:

@@ -97,8 +97,11 @@ class EarlyStarts:
     stream claims it. One is shared by every provider object the server builds, so a stream
     arriving after a reload finds what the replaced provider started."""
 
-    def __init__(self) -> None:
+    def __init__(self, remote: Any = None) -> None:
         self._by_call: dict[str, object] = {}
+        self.remote = remote
+        """Where early starts are shared with other hosts (`voxd.shared_state.RedisState`), or
+        None: this process only."""
 
     def __len__(self) -> int:
         return len(self._by_call)

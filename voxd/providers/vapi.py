@@ -45,6 +45,7 @@ from voxd.providers.vapi_protocol import (
     parse_create_response,
 )
 from voxd.providers.ws_upstream import WebSocketAssistant, assistant_errors, open_upstream
+from voxd.shared_state import EarlyCall
 
 log = logging.getLogger("voxd.providers.vapi")
 
@@ -168,13 +169,22 @@ class VapiProvider:
             raise
 
     async def _create_early(self, call: CallInfo, early: _EarlyCall) -> None:
+        remote = self._early.remote  # other hosts, when they share state (Redis)
+        share_for = EARLY_CLAIM_SECONDS + self.vapi.create_timeout
         try:
+            if remote is not None:
+                await remote.announce_early(call.call_sid, share_for)
             try:
                 early.created = await self.create_call(call)
             except UpstreamError as exc:
                 early.error = exc
             finally:
                 early.done.set()
+            if remote is not None and not early.claimed.is_set():
+                created = early.created
+                await remote.publish_early(call.call_sid, None if created is None else
+                                           EarlyCall(created.id, created.websocket_call_url),
+                                           share_for)
             with trio.move_on_after(EARLY_CLAIM_SECONDS):
                 await early.claimed.wait()
                 return
@@ -182,10 +192,15 @@ class VapiProvider:
             # Claimed, or nobody came for it (the stream went elsewhere, or the caller hung
             # up first), or the server is stopping: it is no longer anyone's to claim.
             self._early.forget(call.call_sid, early)
-        if early.created is not None:
-            log.info("call_sid=%s Vapi call %s created early was never claimed by a media "
-                     "stream here; ending it", call.call_sid, early.created.id)
-            await self._end_unclaimed(call.call_sid, early)
+        if early.created is None:
+            return
+        if remote is not None and await remote.take_early(call.call_sid, 0.0) is None:
+            log.info("call_sid=%s Vapi call %s created early was taken by a stream on "
+                     "another host", call.call_sid, early.created.id)
+            return
+        log.info("call_sid=%s Vapi call %s created early was never claimed by a media "
+                 "stream; ending it", call.call_sid, early.created.id)
+        await self._end_unclaimed(call.call_sid, early)
 
     async def _end_unclaimed(self, call_sid: str, early: _EarlyCall) -> None:
         """Open the call's socket only to say end-call: Vapi may have ended an idle call
@@ -211,14 +226,24 @@ class VapiProvider:
     async def connect(self, call: CallInfo) -> AsyncIterator[WebSocketAssistant]:
         """Create (or claim the early-created) Vapi call and open its socket."""
         early = self._early.claim(call.call_sid)
+        remote = self._early.remote
         if isinstance(early, _EarlyCall):
             early.claimed.set()
+            if remote is not None and early.done.is_set():  # published: take it back
+                await remote.take_early(call.call_sid, 0.0)
             await early.done.wait()
             if early.error is not None:
                 raise UpstreamError(str(early.error))
             assert early.created is not None
             created, auth = early.created, early.auth
             log.info("using the Vapi call %s created early by the webhook", created.id)
+        elif remote is not None and (shared := await remote.take_early(
+                call.call_sid, self.vapi.create_timeout)) is not None:
+            # The webhook was answered by another host, which created the call early.
+            created = CreatedCall(shared.id, shared.websocket_call_url)
+            auth = list(self._auth.items())
+            log.info("using the Vapi call %s created early by another host's webhook",
+                     created.id)
         else:
             created, auth = await self.create_call(call), list(self._auth.items())
         async with open_upstream(created.websocket_call_url, auth, "Vapi",

@@ -1,16 +1,22 @@
 """Per-call stream tokens, sans-I/O: the webhook proves to the media endpoint that it sent
-this call there, with these parameters.
+this call there, with these parameters; the token is checked at the WebSocket upgrade.
 
-`issue` puts `v2.<expiry>.<mac>` in a `<Parameter name="token">`; Twilio hands it back in
-`start.customParameters` with the call's other parameters. The MAC is HMAC-SHA256(stream
-secret) over the CallSid, the expiry and every other custom parameter (names and values), so a
-stream with a changed caller number, or any parameter added or dropped, is refused.
+The webhook puts the token in the stream URL's path, `wss://HOST/media-stream/<token>`, and the
+call's other facts (`from`, `to`, ...) in `<Parameter>`s. Twilio signs the exact URL it
+connects to (X-Twilio-Signature), so every call's upgrade signature differs, and a leaked
+signed URL is worth one call for at most the token's life.
 
-One canonical form: the expiry is exactly EXPIRY_DIGITS ASCII digits and the MAC exactly
-MAC_CHARS URL-safe base64 characters, so no two spellings of one token exist. Anything else
-(non-ASCII, control characters, any length) is refused as malformed before any other work.
-Nothing is stored: any worker or host with the same secret verifies. Single use is enforced
-by `UsedTokens`, keyed on the MAC.
+    v3.<CallSid>.<expiry: 10 digits>.<parameters digest: 22 chars>.<MAC: 43 chars>
+
+The MAC is HMAC-SHA256(stream secret) over everything before it, so the upgrade alone
+verifies the token (before the socket is accepted, counted or logged about). The parameters
+digest is an HMAC of every `<Parameter>` (names and values): at `start`, the stream must carry
+the token's CallSid and exactly those parameters, or it is refused.
+
+One canonical form: fixed lengths, ASCII only, so no two spellings of one token exist; anything
+else (non-ASCII, control characters, other digits, any length) is refused as malformed before
+any other work. Nothing is stored: any worker or host with the same secret verifies. Single use
+is enforced by `UsedTokens` at the upgrade, keyed on the MAC.
 """
 
 from __future__ import annotations
@@ -21,59 +27,91 @@ import hmac
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
 
 from voxd.errors import ProtocolError
 
-VERSION: Final = "v2"
+VERSION: Final = "v3"
 EXPIRY_DIGITS: Final = 10
-MAC_CHARS: Final = 43  # 32 bytes of SHA-256 in unpadded URL-safe base64
-TOKEN_PARAMETER: Final = "token"
-_FORM: Final = re.compile(rf"v2\.([0-9]{{{EXPIRY_DIGITS}}})\.([A-Za-z0-9_-]{{{MAC_CHARS}}})")
-_LONGEST: Final = len(VERSION) + EXPIRY_DIGITS + MAC_CHARS + 2
+DIGEST_CHARS: Final = 22  # 128 bits of HMAC-SHA256 in unpadded URL-safe base64
+MAC_CHARS: Final = 43  # all 256 bits
+CALL_SID: Final = re.compile(r"CA[0-9a-f]{32}")
+"""Twilio's CallSid: CA and 32 lower-case hex digits."""
+_FORM: Final = re.compile(rf"v3\.(CA[0-9a-f]{{32}})\.([0-9]{{{EXPIRY_DIGITS}}})\."
+                          rf"([A-Za-z0-9_-]{{{DIGEST_CHARS}}})\.([A-Za-z0-9_-]{{{MAC_CHARS}}})")
+LENGTH: Final = len(VERSION) + 34 + EXPIRY_DIGITS + DIGEST_CHARS + MAC_CHARS + 4
 
 
 class TokenRejected(ProtocolError):
-    """The stream's token is missing, malformed, forged, for another call or other
-    parameters, expired or used."""
+    """The stream's token is missing, malformed, forged, expired, used, or its stream is
+    another call's or carries other parameters; `kind` names which, in one word."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
-def _mac(secret: bytes, call_sid: str, expiry: str, parameters: Mapping[str, str]) -> str:
-    signed = json.dumps([call_sid, expiry, sorted(parameters.items())], ensure_ascii=True,
-                        separators=(",", ":"))
-    digest = hmac.new(secret, signed.encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+@dataclass(frozen=True, slots=True)
+class StreamPass:
+    """What a verified token proves: the webhook sent `call_sid` here, with the parameters
+    whose digest is `digest`, until `expiry`. `mac` is the token's identity (single use)."""
+
+    call_sid: str
+    expiry: int
+    digest: str
+    mac: str
+
+    def check_stream(self, secret: bytes, call_sid: str,
+                     parameters: Mapping[str, str]) -> None:
+        """At `start`: the stream is this token's call, with exactly its parameters."""
+        if call_sid != self.call_sid:
+            raise TokenRejected("call", "the stream's CallSid is not the one its token was "
+                                "issued for")
+        if not hmac.compare_digest(self.digest.encode(), _digest(secret, parameters).encode()):
+            raise TokenRejected("parameters", "the stream's parameters were changed, added "
+                                "or dropped")
+
+
+def _b64(digest: bytes, chars: int) -> str:
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()[:chars]
+
+
+def _digest(secret: bytes, parameters: Mapping[str, str]) -> str:
+    signed = json.dumps(sorted(parameters.items()), ensure_ascii=True, separators=(",", ":"))
+    mac = hmac.new(secret, b"parameters|" + signed.encode(), hashlib.sha256).digest()
+    return _b64(mac, DIGEST_CHARS)
+
+
+def _mac(secret: bytes, body: str) -> str:
+    return _b64(hmac.new(secret, b"stream|" + body.encode(), hashlib.sha256).digest(), MAC_CHARS)
 
 
 def issue(secret: bytes, call_sid: str, parameters: Mapping[str, str], now: float,
           ttl: float) -> str:
-    """A token for `call_sid` with exactly these other stream `parameters`, valid until
-    now + ttl."""
-    expiry = f"{int(now + ttl):0{EXPIRY_DIGITS}d}"
-    return f"{VERSION}.{expiry}.{_mac(secret, call_sid, expiry, parameters)}"
+    """A token for `call_sid` (Twilio's form, see CALL_SID) with exactly these stream
+    `parameters`, valid until now + ttl."""
+    if not CALL_SID.fullmatch(call_sid):
+        raise ValueError(f"not a CallSid: {call_sid[:40]!r}")
+    body = f"{VERSION}.{call_sid}.{int(now + ttl):0{EXPIRY_DIGITS}d}.{_digest(secret, parameters)}"
+    return f"{body}.{_mac(secret, body)}"
 
 
-def verify(secret: bytes, call_sid: str, custom_parameters: Mapping[str, str],
-           now: float) -> tuple[str, int]:
-    """Check the token among a stream's `custom_parameters` for `call_sid` and the other
-    parameters; returns (MAC, expiry), the MAC being the token's identity for single use.
-    TokenRejected saying why otherwise (never any other exception, whatever the input)."""
-    token = custom_parameters.get(TOKEN_PARAMETER)
+def verify(secret: bytes, token: str, now: float) -> StreamPass:
+    """Check a token from a stream URL's path; TokenRejected saying why (never any other
+    exception, whatever the input)."""
     if not token:
-        raise TokenRejected("no stream token (the stream was not set up by this service's "
-                            "webhook)")
-    match = _FORM.fullmatch(token) if isinstance(token, str) and len(token) <= _LONGEST \
-        else None
+        raise TokenRejected("missing", "no stream token (the stream was not set up by this "
+                            "service's webhook)")
+    match = _FORM.fullmatch(token) if len(token) == LENGTH else None
     if match is None:
-        raise TokenRejected("malformed stream token")
-    expiry, mac = match.groups()
-    parameters = {k: v for k, v in custom_parameters.items() if k != TOKEN_PARAMETER}
-    if not hmac.compare_digest(mac.encode(), _mac(secret, call_sid, expiry, parameters).encode()):
-        raise TokenRejected("stream token is forged, belongs to another call, or the stream's "
-                            "parameters were changed")
+        raise TokenRejected("malformed", "malformed stream token")
+    call_sid, expiry, digest, mac = match.groups()
+    if not hmac.compare_digest(mac.encode(), _mac(secret, token[: -MAC_CHARS - 1]).encode()):
+        raise TokenRejected("forged", "stream token is forged")
     if now > int(expiry):
-        raise TokenRejected(f"stream token expired {now - int(expiry):.0f}s ago")
-    return mac, int(expiry)
+        raise TokenRejected("expired", f"stream token expired {now - int(expiry):.0f}s ago")
+    return StreamPass(call_sid, int(expiry), digest, mac)
 
 
 class UsedTokens:
@@ -87,5 +125,5 @@ class UsedTokens:
         if len(self._used) > 1000:
             self._used = {t: e for t, e in self._used.items() if e >= now}
         if mac in self._used:
-            raise TokenRejected("stream token was already used (a replayed stream)")
+            raise TokenRejected("used", "stream token was already used (a replayed stream)")
         self._used[mac] = expiry

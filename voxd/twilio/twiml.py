@@ -10,14 +10,20 @@ MAX_PARAMETER_CHARS = 500
 """Twilio's limit on a <Parameter>'s name plus value."""
 
 
+def fitted(parameters: Mapping[str, str]) -> dict[str, str]:
+    """The parameters cut to Twilio's <Parameter> limit, as the stream will carry them."""
+    return {name: value[: max(0, MAX_PARAMETER_CHARS - len(name) - 1)]
+            for name, value in parameters.items()}
+
+
 def connect_stream(stream_url: str, parameters: Mapping[str, str], fallback_verbs: str) -> str:
-    """`<Connect><Stream url=...>` with `<Parameter>`s, then the fallback verbs (raw TwiML,
-    validated at config load) that Twilio runs once the stream ends."""
+    """`<Connect><Stream url=...>` with `<Parameter>`s (cut to Twilio's limit), then the
+    fallback verbs (raw TwiML, validated at config load) that Twilio runs once the stream
+    ends."""
     response = VoiceResponse()
     connect = Connect()
     stream = connect.stream(url=stream_url)
-    for name, value in parameters.items():
-        value = value[: max(0, MAX_PARAMETER_CHARS - len(name) - 1)]
+    for name, value in fitted(parameters).items():
         stream.parameter(name=name, value=value)
     response.append(connect)
     return _with_verbs(response, fallback_verbs)

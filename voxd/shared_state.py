@@ -1,0 +1,216 @@
+"""State that must be shared beyond one process: which stream tokens are used, and which
+assistant calls the webhook created early (so a stream that lands elsewhere claims it).
+
+Three scopes, chosen by how voxd runs:
+- one process: `LocalTokens`, in memory;
+- `server.workers > 1` on one host: `DirectoryTokens`, one file per used token in a directory
+  the supervisor gives every worker (created with O_EXCL: the first worker to claim wins);
+- several hosts: `RedisState` (`[state] redis_url`), a Redis every host shares: used tokens are
+  `SET NX` keys that expire with the token, and an early-created call is published under its
+  CallSid for whichever host gets the stream to take (`GETDEL`: exactly one host takes it).
+
+redis-py's client is synchronous (its asyncio client cannot run under trio), so every command
+runs in a worker thread with a short socket timeout. When Redis cannot be reached, voxd keeps
+taking calls: it falls back to this process's own knowledge and says so (a throttled error
+line and `voxd_errors_total{kind="state"}`), since refusing every call would hurt more than a
+replay that the signature and the token's short life already limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import trio
+
+from voxd.observability import metrics
+from voxd.observability.throttled import ThrottledLog
+from voxd.twilio.stream_token import TokenRejected
+
+log = logging.getLogger("voxd.state")
+
+REDIS_TIMEOUT: Final = 1.0
+"""Seconds one Redis command may take before voxd goes on without it."""
+KEY_PREFIX: Final = "voxd:"
+PENDING: Final = "pending"
+
+
+class TokenLedger(Protocol):
+    """Where used stream tokens are remembered until they expire."""
+
+    async def claim(self, mac: str, expiry: int, now: float) -> None:
+        """Mark the token with this MAC used; TokenRejected if it was already."""
+        ...
+
+
+class LocalTokens:
+    """Tokens used in this process (by MAC), remembered until they expire."""
+
+    def __init__(self) -> None:
+        self._used: dict[str, int] = {}
+
+    def claim_now(self, mac: str, expiry: int, now: float) -> None:
+        """`claim` without waiting."""
+        if len(self._used) > 1000:
+            self._used = {t: e for t, e in self._used.items() if e >= now}
+        if mac in self._used:
+            raise TokenRejected("used", "stream token was already used (a replayed stream)")
+        self._used[mac] = expiry
+
+    async def claim(self, mac: str, expiry: int, now: float) -> None:
+        """Mark the token with this MAC used; TokenRejected if it was already."""
+        self.claim_now(mac, expiry, now)
+        await trio.lowlevel.checkpoint()
+
+
+class DirectoryTokens:
+    """Tokens used by any worker of this host: one empty file per MAC in `directory` (the
+    supervisor's private scratch directory), its modification time the token's expiry."""
+
+    PRUNE_EVERY: Final = 200
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._claims = 0
+
+    async def claim(self, mac: str, expiry: int, now: float) -> None:
+        """Mark the token with this MAC used; TokenRejected if any worker did already."""
+        await trio.lowlevel.checkpoint()
+        path = self.directory / mac  # the MAC is URL-safe base64: a safe file name
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            raise TokenRejected("used", "stream token was already used (a replayed stream)") \
+                from None
+        os.close(fd)
+        os.utime(path, (expiry, expiry))
+        self._claims += 1
+        if self._claims % self.PRUNE_EVERY == 0:
+            self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        for entry in os.scandir(self.directory):
+            try:
+                if entry.stat().st_mtime < now:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                pass  # another worker pruned it
+
+
+@dataclass(frozen=True)
+class EarlyCall:
+    """An assistant call the webhook created, as another host needs it to take it over."""
+
+    id: str
+    websocket_call_url: str
+
+
+class RedisState:
+    """Used tokens and early-created calls in a Redis all hosts share."""
+
+    def __init__(self, url: str, fallback: LocalTokens | None = None) -> None:
+        import redis
+
+        self._client = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT,
+                                            socket_connect_timeout=REDIS_TIMEOUT,
+                                            decode_responses=True)
+        self._fallback = fallback or LocalTokens()
+        self._errors = ThrottledLog(log)
+
+    async def _run(self, what: str, command: str, *args: Any, **kwargs: Any) -> Any:
+        """One Redis command in a worker thread; None (after one throttled line and a
+        counted error) when Redis does not answer."""
+        import redis
+
+        call = getattr(self._client, command)
+        try:
+            with trio.fail_after(2 * REDIS_TIMEOUT + 1):
+                return await trio.to_thread.run_sync(lambda: call(*args, **kwargs),
+                                                     abandon_on_cancel=True)
+        except (redis.RedisError, OSError, trio.TooSlowError) as exc:
+            metrics.ERRORS.labels(kind="state").inc()
+            self._errors.error("redis", "shared state (Redis) failed while %s: %s: %s; going "
+                               "on with this process's own state", what, type(exc).__name__,
+                               str(exc)[:200])
+            raise _Unavailable from None
+
+    async def claim(self, mac: str, expiry: int, now: float) -> None:
+        """Mark the token used for every host (SET NX, expiring with it)."""
+        try:
+            fresh = await self._run("claiming a stream token", "set", f"{KEY_PREFIX}token:{mac}",
+                                    "1", ex=max(1, int(expiry - now) + 1), nx=True)
+        except _Unavailable:
+            self._fallback.claim_now(mac, expiry, now)
+            return
+        if not fresh:
+            raise TokenRejected("used", "stream token was already used (a replayed stream, "
+                                "on this host or another)")
+        self._fallback.claim_now(mac, expiry, now)
+
+    async def announce_early(self, call_sid: str, seconds: float) -> None:
+        """The webhook is creating an assistant call for `call_sid`: a stream elsewhere waits
+        for it instead of creating another."""
+        with contextlib.suppress(_Unavailable):
+            await self._run("announcing an early call", "set", self._early_key(call_sid),
+                            PENDING, ex=int(seconds) + 1, nx=True)
+
+    async def publish_early(self, call_sid: str, call: EarlyCall | None, seconds: float) -> None:
+        """The early call is created (or failed: None): hand it to whichever host takes it."""
+        key = self._early_key(call_sid)
+        try:
+            if call is None:
+                await self._run("withdrawing an early call", "delete", key)
+            else:
+                value = json.dumps({"id": call.id, "url": call.websocket_call_url})
+                await self._run("publishing an early call", "set", key, value,
+                                ex=int(seconds) + 1)
+        except _Unavailable:
+            pass
+
+    async def take_early(self, call_sid: str, wait: float) -> EarlyCall | None:
+        """Take the early call published for `call_sid` (waiting up to `wait` s while it is
+        still being created); None if there is none, or another host took it."""
+        key = self._early_key(call_sid)
+        deadline = trio.current_time() + wait
+        try:
+            while True:
+                value = await self._run("taking an early call", "get", key)
+                if value is None:
+                    return None
+                if value != PENDING:
+                    value = await self._run("taking an early call", "getdel", key)
+                    if value is None or value == PENDING:
+                        return None
+                    data = json.loads(value)
+                    return EarlyCall(str(data["id"]), str(data["url"]))
+                if trio.current_time() >= deadline:
+                    return None
+                await trio.sleep(0.05)
+        except (_Unavailable, ValueError, KeyError, TypeError):
+            return None
+
+    def _early_key(self, call_sid: str) -> str:
+        return f"{KEY_PREFIX}early:{call_sid}"
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await trio.to_thread.run_sync(self._client.close)
+
+
+class _Unavailable(Exception):
+    """Redis did not answer (already logged and counted)."""
+
+
+def token_ledger(redis: RedisState | None, directory: str | None) -> TokenLedger:
+    """The ledger for how voxd runs: Redis if configured, else the workers' shared directory
+    (`server.workers > 1`), else this process's memory."""
+    if redis is not None:
+        return redis
+    if directory:
+        return DirectoryTokens(Path(directory))
+    return LocalTokens()
