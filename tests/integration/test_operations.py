@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 import httpx
@@ -170,3 +171,71 @@ def test_a_call_survives_sighup_and_finishes_during_a_sigterm_drain(tmp_path):
         if daemon.poll() is None:
             daemon.kill()
         listener.close()
+
+
+def test_sigterm_ends_the_process_within_the_drain_timeout_whatever_peers_do(tmp_path):
+    """SIGTERM with a call whose Twilio side stopped reading, a client dribbling a request
+    body, and an idle half-open connection: the process exits within the drain timeout plus a
+    few seconds (every shield has a deadline), with each call's summary line."""
+    port = free_port()
+    config = tmp_path / "voxd.toml"
+    config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n'
+                      f'public_url = "http://127.0.0.1:{port}"\nhandshake_timeout = 30\n'
+                      "[twilio]\nvalidate_signatures = false\n"
+                      "[call]\nstream_token = false\nsend_timeout = 60\nmedia_timeout = 60\n"
+                      "[drain]\ntimeout_seconds = 1\n")
+    daemon = subprocess.Popen([sys.executable, "-m", "voxd", "serve", "--config", str(config)],
+                              stderr=subprocess.PIPE, text=True)
+    peers: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 15
+        while True:  # ready when it accepts
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "voxd did not start"
+                time.sleep(0.1)
+        # A media stream that starts, then never reads nor sends again.
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.sendall(b"GET /media-stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        for message in ('{"event":"connected","protocol":"Call","version":"1.0.0"}',
+                        START):
+            stalled.sendall(masked_text(message))
+        # A webhook whose body never finishes, and a connection that never says anything.
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"POST /twilio/voice HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\nx")
+        idle = socket.create_connection(("127.0.0.1", port))
+        peers += [stalled, slow, idle]
+        time.sleep(1.0)
+        began = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=1 + 5)
+        assert time.monotonic() - began < 1 + 5
+        stderr = daemon.stderr.read()
+        assert "Traceback" not in stderr
+        assert stderr.count("call ended:") == 1 and "reason=drain-timeout" in stderr
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        for peer in peers:
+            peer.close()
+
+
+START = ('{"event":"start","sequenceNumber":"1","streamSid":"MZ' + "1" * 32 + '","start":{'
+         '"accountSid":"AC' + "1" * 32 + '","callSid":"CA' + "1" * 32 + '","streamSid":"MZ'
+         + "1" * 32 + '","tracks":["inbound"],"customParameters":{},"mediaFormat":{"encoding":'
+         '"audio/x-mulaw","sampleRate":8000,"channels":1}}}')
+
+
+def masked_text(text: str) -> bytes:
+    """One client-to-server WebSocket text frame (masked, as a client must)."""
+    payload = text.encode()
+    mask = b"\x01\x02\x03\x04"
+    length = len(payload)
+    header = bytes([0x81]) + (bytes([0x80 | length]) if length < 126
+                              else bytes([0x80 | 126]) + length.to_bytes(2, "big"))
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
