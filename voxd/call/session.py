@@ -44,6 +44,7 @@ from voxd.config import Settings
 from voxd.errors import CallerDisconnected, ProtocolError, UpstreamError, VoxdError
 from voxd.observability import metrics
 from voxd.observability.logging import CallLogContext, bind_call
+from voxd.observability.untrusted import show
 from voxd.providers.base import (
     BYTES_PER_SECOND,
     AssistantAudio,
@@ -222,11 +223,12 @@ class CallSession:
                                               .encode(), start.call_sid,
                                               start.custom_parameters)
             except stream_token.TokenRejected as exc:
-                log.warning("media stream from %s rejected: %s", self.peer, exc)
+                log.warning("media stream from %s rejected: %s", self.peer, show(exc, 200))
                 metrics.CALLS_REJECTED.labels(reason="token").inc()
                 self._end("token-rejected", "error")
                 return False
-        self.log_context.update(call_sid=start.call_sid, stream_sid=start.stream_sid)
+        self.log_context.update(call_sid=show(start.call_sid, 40),
+                                stream_sid=show(start.stream_sid, 40))
         return True
 
     async def _bridge(self, start: StreamStart) -> None:
@@ -240,8 +242,8 @@ class CallSession:
             parameters=dict(params),
         )
         log.info("call started: from=%s to=%s assistant=%s audio=%s peer=%s",
-                 self.call.from_number or "-", self.call.to_number or "-", self.provider.name,
-                 self.provider.audio, self.peer)
+                 show(self.call.from_number or "-", 40), show(self.call.to_number or "-", 40),
+                 self.provider.name, self.provider.audio, self.peer)
         call = self.settings.config.call
         rate = BYTES_PER_SECOND[self.provider.audio]
         feed = UpstreamFeed(int(call.preconnect_buffer_seconds * rate),
@@ -354,11 +356,11 @@ class CallSession:
         own bug: logged with its traceback, the call ended as internal-error."""
         error = _voxd_error(exc)
         if isinstance(error, UpstreamError):
-            log.error("assistant failed: %s", error)
+            log.error("assistant failed: %s", show(error, 300))
             metrics.ERRORS.labels(kind="upstream").inc()
             self._end("upstream-error", "error")
         elif isinstance(error, CallerDisconnected):
-            log.info("Twilio closed the media socket without 'stop': %s", error)
+            log.info("Twilio closed the media socket without 'stop': %s", show(error, 200))
             self._end("caller-disconnected")
         elif isinstance(error, ProtocolError):
             self._protocol_error(error)
@@ -372,7 +374,8 @@ class CallSession:
         self._end("internal-error", "error")
 
     def _protocol_error(self, exc: ProtocolError) -> None:
-        log.warning("protocol error from Twilio (peer %s), ending the call: %s", self.peer, exc)
+        log.warning("protocol error from Twilio (peer %s), ending the call: %s", self.peer,
+                    show(exc, 300))
         metrics.ERRORS.labels(kind="protocol").inc()
         self._end("protocol-error", "error")
 

@@ -23,12 +23,11 @@ def _escape(match: re.Match[str]) -> str:
 
 
 def show(value: object, limit: int = DEFAULT_LIMIT) -> str:
-    """`value` as text for a log line: escaped, and cut to `limit` characters (with `...`
-    and the full length when cut)."""
-    text = value if isinstance(value, str) else repr(value)
+    """`value` (a string, or anything by its str(): an exception's message) as text for a
+    log line: escaped, and cut to `limit` characters (with `...` and the full length when
+    cut)."""
+    text = value if isinstance(value, str) else str(value)
+    cut = ""
     if len(text) > limit:
-        text = text[:limit]
-        cut = f"...({len(value) if isinstance(value, str) else len(repr(value))} chars)"
-    else:
-        cut = ""
+        text, cut = text[:limit], f"...({len(text)} chars)"
     return _CONTROL.sub(_escape, text) + cut

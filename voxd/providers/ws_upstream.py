@@ -16,6 +16,7 @@ import trio
 from voxd.errors import ErrorMap, ProtocolError, UpstreamError, VoxdError
 from voxd.net import websocket
 from voxd.net.websocket import ConnectionClosed, WebSocket
+from voxd.observability.untrusted import show
 from voxd.providers.base import AssistantAudio, AssistantEnded, AssistantEvent
 
 log = logging.getLogger("voxd.providers")
@@ -145,7 +146,7 @@ class WebSocketAssistant:
             except ProtocolError as exc:
                 self._warnings += 1
                 if self._warnings <= MAX_CONTROL_WARNINGS:
-                    log.warning("%s (ignored)%s", exc, "; further ones are not logged"
+                    log.warning("%s (ignored)%s", show(exc, 200), "; further ones are not logged"
                                 if self._warnings == MAX_CONTROL_WARNINGS else "")
                 continue
             if event is not None:
@@ -175,4 +176,4 @@ class WebSocketAssistant:
 def _reason(exc: ConnectionClosed) -> str:
     if exc.code == 1006:
         return "no close frame"
-    return f"code {exc.code}{': ' + exc.reason if exc.reason else ''}"
+    return f"code {exc.code}{': ' + show(exc.reason, 120) if exc.reason else ''}"
