@@ -226,10 +226,13 @@ def read_secret(name: str, environ: dict[str, str] | None = None) -> Secret | No
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if cred_dir:
         path = Path(cred_dir) / name
-        if path.is_file():
-            value = path.read_text(encoding="utf-8").strip()
-            if value:
-                return Secret(value)
+        try:
+            value = path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"credential {name}: cannot read $CREDENTIALS_DIRECTORY/{name}: "
+                               f"{getattr(exc, 'strerror', None) or exc}"]) from None
+        if value:
+            return Secret(value)
     value = env.get(SECRET_SOURCES[name], "").strip()
     return Secret(value) if value else None
 

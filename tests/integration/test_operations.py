@@ -146,7 +146,9 @@ def test_a_call_survives_sighup_and_finishes_during_a_sigterm_drain(tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={k: v for k, v in os.environ.items()
                                      if k != "VOXD_TWILIO_AUTH_TOKEN"})
+        deadline = time.monotonic() + 20  # watchdog pings keep recv() from timing out
         while "1 active call" not in messages[-1]:
+            assert time.monotonic() < deadline, messages[-5:]
             messages.append(listener.recv(4096).decode())
         daemon.send_signal(signal.SIGHUP)
         daemon.send_signal(signal.SIGTERM)

@@ -182,3 +182,15 @@ def test_any_text_gives_settings_or_config_errors(text):
         load_settings(None, TOKEN_ENV, text=text)
     except ConfigError as exc:
         assert exc.problems and all(isinstance(p, str) and p for p in exc.problems)
+
+
+def test_an_unreadable_credential_is_a_config_error_naming_it(tmp_path):
+    """Not a traceback: one line naming the credential."""
+    from voxd.config import ConfigError, read_secret
+
+    (tmp_path / "vapi_api_key").mkdir()  # a directory where the file should be: unreadable
+    (tmp_path / "vapi_api_key" / "x").write_text("")
+    (tmp_path / "twilio_auth_token").write_bytes(b"\xff\xfe")
+    assert read_secret("vapi_api_key", {"CREDENTIALS_DIRECTORY": str(tmp_path)}) is None
+    with pytest.raises(ConfigError, match="credential twilio_auth_token: cannot read"):
+        read_secret("twilio_auth_token", {"CREDENTIALS_DIRECTORY": str(tmp_path)})
