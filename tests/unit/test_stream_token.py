@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from voxd.twilio.stream_token import TokenRejected, UsedTokens, issue, verify
+from voxd.shared_state import LocalTokens
+from voxd.twilio.stream_token import TokenRejected, issue, verify
 
 SECRET = b"stream-secret"
 CALL = "CA" + "1" * 32
@@ -64,11 +65,11 @@ def test_the_stream_must_be_the_tokens_call_with_its_parameters(call, params, wh
 
 
 def test_a_token_is_used_once():
-    used = UsedTokens()
+    used = LocalTokens()
     stream_pass = verify(SECRET, issue(SECRET, CALL, PARAMS, 1000.0, 60), now=1001.0)
-    used.claim(stream_pass.mac, stream_pass.expiry, now=1001.0)
+    used.claim_now(stream_pass.mac, stream_pass.expiry, now=1001.0)
     with pytest.raises(TokenRejected, match="already used"):
-        used.claim(stream_pass.mac, stream_pass.expiry, now=1002.0)
+        used.claim_now(stream_pass.mac, stream_pass.expiry, now=1002.0)
 
 
 def test_only_a_callsid_gets_a_token():

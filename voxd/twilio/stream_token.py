@@ -16,7 +16,8 @@ the token's CallSid and exactly those parameters, or it is refused.
 One canonical form: fixed lengths, ASCII only, so no two spellings of one token exist; anything
 else (non-ASCII, control characters, other digits, any length) is refused as malformed before
 any other work. Nothing is stored: any worker or host with the same secret verifies. Single use
-is enforced by `UsedTokens` at the upgrade, keyed on the MAC.
+is enforced at the upgrade, keyed on the MAC (`voxd.shared_state`: this process, this host's
+workers, or every host).
 """
 
 from __future__ import annotations
@@ -113,17 +114,3 @@ def verify(secret: bytes, token: str, now: float) -> StreamPass:
         raise TokenRejected("expired", f"stream token expired {now - int(expiry):.0f}s ago")
     return StreamPass(call_sid, int(expiry), digest, mac)
 
-
-class UsedTokens:
-    """Tokens already used in this process (by MAC), remembered until they expire."""
-
-    def __init__(self) -> None:
-        self._used: dict[str, int] = {}
-
-    def claim(self, mac: str, expiry: int, now: float) -> None:
-        """Mark the token with this MAC used; TokenRejected if it was already."""
-        if len(self._used) > 1000:
-            self._used = {t: e for t, e in self._used.items() if e >= now}
-        if mac in self._used:
-            raise TokenRejected("used", "stream token was already used (a replayed stream)")
-        self._used[mac] = expiry
