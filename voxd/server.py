@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 from dataclasses import replace
@@ -24,6 +23,7 @@ from voxd.observability.systemd import Notifier
 from voxd.routes import create_app, create_metrics_app
 from voxd.runtime import LiveCalls, Runtime
 from voxd.shared_state import RedisState, token_ledger
+from voxd.worker_env import METRICS_FD_ENV, inherited_listener, shared_tokens_directory
 
 log = logging.getLogger("voxd.server")
 
@@ -110,11 +110,9 @@ class Server:
         self.metrics_sock = metrics_sock
         """Where /metrics is served instead of the public port (server.metrics_listen)."""
         self.notifier = notifier
-        from voxd.supervisor import TOKENS_ENV
-
         self.shared = RedisState(settings.redis_url) if settings.redis_url else None
         self.live = LiveCalls(on_change=self._calls_changed, shared=self.shared,
-                              used_tokens=token_ledger(self.shared, os.environ.get(TOKENS_ENV)))
+                              used_tokens=token_ledger(self.shared, shared_tokens_directory()))
         self.background = Background()
         self.runtime = Runtime.from_settings(settings, self.live, self.background)
         self._runtimes = [self.runtime]
@@ -247,8 +245,6 @@ async def no_media(stream: DirectStream, data: bytes, peer: str) -> None:
 async def run_daemon(settings: Settings) -> None:
     """`voxd serve`: listen, serve; SIGTERM or SIGINT drains (a second one stops at once),
     SIGHUP reloads."""
-    from voxd.supervisor import METRICS_FD_ENV, inherited_listener
-
     scrub_environment()  # read already; no child process or dump gets them
     sock = inherited_listener() or open_listener(settings.config.server.listen)
     metrics_listen = settings.config.server.metrics_listen

@@ -29,13 +29,10 @@ import trio
 from voxd.config import SECRET_SOURCES, Settings, scrub_environment
 from voxd.observability.systemd import Notifier
 from voxd.server import open_listener
+from voxd.worker_env import FD_ENV, INDEX_ENV, METRICS_FD_ENV, TOKENS_ENV
 
 log = logging.getLogger("voxd.supervisor")
 
-FD_ENV = "VOXD_WORKER_FD"
-METRICS_FD_ENV = "VOXD_WORKER_METRICS_FD"
-TOKENS_ENV = "VOXD_WORKER_TOKENS"
-INDEX_ENV = "VOXD_WORKER"
 RESTART_DELAY = 1.0
 
 
@@ -185,12 +182,3 @@ async def _watchdog(workers: list[Worker], notifier: Notifier) -> None:
         else:
             stale = [w.index for w in workers if now - w.last_ping > 2 * interval]
             log.warning("worker(s) %s stopped pinging: withholding the watchdog", stale)
-
-
-def inherited_listener(name: str = FD_ENV) -> socket.socket | None:
-    """In a worker: the listening socket the supervisor passed down in `name` (the public
-    one, or METRICS_FD_ENV's); None otherwise."""
-    fd = os.environ.get(name)
-    if not fd or os.environ.get(INDEX_ENV) is None:
-        return None
-    return socket.socket(fileno=int(fd))

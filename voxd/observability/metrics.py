@@ -136,7 +136,9 @@ if not MULTIPROCESS:  # process_resident_memory_bytes, process_open_fds, process
 
 def count_tasks() -> int:
     """Tasks alive in the running trio loop (all of them, from the root down)."""
-    count, nurseries = 0, list(trio.lowlevel.current_root_task().child_nurseries)
+    root = trio.lowlevel.current_root_task()
+    assert root is not None  # called from inside trio.run
+    count, nurseries = 0, list(root.child_nurseries)
     while nurseries:
         for task in nurseries.pop().child_tasks:
             count += 1
