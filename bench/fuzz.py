@@ -132,6 +132,8 @@ class Case:
     replies: list[bytes] = field(default_factory=list)
     refused: bool = False
     """Could not connect (or the webhook failed) at all."""
+    fuzzer_error: str = ""
+    """The fuzzer's own failure building or sending this case (a bug to fix here)."""
     accepted: bool = False
     """A signed media upgrade of this case got its 101 (the fuzz reached the WebSocket)."""
 
@@ -259,7 +261,10 @@ class Target:
         return self.origin + "/twilio/voice"
 
     def sign(self, url: str, params: dict[str, str] | None = None) -> str:
-        return self.validator.compute_signature(url, params or {})
+        try:
+            return self.validator.compute_signature(url, params or {})
+        except UnicodeEncodeError:  # a lone surrogate: Twilio could not have signed it either
+            return "bm90IHNpZ25hYmxl"
 
     async def stream_for(self, case: Case) -> tuple[str, dict[str, str], str]:
         """A signed webhook as Twilio sends it: (stream URL, its parameters, call sid)."""
@@ -360,7 +365,8 @@ def http_request(case: Case, target: Target) -> list[tuple[bytes, float]]:
             "From": "+15005550006", "To": "+15005550001"}
     if rng.random() < 0.4:
         form[rng.choice([*form, "Caller", "X" * 50])] = nasty(rng, 20_000)
-    body = urllib.parse.urlencode(form).encode() if method == b"POST" else b""
+    body = (urllib.parse.urlencode(form, errors="surrogatepass").encode()
+            if method == b"POST" else b"")
     if rng.random() < 0.15:
         body = rng.randbytes(rng.choice([1, 100, 5000, 70_000]))
     signature = target.sign(target.webhook_url, form) if rng.random() < 0.5 else "x" * 28
@@ -959,6 +965,9 @@ async def run_case(case: Case, target: Target) -> None:
         if not case.ports:
             case.refused = True
             await trio.sleep(0.1)  # voxd refused the connection: no busy loop
+    except Exception as exc:  # the fuzzer's own bug: reported (a failed check), run goes on
+        case.fuzzer_error = f"{type(exc).__name__}: {exc}"
+        case.note(f"FUZZER ERROR {case.fuzzer_error}")
     finally:
         case.ended = time.time()
 
@@ -1390,7 +1399,9 @@ def judge(report: Report, fuzzer: Fuzzer, daemon: Daemon, log: str,
     bad = [i for i, line in enumerate(lines) if BAD_LINE.search(line)]
     first = ""
     if bad:
-        first = lines[bad[0]].strip()[:200]
+        record, exceptions = log_record(lines, bad[0])
+        inner = [x for x in exceptions if "ExceptionGroup" not in x]
+        first = record.strip()[:160] + (f" ... {inner[-1][:100]}" if inner else "")
     add(Check("no traceback", not bad,
               f"{sum('Traceback' in line for line in lines)} tracebacks, "
               f"{sum(bool(re.search('internal error', x, re.I)) for x in lines)} internal "
@@ -1485,10 +1496,21 @@ def judge(report: Report, fuzzer: Fuzzer, daemon: Daemon, log: str,
         report.lines.append("bytes sent by kind: " + ", ".join(
             f"{k} {v}" for k, v in by_kind.most_common()))
 
-    # 7. SIGTERM stops it
-    add(Check("clean stop", stopped == 0,
-              f"exit code {stopped} {stop_seconds:.1f} s after SIGTERM (drain timeout 5 s)"
-              if stopped is not None else "did not stop within 15 s of SIGTERM (killed)"))
+    # 7. the fuzzer itself worked (a case it could not build or send was not fuzzed)
+    broken = [c for c in cases if c.fuzzer_error]
+    add(Check("fuzzer ran", not broken,
+              f"{len(broken)} cases failed in the fuzzer itself"
+              + (f", e.g. case {broken[0].index}: {broken[0].fuzzer_error[:200]}"
+                 if broken else "")))
+
+    # 8. SIGTERM stops it
+    if died:
+        stop_detail = f"not running when stopped (exit {stopped})"
+    elif stopped is None:
+        stop_detail = "did not stop within 15 s of SIGTERM (killed)"
+    else:
+        stop_detail = f"exit code {stopped} {stop_seconds:.1f} s after SIGTERM (drain timeout 5 s)"
+    add(Check("clean stop", stopped == 0 and not died, stop_detail))
 
 
 EXCEPTION = re.compile(r"^[ |+]*([A-Za-z_][\w.]*(?:Error|Exception|Exit|Group)\w*: .*)$")
