@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 import trio
 
-from voxd.net.stream import FAIRNESS, DirectStream
+from voxd.net.stream import FAIR_SECONDS, DirectStream
 
 
 def pair() -> tuple[DirectStream, DirectStream]:
@@ -31,10 +32,30 @@ async def test_bytes_arrive_whole_also_past_the_socket_buffer():
     assert received == data
 
 
-async def test_a_flooded_reader_still_lets_other_tasks_run():
+def spin(seconds: float) -> None:
+    """Use `seconds` of this thread's CPU."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+async def test_a_flooded_reader_yields_by_time_not_by_count():
     sender, receiver = pair()
     await sender.send_all(b"x" * 60000)  # every receive below completes without waiting
     ticks = 0
+    longest = 0.0
+    started = 0.0
+
+    class Steps(trio.abc.Instrument):
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            nonlocal started
+            if task.name.endswith("reader"):
+                started = time.thread_time()
+
+        def after_task_step(self, task: trio.lowlevel.Task) -> None:
+            nonlocal longest
+            if task.name.endswith("reader"):
+                longest = max(longest, time.thread_time() - started)
 
     async def other() -> None:
         nonlocal ticks
@@ -42,12 +63,42 @@ async def test_a_flooded_reader_still_lets_other_tasks_run():
             ticks += 1
             await trio.lowlevel.checkpoint()
 
+    async def reader() -> None:
+        for _ in range(100):  # each read's bytes take 0.3 ms of work
+            await receiver.receive_some(10)
+            spin(0.0003)
+
+    instrument = Steps()
+    trio.lowlevel.add_instrument(instrument)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            async with trio.open_nursery() as inner:
+                inner.start_soon(reader)
+            nursery.cancel_scope.cancel()
+    finally:
+        trio.lowlevel.remove_instrument(instrument)
+    # FAIR_SECONDS (0.5 ms) plus one read's work; by count (every 32 reads) it was ~10 ms.
+    assert longest < FAIR_SECONDS + 0.0003 + 0.003, f"{longest * 1000:.1f} ms at once"
+    assert ticks >= 10
+
+
+async def test_a_few_reads_that_do_not_wait_do_not_yield():
+    sender, receiver = pair()
+    await sender.send_all(b"x" * 600)
+    receiver.resumed = time.perf_counter() + 60  # no yield is due for a minute
+    ran = False
+
+    async def other() -> None:
+        nonlocal ran
+        ran = True
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(other)
-        for _ in range(4 * FAIRNESS):
+        for _ in range(50):  # never waits: the data is there and no read empties the socket
             await receiver.receive_some(10)
+        assert not ran  # the common path pays no scheduler round trip
         nursery.cancel_scope.cancel()
-    assert ticks >= 3
 
 
 async def test_waits_are_cancellable_and_closed_streams_say_so():
@@ -77,7 +128,7 @@ async def test_a_cancelled_task_does_not_send():
 async def test_a_stream_closed_while_it_yields_never_touches_a_reused_descriptor():
     for _ in range(20):  # trio runs the two tasks in either order: cover both
         reader, _writer = pair()
-        reader._streak = FAIRNESS - 1  # its next receive yields before it reads
+        reader.resumed -= 1.0  # its next receive yields before it reads
         others: list[socket.socket] = []
         outcome: list[object] = []
 

@@ -120,6 +120,13 @@ def test_errors_before_start(text, problem):
         MediaStream().receive(text)
 
 
+def test_connected_comes_once():
+    stream = MediaStream()
+    stream.receive(msg("connected", protocol="Call", version="1.0.0"))
+    with pytest.raises(ProtocolError, match="'connected' received twice"):
+        stream.receive(msg("connected", protocol="Call", version="1.0.0"))
+
+
 def test_anything_after_stop_is_an_error(streaming):
     streaming.receive(msg("stop", streamSid=SID))
     with pytest.raises(ProtocolError, match="'media' received while stopped"):
@@ -167,3 +174,50 @@ def test_arbitrary_json_while_streaming_gives_an_event_or_a_protocol_error(value
     stream.receive(start())
     with contextlib.suppress(ProtocolError):
         stream.receive(json.dumps(value))
+
+
+def nested(depth: int, kind: str) -> str:
+    """JSON nested `depth` levels deep: lists, objects, or both in turn."""
+    opens = {"list": ["["], "object": ['{"x":'], "mixed": ["[", '{"x":']}[kind]
+    closes = {"[": "]", '{"x":': "}"}
+    layers = [opens[i % len(opens)] for i in range(depth)]
+    return "".join(layers) + "1" + "".join(closes[o] for o in reversed(layers))
+
+
+DEEP_PLACES = [
+    lambda deep: deep,  # the whole message
+    lambda deep: '{"event":' + deep + "}",  # the tag
+    lambda deep: '{"event":"nope","x":' + deep + "}",  # an unknown event's field
+    lambda deep: '{"event":"connected","extra":' + deep + "}",  # a field Twilio may add
+    lambda deep: start(customParameters={"token": "t"}).replace('"tracks"', '"x":' + deep
+                                                                 + ',"tracks"'),
+    lambda deep: media().replace('"track"', '"x":' + deep + ',"track"'),
+]
+
+
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+@pytest.mark.parametrize("place", range(len(DEEP_PLACES)))
+@pytest.mark.parametrize("kind", ["list", "object"])
+def test_deeply_nested_json_is_a_protocol_error(streaming, depth, place, kind):
+    text = DEEP_PLACES[place](nested(depth, kind))
+    for stream in (MediaStream(max_message_bytes=len(text)), streaming):
+        stream.max_message_bytes = len(text)  # past the size check: the parser must cope
+        with pytest.raises(ProtocolError) as caught:
+            stream.receive(text)
+        error = caught.value  # one line: no chained traceback
+        assert error.__cause__ is None and (error.__suppress_context__ or not error.__context__)
+        assert "\n" not in str(error) and len(str(error)) < 200
+
+
+@given(depth=st.integers(0, 3000), kind=st.sampled_from(["list", "object", "mixed"]),
+       place=st.integers(0, len(DEEP_PLACES) - 1), stop=st.integers(0, 200))
+def test_any_nesting_gives_an_event_or_a_protocol_error(depth, kind, place, stop):
+    text = DEEP_PLACES[place](nested(depth, kind))
+    text = text[:len(text) - stop]  # cut short too: unbalanced brackets
+    for limit in (len(text), 64 * 1024):  # past the size check, and with Twilio's default
+        stream = MediaStream()
+        if place == 5:  # media: while streaming
+            stream.receive(start())
+        stream.max_message_bytes = limit
+        with contextlib.suppress(ProtocolError):
+            stream.receive(text)

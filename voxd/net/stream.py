@@ -11,8 +11,14 @@ and a read that fails costs a system call and an exception).
 
 It stays a well-behaved trio stream:
 - every call checks for cancellation first, and waits are ordinary trio waits (cancellable);
-- after `FAIRNESS` operations in a row that did not wait, one yields to the scheduler, so a
-  peer that floods a connection cannot starve the other calls;
+- a peer that floods a connection cannot starve the other calls: a receive that would not wait
+  yields to the scheduler anyway once the receiving task has run `FAIR_SECONDS` since its last
+  wait (by time, not by count: what a read costs depends on what the caller does with it; the
+  check is one clock read, and the common path, a read after a wait, never yields twice).
+  `resumed` is when the receiving task last waited here, for the layer above to take over the
+  same budget (`voxd.net.websocket` checks it while it parses and hands out what one read
+  brought). Sends yield after `FAIRNESS` in a row that did not wait: a sender is voxd's own
+  code, paced by the call;
 - one task sends and one task receives at a time (the WebSocket above guarantees it);
 - closing goes through the wrapped `trio.SocketStream`, which owns the socket; every system call
   is preceded (with no yield between) by a check that the socket is still open, since another
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import os
+from time import perf_counter
 from typing import Final
 
 import trio
@@ -34,14 +41,16 @@ from trio.lowlevel import (
 )
 
 RECEIVE_BYTES: Final = 65536
+FAIR_SECONDS: Final = 0.0005
+"""How long a receiving task may run without waiting before a receive yields anyway."""
 FAIRNESS: Final = 32
-"""Operations without a wait after which the task yields anyway."""
+"""Sends without a wait after which the sending task yields anyway."""
 
 
 class DirectStream(trio.abc.HalfCloseableStream):
     """A connected `trio.SocketStream`, read and written directly (see the module doc)."""
 
-    __slots__ = ("_drained", "_fd", "_streak", "socket", "transport")
+    __slots__ = ("_drained", "_fd", "_streak", "resumed", "socket", "transport")
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.transport = stream
@@ -49,6 +58,9 @@ class DirectStream(trio.abc.HalfCloseableStream):
         self._fd = stream.socket.fileno()
         self._streak = 0
         self._drained = False
+        self.resumed = perf_counter()
+        """`perf_counter()` when the receiving task last came back from a wait or a yield in
+        `receive_some`."""
 
     def _check_open(self) -> None:
         if self.socket.fileno() == -1:
@@ -58,21 +70,20 @@ class DirectStream(trio.abc.HalfCloseableStream):
         self._check_open()  # before waiting on the number, too
         size = max_bytes or RECEIVE_BYTES
         if self._drained:  # the last read emptied the socket: a read now would only fail
-            self._streak = 0
             await wait_readable(self._fd)
+            self.resumed = perf_counter()
         else:
             await checkpoint_if_cancelled()
-            self._streak += 1
-            if self._streak >= FAIRNESS:  # see the module doc (inline: the per-frame path)
-                self._streak = 0
+            if perf_counter() - self.resumed >= FAIR_SECONDS:  # see the module doc
                 await cancel_shielded_checkpoint()
+                self.resumed = perf_counter()
         while True:
             self._check_open()  # after every yield: a closed fd's number may be reused already
             try:
                 data = os.read(self._fd, size)
             except BlockingIOError:
-                self._streak = 0
                 await wait_readable(self._fd)
+                self.resumed = perf_counter()
                 continue
             except OSError as exc:
                 raise _broken(exc) from exc

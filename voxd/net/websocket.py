@@ -14,6 +14,19 @@ write in progress, which sends them right after its own frame (bounded: MAX_BACK
 Frames never interleave, and the hot path takes no lock. `close` waits for a write in progress
 to end; a write cancelled midway leaves the stream unusable (further sends raise
 ConnectionClosed), and then `close` just closes TCP.
+
+Fairness: one read can bring thousands of tiny frames (64 KiB of empty pings is ~11,000 frames,
+~40 ms of parsing), so the receiver feeds the parser a read of more than WHOLE_BYTES in slices
+of FEED_BYTES (~0.6 ms of the cheapest frames; a shorter read, ~1.3 ms at most, is fed whole
+and the stream waits before the next one) and yields to the scheduler between two slices, or
+before handing out a message it already holds, once it has run FAIR_SECONDS since it last
+waited (for the socket: `DirectStream.resumed`; other streams yield on every receive). So a
+flooding connection runs ~1 ms at a time. The common path, one message per read after a wait,
+costs one clock read more; a 1 MiB message ~3 ms more (its 64 KiB reads go in slices too).
+
+Server side, the handshake parses only the request head: bytes that came with it wait until the
+upgrade is accepted (after the caller's checks), and are then parsed under the message size
+limit like any later byte.
 """
 
 from __future__ import annotations
@@ -24,9 +37,11 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Sequence
+from time import perf_counter
 from typing import Final
 
 import trio
+from trio.lowlevel import checkpoint
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidStatus, InvalidURI, PayloadTooBig
 from websockets.frames import Frame, Opcode
@@ -36,9 +51,16 @@ from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
 from voxd.errors import LocalMisuse, ProtocolError, TransportError
-from voxd.net.stream import DirectStream
+from voxd.net.request_head import head_length
+from voxd.net.stream import FAIR_SECONDS, DirectStream
 
 RECEIVE_BYTES: Final = 65536
+FEED_BYTES: Final = 1024
+"""What the parser is given at once from a read of more than WHOLE_BYTES (see the module doc
+on fairness)."""
+WHOLE_BYTES: Final = 2048
+"""A read up to this size goes to the parser whole (a call's frames, and bursts of them, are
+never cut: a cut costs a parser call)."""
 CLOSE_WAIT_SECONDS: Final = 1.0
 """How long `close` waits for the peer's answering close frame before closing TCP."""
 
@@ -75,18 +97,23 @@ class MessageTooBig(ProtocolError):
 class WebSocket:
     """An open WebSocket (the handshake is done): whole messages in, whole messages out."""
 
-    __slots__ = ("_backlog", "_broken", "_closed", "_closing", "_messages", "_owed", "_parts",
-                 "_parts_text", "_pings", "_proto", "_sending", "_stream", "_too_big",
-                 "_write_done", "close_wait")
+    __slots__ = ("_backlog", "_broken", "_closed", "_closing", "_direct", "_messages", "_owed",
+                 "_parts", "_parts_text", "_pings", "_proto", "_resumed", "_sending", "_stream",
+                 "_too_big", "_unparsed", "_unparsed_at", "_write_done", "close_wait")
 
     def __init__(self, stream: trio.abc.Stream, protocol: Protocol,
-                 close_wait: float = CLOSE_WAIT_SECONDS) -> None:
+                 close_wait: float = CLOSE_WAIT_SECONDS, unparsed: bytes = b"") -> None:
+        """`unparsed`: bytes already read from `stream` that the protocol has not seen yet."""
         self._stream = stream
+        self._direct = stream if isinstance(stream, DirectStream) else None
         self._proto = protocol
         self.close_wait = close_wait
         """How long `close` waits for the peer's answering close frame before closing TCP."""
         self._messages: deque[str | bytes] = deque()
-        self._parts: list[bytes] = []
+        self._unparsed: bytes | bytearray = unparsed  # read, not parsed yet from _unparsed_at
+        self._unparsed_at = 0
+        self._resumed = perf_counter()  # when the receiving task last waited or yielded
+        self._parts = bytearray()  # a fragmented message so far (bounded by the size limit)
         self._parts_text = False
         self._pings: dict[bytes, trio.Event] = {}
         self._sending = False
@@ -112,6 +139,9 @@ class WebSocket:
         """The next whole message (text as str, binary as bytes). ConnectionClosed once the
         socket is closed; MessageTooBig (after closing with 1009) for an oversized message."""
         messages = self._messages
+        if messages:  # more from what was read already: this task has not waited since
+            await self._yield_if_due()
+            return messages.popleft()
         while not messages:
             if self._too_big is not None:
                 raise MessageTooBig(self._too_big.size, self._too_big.limit)
@@ -119,16 +149,42 @@ class WebSocket:
                 raise ConnectionClosed(self._closed.code, self._closed.reason)
             if self._closing:  # `close` reads the peer's answer itself
                 raise ConnectionClosed(1000, "closed by this side")
+            if self._unparsed:
+                await self._yield_if_due()
+                self._proto.receive_data(self._next_slice())
+                await self._absorb()
+                continue
             try:
                 data = await self._stream.receive_some(RECEIVE_BYTES)
             except (*_GONE, trio.BusyResourceError):  # busy: `close` started reading
                 data = b""
+            self._resumed = self._direct.resumed if self._direct is not None else perf_counter()
             if not data:
                 self._set_closed(1006, "connection lost")
                 continue
+            if len(data) > WHOLE_BYTES:
+                self._unparsed, self._unparsed_at = data, FEED_BYTES
+                data = data[:FEED_BYTES]
             self._proto.receive_data(data)
             await self._absorb()
         return messages.popleft()
+
+    async def _yield_if_due(self) -> None:
+        """Yield (cancellably) if this task has run FAIR_SECONDS since it last waited."""
+        if perf_counter() - self._resumed >= FAIR_SECONDS:
+            await checkpoint()
+            self._resumed = perf_counter()
+
+    def _next_slice(self) -> bytes | bytearray:
+        """The next FEED_BYTES (at most) of what was read but not parsed yet."""
+        start = self._unparsed_at
+        end = start + FEED_BYTES
+        data = self._unparsed[start:end]
+        if end >= len(self._unparsed):
+            self._unparsed, self._unparsed_at = b"", 0
+        else:
+            self._unparsed_at = end
+        return data
 
     async def _absorb(self, events: Sequence[object] | None = None) -> None:
         """Take in the frames the protocol parsed; write what it owes (pongs, a close reply,
@@ -154,15 +210,15 @@ class WebSocket:
         protocol has checked the order of fragments and the size limit, and answers pings
         and closes itself."""
         if opcode is _CONT:
-            self._parts.append(bytes(data))
+            self._parts += data
             if not fin:
                 return
-            data, text = b"".join(self._parts), self._parts_text
-            self._parts = []
+            data, text = bytes(self._parts), self._parts_text
+            self._parts = bytearray()
         elif opcode is _TEXT or opcode is _BINARY:
             text = opcode is _TEXT
             if not fin:
-                self._parts, self._parts_text = [bytes(data)], text
+                self._parts, self._parts_text = bytearray(data), text
                 return
         else:
             if opcode is _PONG:
@@ -354,11 +410,21 @@ class WebSocket:
     async def _await_close_reply(self) -> None:
         proto = self._proto
         while proto.close_rcvd is None and proto.state is _CLOSING:
-            data = await self._stream.receive_some(RECEIVE_BYTES)
-            if not data:
-                return
+            if self._unparsed:
+                await self._yield_if_due()
+                data = self._next_slice()
+            else:
+                data = await self._stream.receive_some(RECEIVE_BYTES)
+                self._resumed = (self._direct.resumed if self._direct is not None
+                                 else perf_counter())
+                if not data:
+                    return
+                if len(data) > WHOLE_BYTES:
+                    self._unparsed, self._unparsed_at = data, FEED_BYTES
+                    data = data[:FEED_BYTES]
             proto.receive_data(data)
             proto.events_received()  # messages after our close are discarded
+            proto.data_to_send()  # and not answered (pongs): nothing piles up
 
 
 class HandshakeError(ProtocolError):
@@ -372,32 +438,38 @@ class HandshakeError(ProtocolError):
 
 class ServerHandshake:
     """The server side of the opening handshake, fed the bytes the front door already read
-    (the request head, and anything the client sent after it)."""
+    (the request head, and anything the client sent after it).
+
+    Only the head is parsed here. What followed it is not looked at until `accept` (the caller
+    checks the request first: nothing is parsed or answered for a request that is refused), and
+    then under the message size limit from its first byte."""
 
     def __init__(self, stream: trio.abc.Stream, data: bytes) -> None:
         self._stream = stream
-        self._proto = ServerProtocol(logger=_protocol_log)
-        self._proto.receive_data(data)
-        request = next((e for e in self._proto.events_received() if isinstance(e, Request)),
-                       None)
-        if request is None:
-            raise HandshakeError(str(self._proto.handshake_exc or
-                                     "incomplete WebSocket upgrade request"))
+        end = head_length(data)
+        self._head, self._rest = (data, b"") if end is None else (data[:end], data[end:])
+        self._proto, request = _parse_request(self._head, 0)  # sees no frame
         self._response = self._proto.accept(request)
         if self._proto.handshake_exc is not None:
             raise HandshakeError(str(self._proto.handshake_exc))
         self.request = request
 
     def header(self, name: bytes) -> str | None:
-        """A request header's value (name in lower case), None if absent."""
-        return self.request.headers.get(name.decode())
+        """A request header's value (name in lower case); None if absent, or if given more than
+        once (an ambiguous header counts as none: a signature sent twice is no signature)."""
+        values = self.request.headers.get_all(name.decode())
+        return values[0] if len(values) == 1 else None
 
     async def accept(self, max_message_bytes: int) -> WebSocket:
-        """Answer 101 and return the open WebSocket."""
-        self._proto.max_message_size = max_message_bytes
-        self._proto.send_response(self._response)
-        await self._send(b"".join(self._proto.data_to_send()))
-        return WebSocket(self._stream, self._proto)
+        """Answer 101 and return the open WebSocket (which parses the bytes that came with the
+        request, as it parses every later one)."""
+        # The protocol that checked the request has its frame parser waiting already, under
+        # the default limit: a fresh one, given the limit before it sees the head, holds the
+        # limit from the first frame on (the head is a few hundred bytes; once per call).
+        proto, request = _parse_request(self._head, max_message_bytes)
+        proto.send_response(proto.accept(request))
+        await self._send(b"".join(proto.data_to_send()))
+        return WebSocket(self._stream, proto, unparsed=self._rest)
 
     async def reject(self, status: int) -> None:
         """Answer `status` (the caller closes the stream)."""
@@ -410,6 +482,17 @@ class ServerHandshake:
             await self._stream.send_all(data)
         except (*_GONE, trio.BusyResourceError):
             raise ConnectionClosed(1006, "connection lost during the handshake") from None
+
+
+def _parse_request(head: bytes, max_message_bytes: int | None) -> tuple[ServerProtocol, Request]:
+    """A server protocol that has parsed a request head, and the request; HandshakeError if it
+    is not one."""
+    proto = ServerProtocol(max_size=max_message_bytes, logger=_protocol_log)
+    proto.receive_data(head)
+    request = next((e for e in proto.events_received() if isinstance(e, Request)), None)
+    if request is None:
+        raise HandshakeError(str(proto.handshake_exc or "incomplete WebSocket upgrade request"))
+    return proto, request
 
 
 async def connect(url: str, headers: list[tuple[str, str]] | None = None, *,

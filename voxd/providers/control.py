@@ -17,6 +17,9 @@ def decode_control(text: str, sender: str) -> tuple[str, dict[str, Any]]:
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"{sender} sent a control message that is not JSON: {exc}") \
             from None
+    except RecursionError:  # msgspec's depth guard, past ~1,000 levels: the stack stays safe
+        raise ProtocolError(f"{sender} sent a control message with JSON nested too deeply") \
+            from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ProtocolError(f"{sender} sent a control message without a string 'type'")
     return message["type"], message

@@ -7,7 +7,9 @@ One `MediaStream` object per WebSocket connection. Feed it every text frame Twil
 touches a socket, so the call layer decides what an error means (for voxd: end that call).
 
 States: AWAITING_START -> STREAMING -> STOPPED.
-- `connected` may come first (Twilio always sends it); it is accepted only before `start`.
+- `connected` may come first (Twilio always sends it), once; it is accepted only before `start`
+  (a second one is an error: nothing legitimate repeats it, and a peer could otherwise keep a
+  socket busy before `start` with messages that all pass).
 - `start` moves to STREAMING and fixes the stream's streamSid; the media format must be
   mu-law 8 kHz mono.
 - `media`, `dtmf`, `mark` are valid only while STREAMING and must carry that streamSid.
@@ -32,6 +34,9 @@ from voxd.errors import ProtocolError
 MULAW_FORMAT: Final = ("audio/x-mulaw", 8000, 1)
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024
 DEFAULT_MAX_PAYLOAD_BYTES: Final = 8000
+DEEP_JSON: Final = "JSON nested too deeply"
+"""The problem named for a message nested deeper than the interpreter's recursion limit lets
+msgspec go (~1,000 levels; Twilio's messages nest three)."""
 
 
 # -- wire shapes (what Twilio puts in the JSON) -------------------------------------------------
@@ -170,6 +175,7 @@ class MediaStream:
         self.max_payload_bytes = max_payload_bytes
         self._max_payload_chars = 4 * ((max_payload_bytes + 2) // 3)
         self.state = StreamState.AWAITING_START
+        self._connected = False
         self.stream_sid: str | None = None
         self._media_prefix = ""
         self._mark_prefix = ""
@@ -189,6 +195,8 @@ class MediaStream:
             raise ProtocolError(_explain_validation(str(exc), text)) from None
         except msgspec.DecodeError as exc:
             raise ProtocolError(f"invalid JSON: {exc}") from None
+        except RecursionError:  # msgspec's depth guard (the stack stays safe): not an event
+            raise ProtocolError(DEEP_JSON) from None
 
         # Media first: it is nearly every message.
         if type(wire) is _Media:
@@ -224,6 +232,9 @@ class MediaStream:
             return self._start(wire)
         if self.state is not StreamState.AWAITING_START:
             raise ProtocolError(f"'connected' received while {self.state.value}")
+        if self._connected:
+            raise ProtocolError("'connected' received twice")
+        self._connected = True
         assert isinstance(wire, _Connected)
         return Connected(wire.protocol, wire.version)
 
@@ -296,6 +307,8 @@ def _explain_validation(message: str, text: str) -> str:
             event = msgspec.json.decode(text).get("event")
         except (msgspec.DecodeError, AttributeError):
             event = None
+        except RecursionError:  # an unknown event (or none) with deep JSON in it
+            return DEEP_JSON
         if event is None:
             return "message has no 'event' field"
         return f"unknown event {event!r}"
