@@ -135,6 +135,8 @@ class Case:
     replies: list[bytes] = field(default_factory=list)
     refused: bool = False
     """Could not connect (or the webhook failed) at all."""
+    replayed: bool = False
+    """This case opened its stream a second time (a replayed token)."""
     fuzzer_error: str = ""
     """The fuzzer's own failure building or sending this case (a bug to fix here)."""
     accepted: bool = False
@@ -635,14 +637,18 @@ def mutated_frames(rng: random.Random) -> list[tuple[bytes, str]]:
     return out
 
 
-async def open_media(case: Case, target: Target) -> tuple[Conn, dict[str, str]] | None:
-    """A signed media upgrade of a fresh call's stream URL, accepted (101): the connection and
-    the stream's parameters (with its token), or None if voxd did not accept it."""
-    try:
-        url, params = await signed_url(case, target)
-    except (httpx.HTTPError, SimulatorError) as exc:
-        case.note(f"webhook failed: {exc}")
-        return None
+async def open_media(case: Case, target: Target, url: str | None = None,
+                     params: dict[str, str] | None = None
+                     ) -> tuple[Conn, dict[str, str], str] | None:
+    """A signed media upgrade of a fresh call's stream URL (or of `url`, again), accepted
+    (101): the connection, the stream's parameters (with its token) and the URL; None if voxd
+    did not accept it."""
+    if url is None or params is None:
+        try:
+            url, params = await signed_url(case, target)
+        except (httpx.HTTPError, SimulatorError) as exc:
+            case.note(f"webhook failed: {exc}")
+            return None
     parts = urllib.parse.urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     data = head(f"GET {path} HTTP/1.1", [
@@ -657,7 +663,7 @@ async def open_media(case: Case, target: Target) -> tuple[Conn, dict[str, str]] 
         await conn.close()
         return None
     case.accepted = True
-    return conn, params
+    return conn, params, url
 
 
 async def drain(conn: Conn, done: trio.Event) -> None:
@@ -671,7 +677,7 @@ async def case_ws(case: Case, target: Target) -> None:
     opened = await open_media(case, target)
     if opened is None:
         return
-    conn, params = opened
+    conn, params, _ = opened
     sid = "MZ" + f"{rng.getrandbits(128):032x}"
     valid = [twilio_json(case, "connected", sid, params), twilio_json(case, "start", sid, params)]
     done = trio.Event()
@@ -763,20 +769,31 @@ def deep(rng: random.Random, sid: str) -> str:
 
 
 def mutate_token(rng: random.Random, token: str) -> str:
+    """Another spelling of a stream token (`v2.<expiry>.<mac>`, or any dotted form whose
+    all-digit part is the expiry and last part the MAC), or garbage."""
     parts = token.split(".")
-    if len(parts) != 3:
+    digits = [i for i, part in enumerate(parts) if part.isdigit()]
+    if len(parts) < 3 or not digits:
         return token + rng.choice(NASTY_STRINGS)
-    version, expiry, mac = parts
-    arabic = "".join(chr(0x660 + int(d)) for d in expiry if d.isdigit())
-    options = [
-        f"{version}.0{expiry}.{mac}", f"{version}.00{expiry}.{mac}", f"{version}.{arabic}.{mac}",
-        f"{version}.²³.{mac}", f"{version}.{'9' * 5000}.{mac}", f"{version}.{expiry}.{mac[:-1]}é",
-        f"{version}.{expiry}.{mac}\r\n{MARK}", f"{version}.{expiry}", f"v1.{expiry}.{mac}",
-        f"{version}.{expiry}.{mac}=", f"{version}.+{expiry}.{mac}", f"{version}.{expiry}.{mac}.x",
-        f"{version}. {expiry}.{mac}", f"{version}.{expiry[:-1]}.{mac}", token.upper(), "",
-        f"{version}.{expiry}.{mac[:20]}\x00{mac[21:]}", f"{version}.{expiry}.{'A' * 43}",
-    ]
-    return rng.choice(options)
+    e, expiry, mac = digits[0], parts[digits[0]], parts[-1]
+
+    def spelled(new_expiry: str | None = None, new_mac: str | None = None) -> str:
+        out = list(parts)
+        if new_expiry is not None:
+            out[e] = new_expiry
+        if new_mac is not None:
+            out[-1] = new_mac
+        return ".".join(out)
+
+    arabic = "".join(chr(0x660 + int(d)) for d in expiry)
+    return rng.choice([
+        spelled("0" + expiry), spelled("00" + expiry), spelled(arabic), spelled("²³"),
+        spelled("9" * 5000), spelled("+" + expiry), spelled(" " + expiry), spelled(expiry[:-1]),
+        spelled(expiry + "\r\n" + MARK), spelled(new_mac=mac[:-1] + "é"),
+        spelled(new_mac=mac + "="), spelled(new_mac=mac[:20] + "\x00" + mac[21:]),
+        spelled(new_mac="A" * len(mac)), spelled(new_mac=mac.upper()), token + ".x",
+        ".".join(parts[:-1]), "v1" + token[2:], "",
+    ])
 
 
 async def case_twilio(case: Case, target: Target) -> None:
@@ -784,7 +801,7 @@ async def case_twilio(case: Case, target: Target) -> None:
     opened = await open_media(case, target)
     if opened is None:
         return
-    conn, params = opened
+    conn, params, url = opened
     sid = "MZ" + f"{rng.getrandbits(128):032x}"
     call_sid = case.call_sids[-1]
     replay = rng.random() < 0.1
@@ -837,21 +854,25 @@ async def case_twilio(case: Case, target: Target) -> None:
         await trio.sleep(rng.choice([0.1, 0.5]))
         done.set()
     await conn.close(rng.choice(["fin", "rst", "half"]))
-    if replay and "token" in params:  # the same token on a second stream, in another spelling
-        case.note("replaying the stream token")
-        url = target.stream_url
-        data = head("GET /media-stream HTTP/1.1", [
-            (b"Host", b"127.0.0.1"), (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
-            (b"Sec-WebSocket-Key", ws_key(rng)), (b"Sec-WebSocket-Version", b"13"),
-            (b"X-Twilio-Signature", target.sign(url).encode())])
-        again = await Conn.open(case, target)
-        await again.send(data)
-        if (await again.read(REPLY_SECONDS, until=b"\r\n\r\n")).startswith(b"HTTP/1.1 101"):
-            replayed = dict(params, token=mutate_token(rng, params["token"]))
-            start["start"]["customParameters"] = replayed
+    if replay:  # the same stream again: the URL and start as they were, or the token respelled
+        exact = rng.random() < 0.5
+        again_url, again_params = url, dict(params)
+        if not exact:
+            if "token" in params:
+                again_params["token"] = mutate_token(rng, params["token"])
+            else:  # the token is the URL's last path segment
+                head_part, _, token = url.rpartition("/")
+                again_url = head_part + "/" + mutate_token(rng, token)
+        case.note(f"replaying the stream ({'exactly' if exact else 'token respelled'}): "
+                  f"{again_url} {again_params}")
+        case.replayed = True
+        reopened = await open_media(case, target, again_url, again_params)
+        if reopened is not None:
+            again = reopened[0]
+            start["start"]["customParameters"] = again_params
             await again.send(ws_frame(rng, 0x1, enc(json.dumps(start))), "replayed start")
             await again.read(0.5)
-        await again.close()
+            await again.close()
 
 
 # -- kind: h2 -----------------------------------------------------------------------------------
@@ -1509,14 +1530,26 @@ def judge(report: Report, fuzzer: Fuzzer, daemon: Daemon, log: str,
         report.lines.append("bytes sent by kind: " + ", ".join(
             f"{k} {v}" for k, v in by_kind.most_common()))
 
-    # 7. the fuzzer itself worked (a case it could not build or send was not fuzzed)
+    # 7. a stream token is used once: a case that replayed its stream started at most one call
+    started = Counter(re.findall(r"call_sid=(\S+) \S+ call started:", log))
+    replays = [c for c in cases if c.replayed]
+    twice = [c for c in replays if any(started[sid] > 1 for sid in c.call_sids)]
+    add(Check("token single use", not twice,
+              f"{len(replays)} streams replayed (exactly or with the token respelled), "
+              f"{len(twice)} started a second call"
+              + (f", e.g. case {twice[0].index}" if twice else "")))
+    if twice:
+        save("a replayed stream started a second call", twice,
+             "; ".join(f"case {c.index}: {c.steps[-3:]}" for c in twice[:3]))
+
+    # 8. the fuzzer itself worked (a case it could not build or send was not fuzzed)
     broken = [c for c in cases if c.fuzzer_error]
     add(Check("fuzzer ran", not broken,
               f"{len(broken)} cases failed in the fuzzer itself"
               + (f", e.g. case {broken[0].index}: {broken[0].fuzzer_error[:200]}"
                  if broken else "")))
 
-    # 8. SIGTERM stops it
+    # 9. SIGTERM stops it
     if died:
         stop_detail = f"not running when stopped (exit {stopped})"
     elif stopped is None:
