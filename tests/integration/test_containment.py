@@ -332,3 +332,20 @@ async def test_a_reload_between_webhook_and_stream_keeps_the_early_call(vapi_ser
         await trio.testing.wait_all_tasks_blocked()
     assert old.provider._client is None  # type: ignore[attr-defined]  # the pool is closed
     assert not instance.runtime.closed
+
+
+async def test_a_stream_that_ends_while_its_early_call_is_created_ends_the_call(
+        vapi_server, caplog):
+    """The caller hangs up while Vapi is still creating the call the webhook asked for (found
+    by bench/chaos.py): once created, it is ended, not left running (and billed) at Vapi."""
+    caplog.set_level(logging.INFO)
+    instance, origin, fake = await vapi_server(VapiScript(create_delay=1.0))
+    report = await TwilioSimulator(origin + "/twilio/voice").call(silence(0.3), 0.4)
+    assert report.closed_by == "caller"
+    with trio.fail_after(5):
+        await fake.created.wait()
+        call = fake.last_call
+        await call.closed.wait()
+    assert call.control_in == [{"type": "end-call"}]
+    assert any("ended before its socket opened; ending it" in r.getMessage()
+               for r in caplog.records)

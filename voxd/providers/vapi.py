@@ -44,7 +44,12 @@ from voxd.providers.vapi_protocol import (
     parse_control,
     parse_create_response,
 )
-from voxd.providers.ws_upstream import WebSocketAssistant, assistant_errors, open_upstream
+from voxd.providers.ws_upstream import (
+    CONNECT_TIMEOUT,
+    WebSocketAssistant,
+    assistant_errors,
+    open_upstream,
+)
 from voxd.shared_state import EarlyCall
 
 log = logging.getLogger("voxd.providers.vapi")
@@ -61,6 +66,9 @@ class _EarlyCall:
     """The headers it was created with (a reload may change the key; its call keeps it)."""
     done: trio.Event = field(default_factory=trio.Event)
     claimed: trio.Event = field(default_factory=trio.Event)
+    settled: trio.Event = field(default_factory=trio.Event)
+    """The stream that claimed it opened its socket, or gave up first (`abandoned`)."""
+    abandoned: bool = False
     created: CreatedCall | None = None
     error: UpstreamError | None = None
 
@@ -187,12 +195,23 @@ class VapiProvider:
                                            share_for)
             with trio.move_on_after(EARLY_CLAIM_SECONDS):
                 await early.claimed.wait()
-                return
+            if early.claimed.is_set():
+                # Its stream may still end before the socket opens (the caller hangs up
+                # while the call is being created): then the call is this task's to end.
+                with trio.move_on_after(self.vapi.create_timeout + CONNECT_TIMEOUT + 2):
+                    await early.settled.wait()
+                if not early.abandoned:
+                    return
         finally:
             # Claimed, or nobody came for it (the stream went elsewhere, or the caller hung
             # up first), or the server is stopping: it is no longer anyone's to claim.
             self._early.forget(call.call_sid, early)
         if early.created is None:
+            return
+        if early.abandoned:
+            log.info("call_sid=%s the stream that claimed Vapi call %s ended before its socket "
+                     "opened; ending it", call.call_sid, early.created.id)
+            await self._end_unclaimed(call.call_sid, early)
             return
         if remote is not None and await remote.take_early(call.call_sid, 0.0) is None:
             log.info("call_sid=%s Vapi call %s created early was taken by a stream on "
@@ -226,29 +245,41 @@ class VapiProvider:
     async def connect(self, call: CallInfo) -> AsyncIterator[WebSocketAssistant]:
         """Create (or claim the early-created) Vapi call and open its socket."""
         early = self._early.claim(call.call_sid)
-        remote = self._early.remote
-        if isinstance(early, _EarlyCall):
-            early.claimed.set()
-            if remote is not None and early.done.is_set():  # published: take it back
-                await remote.take_early(call.call_sid, 0.0)
+        if not isinstance(early, _EarlyCall):
+            created, auth = await self._other_hosts_or_new(call)
+            async with open_upstream(created.websocket_call_url, auth, "Vapi",
+                                     self.max_message_bytes) as ws:
+                yield WebSocketAssistant(ws, "Vapi", translate, END_CALL)
+            return
+        early.claimed.set()
+        try:
+            if self._early.remote is not None and early.done.is_set():  # published: take back
+                await self._early.remote.take_early(call.call_sid, 0.0)
             await early.done.wait()
             if early.error is not None:
                 raise UpstreamError(str(early.error))
             assert early.created is not None
-            created, auth = early.created, early.auth
-            log.info("using the Vapi call %s created early by the webhook", created.id)
-        elif remote is not None and (shared := await remote.take_early(
-                call.call_sid, self.vapi.create_timeout)) is not None:
-            # The webhook was answered by another host, which created the call early.
-            created = CreatedCall(shared.id, shared.websocket_call_url)
-            auth = list(self._auth.items())
-            log.info("using the Vapi call %s created early by another host's webhook",
-                     created.id)
-        else:
-            created, auth = await self.create_call(call), list(self._auth.items())
-        async with open_upstream(created.websocket_call_url, auth, "Vapi",
-                                 self.max_message_bytes) as ws:
-            yield WebSocketAssistant(ws, "Vapi", translate, END_CALL)
+            log.info("using the Vapi call %s created early by the webhook", early.created.id)
+            async with open_upstream(early.created.websocket_call_url, early.auth, "Vapi",
+                                     self.max_message_bytes) as ws:
+                early.settled.set()  # the socket is open: ending it is the call's own work
+                yield WebSocketAssistant(ws, "Vapi", translate, END_CALL)
+        finally:
+            if not early.settled.is_set():  # gave up first: the early task ends it
+                early.abandoned = True
+                early.settled.set()
+
+    async def _other_hosts_or_new(self, call: CallInfo) -> tuple[CreatedCall,
+                                                                   list[tuple[str, str]]]:
+        """The call another host's webhook created early (shared state), or a new one."""
+        remote = self._early.remote
+        if remote is not None:
+            shared = await remote.take_early(call.call_sid, self.vapi.create_timeout)
+            if shared is not None:
+                log.info("using the Vapi call %s created early by another host's webhook",
+                         shared.id)
+                return CreatedCall(shared.id, shared.websocket_call_url), list(self._auth.items())
+        return await self.create_call(call), list(self._auth.items())
 
 
 def _retry_after(response: httpx.Response, default: float) -> float:
