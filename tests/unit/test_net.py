@@ -457,3 +457,37 @@ def test_a_header_given_twice_counts_as_absent():
     assert handshake.header(b"x-twilio-signature") is None
     assert handshake.header(b"sec-websocket-version") == "13"
     assert handshake.header(b"x-absent") is None
+
+
+async def test_a_flood_behind_the_101_does_not_hold_the_loop_either(nursery):
+    async def serve(stream: trio.SocketStream) -> None:
+        conn = WSConnection(ConnectionType.SERVER)
+        while True:
+            conn.receive_data(await stream.receive_some(65536))
+            if any(isinstance(e, Request) for e in conn.events()):
+                break
+        # the 101, 30,000 empty pings (2 bytes each, unmasked) and a greeting in one write
+        await stream.send_all(conn.send(AcceptConnection()) + b"\x89\x00" * 30_000
+                              + conn.send(TextMessage("welcome")))
+        while await stream.receive_some(65536):  # the pongs
+            pass
+
+    listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    url = f"ws://127.0.0.1:{listeners[0].socket.getsockname()[1]}/"
+    greeting: list = []
+    watch = LongestStep("flooded_client")
+
+    async def flooded_client() -> None:
+        ws = await connect(url)
+        greeting.append(await ws.receive())
+        await ws.close()
+
+    trio.lowlevel.add_instrument(watch)
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as inner:
+                inner.start_soon(flooded_client)
+    finally:
+        trio.lowlevel.remove_instrument(watch)
+    assert greeting == ["welcome"]
+    assert watch.longest < FAIR_BOUND_SECONDS, f"{watch.longest * 1000:.1f} ms at once"

@@ -102,7 +102,8 @@ class WebSocket:
                  "_too_big", "_unparsed", "_unparsed_at", "_write_done", "close_wait")
 
     def __init__(self, stream: trio.abc.Stream, protocol: Protocol,
-                 close_wait: float = CLOSE_WAIT_SECONDS, unparsed: bytes = b"") -> None:
+                 close_wait: float = CLOSE_WAIT_SECONDS,
+                 unparsed: bytes | bytearray = b"") -> None:
         """`unparsed`: bytes already read from `stream` that the protocol has not seen yet."""
         self._stream = stream
         self._direct = stream if isinstance(stream, DirectStream) else None
@@ -140,7 +141,9 @@ class WebSocket:
         socket is closed; MessageTooBig (after closing with 1009) for an oversized message."""
         messages = self._messages
         if messages:  # more from what was read already: this task has not waited since
-            await self._yield_if_due()
+            if perf_counter() - self._resumed >= FAIR_SECONDS:  # `_yield_if_due`, inline
+                await checkpoint()
+                self._resumed = perf_counter()
             return messages.popleft()
         while not messages:
             if self._too_big is not None:
@@ -516,8 +519,19 @@ async def connect(url: str, headers: list[tuple[str, str]] | None = None, *,
             request.headers[name] = value
         proto.send_request(request)
         await stream.send_all(b"".join(proto.data_to_send()))
+        head: bytes | None = b""  # the response head so far, until its end is seen
+        rest: bytes | bytearray = b""  # what came after a 101's head, for the WebSocket
         while proto.state is State.CONNECTING:
             data = await stream.receive_some(RECEIVE_BYTES)
+            if data and head is not None:
+                end = head_length(head + data)
+                if end is None:
+                    head += data
+                else:  # frames behind a 101 are parsed by the WebSocket, slice by slice
+                    cut = end - len(head)
+                    if (head + data[:cut]).startswith(b"HTTP/1.1 101"):
+                        data, rest = data[:cut], data[cut:]
+                    head = None
             if data:
                 proto.receive_data(data)
             else:
@@ -529,8 +543,8 @@ async def connect(url: str, headers: list[tuple[str, str]] | None = None, *,
                                      f"bad handshake response: {error}", status)
             if not data and proto.state is State.CONNECTING:
                 raise HandshakeError("connection closed during the WebSocket handshake")
-        websocket = WebSocket(stream, proto, close_wait)
-        await websocket._absorb(proto.events_received())  # frames that came with the 101
+        websocket = WebSocket(stream, proto, close_wait, unparsed=rest)
+        await websocket._absorb(proto.events_received())  # the handshake's event
         return websocket
     except BaseException:
         await trio.aclose_forcefully(stream)
