@@ -339,7 +339,7 @@ async def test_a_stream_that_ends_while_its_early_call_is_created_ends_the_call(
     """The caller hangs up while Vapi is still creating the call the webhook asked for (found
     by bench/chaos.py): once created, it is ended, not left running (and billed) at Vapi."""
     caplog.set_level(logging.INFO)
-    instance, origin, fake = await vapi_server(VapiScript(create_delay=1.0))
+    _, origin, fake = await vapi_server(VapiScript(create_delay=1.0))
     report = await TwilioSimulator(origin + "/twilio/voice").call(silence(0.3), 0.4)
     assert report.closed_by == "caller"
     with trio.fail_after(5):

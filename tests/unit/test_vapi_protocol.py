@@ -112,3 +112,10 @@ def test_arbitrary_text_is_an_event_or_a_protocol_error(text):
 def test_arbitrary_objects_are_an_event_or_a_protocol_error(value):
     with contextlib.suppress(ProtocolError):
         translate(json.dumps(value))
+
+
+@pytest.mark.parametrize("status", [201, 500])
+def test_a_deeply_nested_answer_is_a_clean_error(status):
+    body = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(VapiCreateError):
+        parse_create_response(status, body)

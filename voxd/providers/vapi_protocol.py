@@ -88,9 +88,9 @@ def parse_create_response(status: int, body: bytes) -> CreatedCall:
     if status in (200, 201):
         try:
             created = msgspec.json.decode(body, type=_CreatedCall)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested deep
             raise VapiCreateError(f"Vapi's create-call answer is not what its API documents: "
-                                  f"{exc}", status, retryable=False) from None
+                                  f"{str(exc)[:200]}", status, retryable=False) from None
         url = created.transport.websocketCallUrl
         if not url.startswith(("ws://", "wss://")):
             raise VapiCreateError("Vapi's create-call answer has no WebSocket URL", status,
@@ -113,7 +113,7 @@ def _raise(message: str, status: int, *, retryable: bool) -> CreatedCall:
 def _error_detail(body: bytes) -> str:
     try:
         data = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return ""
     if isinstance(data, dict):
         message = data.get("message") or data.get("error")
