@@ -3,7 +3,8 @@ good call flows, then check that nothing the inputs did reached the daemon or th
 
 Run: .venv/bin/python bench/fuzz.py [--minutes 3] [--connections 8] [--seed 1]
                                     [--kinds http,upgrade,h2,ws,twilio] [--max-cases N]
-                                    [--replay CASE] [--out DIR] [--log FILE]
+                                    [--replay CASE] [--one-by-one] [--no-triage]
+                                    [--out DIR] [--log FILE]
 
 voxd runs as its own process on 127.0.0.1 in the production posture (signatures and stream
 tokens on; config in a temporary directory, one worker, the `echo` assistant). --connections
@@ -36,13 +37,19 @@ sends just that case to a fresh daemon. The kinds:
 All the while good calls (`voxd.sim.caller.TwilioSimulator`, signed with the auth token) run
 one after another. At the end a table of checks; exit 1 if any failed: the daemon is the same
 process and answers /healthz; its log has no traceback, no "internal error" and no "failed
-(voxd's bug" line, and no raw control characters or forged lines; its open descriptors and trio
-tasks (/metrics) are back at the baseline; every good call's frames all arrived (the
-simulator's count equals `frames_in` of voxd's summary line, nothing dropped); the log grew by
-less than one byte per byte received; SIGTERM stops it with exit 0. A failure names the seed
-and the case that caused it (found by its connection's port or its call, or by replaying the
-cases in flight when the daemon died); every suspect case's bytes are saved in --out as
-case-N.connK.bin (sent bytes, in order) with case-N.txt (what was sent, when, what came back).
+(voxd's bug" line, and no raw control characters or forged lines; its open descriptors, trio
+tasks and counted connections (/metrics) are back at the baseline; every good call's frames
+all arrived (the simulator's count equals `frames_in` of voxd's summary line, nothing
+dropped); the log grew by less than one byte per byte received; a replayed stream never
+started a second call; the fuzzer itself did not fail; SIGTERM stops voxd with exit 0.
+
+A failure names the seed and the case that caused it: by the client port or the CallSid in
+voxd's log line, by the port of a connection voxd still holds, or by replaying the suspects
+(the cases in flight at the time) one by one against a fresh daemon (--no-triage: not).
+Every suspect case is saved in --out as case-N.connK.bin (the bytes sent on each connection, in
+order) with case-N.txt (what was sent, when, what came back, the replay command).
+`--one-by-one` runs the cases one at a time and checks descriptors, tasks and connections
+after each: a leak that no connection explains names its case that way.
 """
 
 from __future__ import annotations
@@ -336,7 +343,7 @@ def mutate_bytes(rng: random.Random, data: bytes, rounds: int | None = None) -> 
 
 def head(request_line: str | bytes, headers: list[tuple[bytes, bytes]],
          eol: bytes = b"\r\n") -> bytes:
-    line = request_line.encode("latin-1") if isinstance(request_line, str) else request_line
+    line = enc(request_line) if isinstance(request_line, str) else request_line
     return line + eol + b"".join(k + b": " + v + eol for k, v in headers) + eol
 
 
@@ -1548,6 +1555,9 @@ def judge(report: Report, fuzzer: Fuzzer, daemon: Daemon, log: str,
               f"{len(broken)} cases failed in the fuzzer itself"
               + (f", e.g. case {broken[0].index}: {broken[0].fuzzer_error[:200]}"
                  if broken else "")))
+    if broken:
+        save("the fuzzer's own error (a bug in bench/fuzz.py, not in voxd)", broken,
+             broken[0].fuzzer_error)
 
     # 9. SIGTERM stops it
     if died:
