@@ -20,6 +20,7 @@ from voxd.net.stream import DirectStream
 from voxd.observability import metrics
 from voxd.observability.logging import configure_logging
 from voxd.observability.systemd import Notifier
+from voxd.observability.throttled import throttle_logger
 from voxd.routes import create_app, create_metrics_app
 from voxd.runtime import LiveCalls, Runtime
 from voxd.shared_state import RedisState, token_ledger
@@ -67,8 +68,11 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config.accesslog = None
     config.include_server_header = False  # no stack name on the public port
     config.errorlog = logging.getLogger("hypercorn.error")
+    throttle_logger(config.errorlog)  # what it logs can be a peer's doing: throttled
     config.graceful_timeout = SHUTDOWN_GRACE_SECONDS
-    config.keep_alive_timeout = 75  # longer than Twilio's HTTP client keeps connections idle
+    # Every answer says Connection: close: nothing is kept alive, and an idle wait must not
+    # hold a connection's slot (Hypercorn keeps it after answering a malformed request 400).
+    config.keep_alive_timeout = settings.config.server.handshake_timeout
     # The front door bounds the wait for a connection's first request; this bounds each read
     # after it (a later request sent byte by byte).
     config.read_timeout = int(settings.config.server.handshake_timeout * 4)

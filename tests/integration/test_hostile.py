@@ -201,3 +201,27 @@ async def test_total_connections_are_limited_and_slots_come_back(start_voxd, cap
             await read_until_closed(stream)
     async with httpx.AsyncClient() as client:
         assert (await client.get(voxd.origin + "/healthz")).status_code == 200
+
+
+async def test_a_request_the_http_stack_refuses_frees_its_slot_at_once(start_voxd, caplog):
+    """Hypercorn answers a malformed request line 400 by itself and used to keep the
+    connection's task (and so its max_connections slot) for its 75 s keep-alive (found by
+    bench/fuzz.py); and a request followed by bytes it cannot parse raced its own close
+    against the response (a traceback each, BusyResourceError)."""
+    from voxd.observability import metrics
+
+    voxd = await start_voxd(server={"handshake_timeout": SLOW})
+    opened = metrics.CONNECTIONS_OPEN._value.get()
+    for _ in range(20):
+        reply = await send_and_read(voxd, b"GET /\x7f HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 400")
+    for _ in range(50):
+        await send_and_read(voxd, b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                                  b"\r\nabcdefgh\x00\x01\r\n\r\n")
+    for _ in range(int((SLOW + 3) / 0.05)):  # the slots come back within the bounds
+        if metrics.CONNECTIONS_OPEN._value.get() <= opened:
+            break
+        await trio.sleep(0.05)
+    assert metrics.CONNECTIONS_OPEN._value.get() <= opened
+    assert not any("BusyResourceError" in r.getMessage() or r.exc_info
+                   for r in caplog.records), [r.getMessage() for r in caplog.records][-5:]

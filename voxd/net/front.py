@@ -42,6 +42,8 @@ def _answer(status: bytes) -> bytes:
 
 
 MAX_HEAD_BYTES: Final = 16 * 1024
+HTTP_CONNECTION_SECONDS: Final = 30.0
+"""Longest an HTTP connection (webhook, health, metrics) lives once its request arrived."""
 MAX_BODY_BYTES: Final = 64 * 1024
 """Largest request body (Twilio's webhook form is about 1 KiB)."""
 MEDIA_PATH: Final = "/media-stream"
@@ -69,12 +71,17 @@ HttpHandler = Callable[[trio.abc.HalfCloseableStream], Awaitable[None]]
 
 
 class ReplayStream(trio.abc.HalfCloseableStream):
-    """A connection with bytes already read from it put back in front of what comes next."""
+    """A connection with bytes already read from it put back in front of what comes next.
+
+    Sends take turns: Hypercorn's close path sends EOF without its own send lock, which raced
+    a response still being written (trio's BusyResourceError, a traceback per connection, from
+    a request followed by bytes h11 cannot parse)."""
 
     def __init__(self, stream: trio.SocketStream, head: bytes) -> None:
         self.transport = stream
         self.socket = stream.socket  # the HTTP server asks it for the peer's address
         self._head = head
+        self._sending = trio.Lock()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._head:
@@ -84,13 +91,15 @@ class ReplayStream(trio.abc.HalfCloseableStream):
         return bytes(await self.transport.receive_some(max_bytes))
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.transport.send_all(data)
+        async with self._sending:
+            await self.transport.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
-        await self.transport.send_eof()
+        async with self._sending:
+            await self.transport.send_eof()
 
     async def aclose(self) -> None:
         await self.transport.aclose()
@@ -165,7 +174,11 @@ class FrontDoor:
                                  "only (Upgrade: %s)", peer, show(head.upgrade, 20))
                     await stream.send_all(BAD_REQUEST)
                 elif not head.websocket:
-                    await self.http(ReplayStream(stream, data))
+                    # One request per connection (every answer says Connection: close), so an
+                    # HTTP connection has no reason to outlive this bound, whatever the HTTP
+                    # stack keeps waiting for.
+                    with trio.move_on_after(HTTP_CONNECTION_SECONDS):
+                        await self.http(ReplayStream(stream, data))
                 elif head.path == MEDIA_PATH or head.path.startswith(MEDIA_PATH + "/"):
                     await self.media(DirectStream(stream), data, peer)
                 else:

@@ -4,12 +4,41 @@ LOG_EVERY_SECONDS, saying how many it stands for, so a flood cannot flood the jo
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from typing import Final
 
 import trio
 
 LOG_EVERY_SECONDS: Final = 10.0
+
+
+class _Throttle(logging.Filter):
+    """Lets one record per message template per LOG_EVERY_SECONDS through a logger."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[object, float] = {}
+        self._held: Counter[object] = Counter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        key = record.msg
+        if now - self._last.get(key, -LOG_EVERY_SECONDS) < LOG_EVERY_SECONDS:
+            self._held[key] += 1
+            return False
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            record.msg = f"{record.msg} (and {held} more like it held back)"
+        return True
+
+
+def throttle_logger(logger: logging.Logger) -> None:
+    """Throttle a logger voxd does not write itself (the HTTP stack's: what it logs can be
+    caused by any client), once."""
+    if not any(isinstance(f, _Throttle) for f in logger.filters):
+        logger.addFilter(_Throttle())
 
 
 class ThrottledLog:
