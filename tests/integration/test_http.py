@@ -255,3 +255,24 @@ async def test_metrics_can_move_off_the_public_port(start_voxd):
         r = await client.get(metrics_origin + "/metrics")
         assert r.status_code == 200 and "voxd_calls_active" in r.text
         assert (await client.get(metrics_origin + "/twilio/voice")).status_code == 404
+
+
+async def test_a_replayed_webhook_is_worth_nothing_without_twilios_next_signature(start_voxd):
+    """A captured signed webhook can be posted again and yields a new stream URL; but the
+    upgrade needs Twilio's signature of that exact URL, so the signature captured with the
+    first one opens nothing."""
+    voxd = await start_voxd()
+    headers = signed(voxd, voxd.webhook, FORM)
+    async with httpx.AsyncClient() as client:
+        first = ET.fromstring((await client.post(voxd.webhook, data=FORM, headers=headers)).text)
+        await trio.sleep(1.1)  # the next second: another expiry, another token
+        again = ET.fromstring((await client.post(voxd.webhook, data=FORM, headers=headers)).text)
+    first_url = first.find("Connect/Stream").get("url")
+    replay_url = again.find("Connect/Stream").get("url")
+    assert replay_url != first_url
+    captured = RequestValidator(voxd.token).compute_signature(first_url, {})
+    with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+        async with trio_websocket.open_websocket_url(
+                replay_url, extra_headers=[(b"X-Twilio-Signature", captured.encode())]):
+            pass
+    assert rejected.value.status_code == 403
