@@ -68,9 +68,17 @@ async def summary(voxd, caplog) -> str:
     return lines[0]
 
 
+@pytest.fixture
+def debug_logging():
+    """voxd's own logging setup at its most verbose, for one test only (later tests would pay
+    for every library's per-frame debug lines)."""
+    configure_logging("debug")
+    yield
+    configure_logging("info")
+
+
 @pytest.mark.parametrize("audio", ["pcm16", "mulaw"])
-async def test_a_call_talks_to_the_assistant(vapi_voxd, caplog, audio):
-    configure_logging("debug")  # voxd's own logging setup, at its most verbose
+async def test_a_call_talks_to_the_assistant(vapi_voxd, caplog, audio, debug_logging):
     caplog.set_level(logging.DEBUG)
     voxd, fake = await vapi_voxd(audio=audio)
     utterance = burst(0.6, seed=3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import time
 import tracemalloc
@@ -351,16 +352,22 @@ FAIR_BOUND_SECONDS = 0.008
 here."""
 
 
+QUIET = logging.getLogger("tests.unit.test_net.protocol")
+"""The protocols' own per-frame lines stay out, whatever level an earlier test left logging
+at (at DEBUG they cost these flood tests seconds and megabytes)."""
+QUIET.setLevel(logging.WARNING)
+
+
 def direct_pair() -> tuple[WebSocket, socket.socket]:
     """voxd's server-side WebSocket (open) on a DirectStream, and the raw client socket."""
     a, b = socket.socketpair()
     b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
     stream = DirectStream(trio.SocketStream(trio.socket.from_stdlib_socket(a)))
-    return WebSocket(stream, ServerProtocol(state=State.OPEN, max_size=1000)), b
+    return WebSocket(stream, ServerProtocol(state=State.OPEN, max_size=1000, logger=QUIET)), b
 
 
 def client_frames(build) -> bytes:
-    client = ClientProtocol(parse_uri("ws://x/"), state=State.OPEN)
+    client = ClientProtocol(parse_uri("ws://x/"), state=State.OPEN, logger=QUIET)
     build(client)
     return b"".join(client.data_to_send())
 
