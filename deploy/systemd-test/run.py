@@ -234,7 +234,16 @@ class Container:
                 raise Failed("the container did not boot:\n" + self.log.read_text()[-3000:])
             self.pid1 = self._find_pid1()
             time.sleep(0.2)
-        state = self.sh("systemctl is-system-running --wait || true", timeout=120).stdout.strip()
+        # Right after PID 1 appears its bus may not answer yet: systemctl then prints nothing
+        # (or "offline"), so ask again until the boot is over or the deadline passes.
+        deadline = time.monotonic() + 120
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.sh("systemctl is-system-running --wait || true",
+                            timeout=120).stdout.strip()
+            if state not in ("", "offline", "initializing", "starting"):
+                break
+            time.sleep(0.5)
         if state not in ("running", "degraded"):
             raise Failed(f"container's systemd is {state!r}:\n" + self.log.read_text()[-3000:])
 
