@@ -4,7 +4,6 @@ it, signed calls placed through the proxy's public https/wss URLs."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -16,19 +15,21 @@ import trio
 
 from tests.integration.audio import burst, silence
 from tests.integration.conftest import make_settings
+from tests.integration.system_tools import missing_after_apt
 from tests.integration.test_cli import free_port
 from voxd.server import open_listener, serve
 from voxd.sim.caller import TwilioSimulator
 
 CONF = Path(__file__).parents[2] / "deploy" / "nginx" / "voxd.conf"
-pytestmark = pytest.mark.skipif(
-    shutil.which("nginx") is None or shutil.which("openssl") is None,
-    reason="nginx and openssl are not installed (Debian: apt-get install nginx-light openssl)")
 
 
 @pytest.fixture
 def proxied(tmp_path, start_voxd):
     """nginx on a loopback TLS port in front of the voxd instances the test starts."""
+    missing = missing_after_apt(("nginx", "openssl"), ("nginx-light", "openssl"))
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed and apt-get could not (as root: "
+                    "apt-get install nginx-light openssl)")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",

@@ -19,6 +19,7 @@ import trio_websocket
 
 from tests.fakes.vapi import FakeVapi
 from tests.integration.audio import burst, silence
+from tests.integration.system_tools import missing_after_apt
 from voxd.observability import metrics
 from voxd.server import bound_origin, open_listener
 from voxd.shared_state import DirectoryTokens, RedisState
@@ -28,24 +29,10 @@ from voxd.twilio.stream_token import TokenRejected
 KEY = "vapi-test-key"
 
 
-def redis_binary() -> str | None:
-    """redis-server, installed here with Debian's apt when it is missing and we may."""
-    found = shutil.which("redis-server")
-    if found or os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return found
-    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q",
-                                                  "redis-server"]):
-        try:
-            subprocess.run(command, capture_output=True, timeout=240, check=False,
-                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        except subprocess.TimeoutExpired:
-            return None
-    return shutil.which("redis-server")
-
-
 @pytest.fixture(scope="module")
 def redis_url():
-    binary = redis_binary()
+    binary = None if missing_after_apt(("redis-server",), ("redis-server",)) else \
+        shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed and could not be (needs root and apt-get: "
                     "apt-get install redis-server)")

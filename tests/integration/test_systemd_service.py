@@ -14,12 +14,13 @@ minutes, from the Debian mirror and the package index this host uses) and keepin
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.integration.system_tools import missing_after_apt
 
 RUN = Path(__file__).parents[2] / "deploy" / "systemd-test" / "run.py"
 WANTED = os.environ.get("VOXD_SYSTEMD_TEST", "")
@@ -38,23 +39,11 @@ def _cannot() -> str | None:
     return None
 
 
-def _install_tools() -> list[str]:
-    """The tools still missing after trying Debian's apt for them."""
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if missing and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for command in (["apt-get", "update", "-q"],
-                        ["apt-get", "install", "-y", "-q", "systemd-container", "debootstrap"]):
-            subprocess.run(command, capture_output=True, timeout=300, check=False, env=env)
-        missing = [t for t in TOOLS if shutil.which(t) is None]
-    return missing
-
-
 pytestmark = [pytest.mark.systemd, pytest.mark.skipif(bool(_cannot()), reason=_cannot() or "")]
 
 
 def test_the_unit_under_systemd():
-    missing = _install_tools()
+    missing = missing_after_apt(TOOLS, ("systemd-container", "debootstrap"))
     if missing:
         pytest.skip(f"{' and '.join(missing)} not installed and apt-get could not ({HOW})")
     args = [sys.executable, str(RUN)]
