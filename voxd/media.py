@@ -20,18 +20,18 @@ from collections.abc import Callable
 
 from voxd.call.session import CallSession
 from voxd.errors import ProtocolError
-from voxd.net.front import MEDIA_PATH
+from voxd.net.front import BAD_REQUEST, MEDIA_PATH
 from voxd.net.stream import DirectStream
 from voxd.net.websocket import HandshakeError, ServerHandshake
 from voxd.observability import metrics
 from voxd.observability.throttled import ThrottledLog
+from voxd.observability.untrusted import show
 from voxd.runtime import Runtime
 from voxd.twilio import stream_token
 from voxd.twilio.media_socket import TwilioMediaSocket
 
 log = logging.getLogger("voxd.media")
 
-BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
 class MediaEndpoint:
@@ -49,7 +49,7 @@ class MediaEndpoint:
         except HandshakeError as exc:
             metrics.CONNECTIONS_REJECTED.labels(reason="bad_upgrade").inc()
             self._refuse("bad_upgrade", "media stream from %s refused: bad WebSocket upgrade: "
-                         "%s", peer, exc)
+                         "%s", peer, show(exc, 200))
             await stream.send_all(BAD_REQUEST)
             return
         path = handshake.request.path

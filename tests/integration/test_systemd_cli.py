@@ -16,20 +16,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.integration.test_cli import free_port
+from tests.integration.test_cli import write_config as cli_config
+
 VOXD = [sys.executable, "-m", "voxd"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_config(path: Path, port: int, extra: str = "") -> Path:
-    path.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n'
-                    f'public_url = "http://127.0.0.1:{port}"\n'
-                    f'[twilio]\nvalidate_signatures = false\n{extra}')
-    return path
+    """test_cli's config file, with signatures off."""
+    return cli_config(path, port, f"[twilio]\nvalidate_signatures = false\n{extra}")
 
 
 def as_journal(path: Path) -> dict[str, str]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from voxd.call.session import CallerDisconnected, _voxd_error
-from voxd.errors import ProtocolError, UpstreamError
+from voxd.call.session import _voxd_error
+from voxd.errors import CallerDisconnected, ProtocolError, UpstreamError
 
 
 def test_a_plain_error_is_itself():

@@ -83,9 +83,6 @@ class Ending(NamedTuple):
     outcome: str = "completed"
 
 
-__all__ = ["CallSession", "CallerDisconnected", "TwilioSocket"]
-
-
 class TwilioSocket(Protocol):
     """The media WebSocket as the call sees it (text frames only)."""
 
@@ -232,7 +229,7 @@ class CallSession:
         return True
 
     async def _bridge(self, start: StreamStart) -> None:
-        params = dict(start.custom_parameters)
+        params = start.custom_parameters
         self.call = CallInfo(
             call_sid=start.call_sid,
             stream_sid=start.stream_sid,

@@ -63,11 +63,6 @@ class UpstreamFeed:
         self.stall_dropped_chunks = 0
         """Chunks dropped once attached because more than max_waiting_bytes was waiting."""
 
-    @property
-    def attached(self) -> bool:
-        """True once the assistant is connected and the held audio delivered."""
-        return self._attached
-
     def send(self, chunk: bytes) -> None:
         """Deliver one chunk of caller audio now if the assistant's socket takes it, else hold
         it for the feeder task. Never waits."""

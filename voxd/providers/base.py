@@ -103,9 +103,6 @@ class EarlyStarts:
         """Where early starts are shared with other hosts (`voxd.shared_state.RedisState`), or
         None: this process only."""
 
-    def __len__(self) -> int:
-        return len(self._by_call)
-
     def __contains__(self, call_sid: str) -> bool:
         return call_sid in self._by_call
 
