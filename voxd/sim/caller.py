@@ -7,17 +7,31 @@ TwiML's `<Parameter>`s, then streams the caller's audio as 20 ms mu-law frames p
 time. Assistant audio is played the way Twilio plays it: queued, one 20 ms frame per tick; a
 `mark` is echoed once the audio before it has played, a `clear` empties the queue and echoes
 every pending mark at once. What the caller "heard" is recorded next to what it said.
+
+In-call control, as Twilio does it:
+- keypad in: `dtmf=[("1", 2.0), ...]` sends a `dtmf` event at each press time;
+- keypad out: tones in what the caller heard (after clears) are decoded (`tones_heard`);
+- when the stream ends, `<Connect action>` is requested (signed like the webhook), and what
+  Twilio runs next is recorded (`next_twiml`): the action's answer, the TwiML a REST update
+  gave, or the verbs after `</Connect>`; a `<Dial>` there is a transfer (`transferred_to`),
+  and its `action` is requested too once the dialled leg ends (`dial_status`);
+- REST: linked to a `voxd.sim.rest.SimulatedRest` (`rest=`), the call obeys voxd's REST
+  updates: a hang-up or a new TwiML sends `stop` and closes the stream.
 """
 
 from __future__ import annotations
 
 import binascii
 import json
+import math
 import secrets
 import wave
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 import numpy as np
@@ -26,13 +40,23 @@ import trio
 import trio_websocket
 from twilio.request_validator import RequestValidator
 
+from voxd.audio.dtmf import DtmfDecoder
 from voxd.audio.g711 import ULAW_SILENCE, pcm16_to_ulaw, ulaw_decode
 from voxd.audio.vad import SpeechDetector, SpeechEdge, frame_energy_dbfs_ulaw
 from voxd.errors import VoxdError
 
+if TYPE_CHECKING:
+    from voxd.sim.rest import SimulatedRest
+
 RATE = 8000
 FRAME_BYTES = 160
 FRAME_SECONDS = 0.020
+DTMF_KEYS = "0123456789*#ABCD"
+API_VERSION = "2010-04-01"
+CALLBACK_TIMEOUT = 10.0
+"""Seconds Twilio-the-simulator waits for the webhook and the action URLs."""
+REST_STOP_WAIT = 2.0
+"""Longest a REST update waits for the stream it ends to be stopped and closed."""
 
 
 class SimulatorError(VoxdError):
@@ -89,6 +113,34 @@ def to_frames(ulaw: bytes) -> list[bytes]:
     return [ulaw[i:i + FRAME_BYTES] for i in range(0, len(ulaw), FRAME_BYTES)]
 
 
+def parse_dtmf(text: str, call_seconds: float | None = None) -> list[tuple[str, float]]:
+    """Key presses written `KEY@SECONDSs`, comma-separated (`"1@2.0s,#@3.5s"`; the `s` is
+    optional): [(key, seconds since the stream started)], in time order. Keys 0-9 * # A-D
+    (a-d too). ValueError naming the first bad item (or the first press after
+    `call_seconds`)."""
+    presses = []
+    for item in text.split(","):
+        shown = repr(item.strip() if len(item.strip()) <= 40 else item.strip()[:40] + "...")
+        key, at, when = item.strip().partition("@")
+        if not at:
+            raise ValueError(f"{shown}: expected KEY@SECONDS, e.g. 1@2.0s")
+        key = key.strip().upper()
+        if len(key) != 1 or key not in DTMF_KEYS:
+            raise ValueError(f"{shown}: not a keypad key (0-9, *, #, A-D)")
+        when = when.strip()
+        when = when[:-1] if when.endswith("s") else when
+        try:
+            seconds = float(when)
+        except ValueError:
+            raise ValueError(f"{shown}: not a time in seconds") from None
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"{shown}: the time must be 0 or more seconds")
+        if call_seconds is not None and seconds > call_seconds:
+            raise ValueError(f"{shown}: after the call's end ({call_seconds:.1f}s)")
+        presses.append((key, seconds))
+    return sorted(presses, key=lambda press: press[1])
+
+
 def speech_segments(frames: list[bytes], min_speech_ms: int = 60,
                     hangover_ms: int = 300) -> list[tuple[float, float]]:
     """(start, end) seconds of speech in a list of 20 ms mu-law frames."""
@@ -141,7 +193,22 @@ class CallReport:
     clears: int = 0
     marks_echoed: int = 0
     closed_by: str = "caller"
+    """Who ended the stream: "caller" (stop sent), "voxd" (it closed the socket) or "rest"
+    (Twilio, on a REST update)."""
     after_stream: str = ""
+    """The verbs after `</Connect>` in the webhook's TwiML."""
+    next_twiml: str = ""
+    """The verbs (inside `<Response>`) Twilio runs once the stream is over: the REST update's
+    TwiML, the `<Connect action>`'s answer, or else `after_stream`; "" when the call is over
+    (the caller or a REST update hung up, or nothing is left to run)."""
+    transferred_to: str = ""
+    """The number, SIP URI or client a `<Dial>` in `next_twiml` calls ("" when none)."""
+    after_dial: str = ""
+    """The verbs the `<Dial action>` answered once the dialled leg ended."""
+    tones_heard: str = ""
+    """DTMF keys decoded from what the caller heard, in order."""
+    keys_pressed: str = ""
+    """The caller's key presses sent as `dtmf` events, in order."""
     errors: list[str] = field(default_factory=list)
     voxd_latencies: dict[int, float] = field(default_factory=dict)
     """Turn number -> voxd's own measured response latency (from its marks)."""
@@ -206,8 +273,11 @@ class CallReport:
             f"{self.media_received}, clears {self.clears}, marks echoed {self.marks_echoed}, "
             f"ended by {self.closed_by}"
         )
-        if self.after_stream:
-            lines.append(f"  after the stream Twilio would run: {self.after_stream}")
+        if self.keys_pressed or self.tones_heard:
+            lines.append(f"  keys pressed {self.keys_pressed or '-'}, tones heard "
+                         f"{self.tones_heard or '-'}")
+        if self.transferred_to:
+            lines.append(f"  transferred to {self.transferred_to}")
         lines.extend(f"  error: {e}" for e in self.errors)
         return "\n".join(lines)
 
@@ -217,22 +287,50 @@ class CallReport:
 
 @dataclass(frozen=True)
 class StreamInstruction:
-    """What the TwiML asked for: the stream URL, its parameters, the verbs after it."""
+    """What the TwiML asked for: the stream URL, its parameters, the verbs after it, and the
+    `<Connect action>` URL ("" when none; as written, relative URLs unresolved)."""
 
     url: str
     parameters: dict[str, str]
     after: str
+    action: str = ""
+    action_method: str = "POST"
+
+
+def _xml(element: ET.Element) -> str:
+    """One verb as TwiML text (without the whitespace after it; `<Hangup/>`, not
+    `<Hangup />`: ElementTree escapes `>` in attribute values, so the replace is safe)."""
+    tail, element.tail = element.tail, None
+    try:
+        return ET.tostring(element, encoding="unicode").replace(" />", "/>")
+    finally:
+        element.tail = tail
+
+
+def _response(body: str, what: str) -> ET.Element:
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError as exc:
+        raise SimulatorError(f"{what} answered invalid XML: {exc}") from None
+    if root.tag != "Response":
+        raise SimulatorError(f"{what} answered <{root.tag}>, not <Response>")
+    return root
+
+
+def twiml_verbs(body: str, what: str = "the TwiML") -> str:
+    """The verbs of a `<Response>` document, as text (SimulatorError if it is not one)."""
+    return "".join(_xml(verb) for verb in _response(body, what))
+
+
+def find_dial(verbs: str) -> tuple[str, str] | None:
+    """The first `<Dial>` among TwiML verbs: (its TwiML, whom it calls), or None."""
+    dial = _dial_element(verbs)
+    return None if dial is None else (_xml(dial), _dial_target(dial))
 
 
 def parse_twiml(body: str) -> StreamInstruction:
     """Find `<Connect><Stream>` in a TwiML response, as Twilio would."""
-    try:
-        root = ET.fromstring(body)
-    except ET.ParseError as exc:
-        raise SimulatorError(f"webhook answered invalid XML: {exc}") from None
-    if root.tag != "Response":
-        raise SimulatorError(f"webhook answered <{root.tag}>, not <Response>")
-    verbs = list(root)
+    verbs = list(_response(body, "webhook"))
     for i, verb in enumerate(verbs):
         stream = verb.find("Stream") if verb.tag == "Connect" else None
         if stream is not None:
@@ -243,9 +341,12 @@ def parse_twiml(body: str) -> StreamInstruction:
                 raise SimulatorError(f"<Stream url={url!r}> has a query string (Twilio error "
                                      "31920: use <Parameter>)")
             params = {p.get("name", ""): p.get("value", "") for p in stream.iter("Parameter")}
-            after = "".join(ET.tostring(v, encoding="unicode") for v in verbs[i + 1:])
-            return StreamInstruction(url, params, after)
-    answered = "".join(ET.tostring(v, encoding="unicode") for v in verbs) or "nothing"
+            after = "".join(_xml(v) for v in verbs[i + 1:])
+            method = (verb.get("method") or "POST").upper()
+            if method not in ("GET", "POST"):
+                raise SimulatorError(f"<Connect method={method!r}> is not GET or POST")
+            return StreamInstruction(url, params, after, verb.get("action", ""), method)
+    answered = "".join(_xml(v) for v in verbs) or "nothing"
     raise SimulatorError(f"webhook answered no <Connect><Stream> (it answered: {answered})")
 
 
@@ -253,12 +354,54 @@ def _sid(prefix: str) -> str:
     return prefix + secrets.token_hex(16)
 
 
+def _checked_presses(dtmf: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    presses = []
+    for key, seconds in dtmf:
+        if len(key) != 1 or key.upper() not in DTMF_KEYS:
+            raise ValueError(f"not a keypad key: {key!r} (0-9, *, #, A-D)")
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"key press {key}@{seconds}s: the time must be 0 or more seconds")
+        presses.append((key.upper(), float(seconds)))
+    return sorted(presses, key=lambda press: press[1])
+
+
+class _CallState:
+    """One simulated call's progress, shared by its stream, the steps after the stream and
+    the REST API (which may act on the call at any moment)."""
+
+    def __init__(self, report: CallReport) -> None:
+        self.report = report
+        self.phase = "connecting"
+        """connecting -> streaming -> after (the stream is over) -> over"""
+        self.t0: float | None = None
+        self.hung_up = False
+        """The call is over for Twilio: the caller hung up, or a REST update did."""
+        self.rest_end: tuple[bool, str] | None = None
+        """The latest REST update that ended the stream: (hang up?, TwiML)."""
+        self.rest_requested = trio.Event()
+        self.stream_over = trio.Event()
+
+    def now(self) -> float:
+        return 0.0 if self.t0 is None else trio.current_time() - self.t0
+
+    def note(self, what: str) -> None:
+        self.report.events.append((self.now(), what))
+
+
 class TwilioSimulator:
-    """Places one simulated call against a voxd webhook."""
+    """Places one simulated call against a voxd webhook.
+
+    REST: given `rest=` (a serving `voxd.sim.rest.SimulatedRest`; or set `.rest` before
+    `call`), the call is linked to it by its CallSid while `call` runs, so voxd's REST updates
+    drive it: a hang-up or new TwiML sends `stop` and closes the stream. The call's account SID
+    (`account_sid=`, sent as `AccountSid` and `start.accountSid`) then defaults to the REST
+    API's, the account voxd must authenticate as; without either it is random.
+    `dial_status` is the DialCallStatus reported to a `<Dial action>` after a transfer."""
 
     def __init__(self, webhook_url: str, *, auth_token: str | None = None,
                  from_number: str = "+15005550006", to_number: str = "+15005550001",
-                 line_echo: tuple[float, float] | None = None) -> None:
+                 line_echo: tuple[float, float] | None = None, account_sid: str | None = None,
+                 rest: SimulatedRest | None = None, dial_status: str = "completed") -> None:
         self.webhook_url = webhook_url
         self.line_echo = line_echo
         """(attenuation dB, delay ms): mix what the caller hears back into what it sends, as
@@ -266,25 +409,29 @@ class TwilioSimulator:
         self.validator = RequestValidator(auth_token) if auth_token else None
         self.from_number = from_number
         self.to_number = to_number
+        self.rest = rest
+        self.dial_status = dial_status
         self.call_sid = _sid("CA")
-        self.account_sid = _sid("AC")
+        self.account_sid = account_sid or (rest.account_sid if rest is not None else _sid("AC"))
         self.stream_sid = _sid("MZ")
+        self._state: _CallState | None = None
 
     def _signature(self, url: str, params: dict[str, str]) -> list[tuple[str, str]]:
         if self.validator is None:
             return []
         return [("X-Twilio-Signature", self.validator.compute_signature(url, params))]
 
+    def _form(self, status: str) -> dict[str, str]:
+        """The fields Twilio puts in every request about the call."""
+        return {"AccountSid": self.account_sid, "ApiVersion": API_VERSION,
+                "CallSid": self.call_sid, "CallStatus": status, "Direction": "inbound",
+                "From": self.from_number, "To": self.to_number}
+
     async def request_stream(self) -> StreamInstruction:
         """POST the voice webhook like Twilio and return the stream it asks for."""
-        form = {
-            "AccountSid": self.account_sid, "ApiVersion": "2010-04-01",
-            "CallSid": self.call_sid, "CallStatus": "ringing", "Direction": "inbound",
-            "From": self.from_number, "To": self.to_number,
-            "Caller": self.from_number, "Called": self.to_number,
-        }
+        form = {**self._form("ringing"), "Caller": self.from_number, "Called": self.to_number}
         try:
-            async with httpx.AsyncClient(timeout=10.0) as client:
+            async with httpx.AsyncClient(timeout=CALLBACK_TIMEOUT) as client:
                 response = await client.post(self.webhook_url, data=form,
                                              headers=dict(self._signature(self.webhook_url,
                                                                           form)))
@@ -299,62 +446,208 @@ class TwilioSimulator:
         return parse_twiml(response.text)
 
     async def call(self, caller_audio: np.ndarray, seconds: float | None = None,
-                   on_event: object = None) -> CallReport:
-        """Place the call: stream `caller_audio` (int16 8 kHz) then silence until `seconds`."""
-        instruction = await self.request_stream()
-        report = CallReport(self.call_sid, self.stream_sid, after_stream=instruction.after)
+                   on_event: object = None, *,
+                   dtmf: Sequence[tuple[str, float]] = ()) -> CallReport:
+        """Place the call: stream `caller_audio` (int16 8 kHz) then silence until `seconds`,
+        pressing the keys `dtmf` [(key, seconds since the stream started)] on the way; then do
+        what Twilio does after the stream (see the module docstring). ValueError for a bad
+        key press or one after the call's end."""
+        presses = _checked_presses(dtmf)
         frames = to_frames(pcm16_to_ulaw(caller_audio.astype("<i2").tobytes()))
         total = len(frames) if seconds is None else max(1, round(seconds / FRAME_SECONDS))
         frames = (frames + [bytes([ULAW_SILENCE]) * FRAME_BYTES] * total)[:total]
+        if presses and presses[-1][1] > total * FRAME_SECONDS:
+            key, at = presses[-1]
+            raise ValueError(f"key press {key}@{at:g}s is after the call's end "
+                             f"({total * FRAME_SECONDS:.2f}s)")
+        report = CallReport(self.call_sid, self.stream_sid)
+        state = self._state = _CallState(report)
+        rest = self.rest
+        if rest is not None:
+            rest.link(self.call_sid, self)
+        try:
+            instruction = await self.request_stream()
+            report.after_stream = instruction.after
+            if not state.rest_requested.is_set():  # else the call moved on before the stream
+                await self._stream(instruction, frames, presses, report, state)
+            state.stream_over.set()
+            await self._after_stream(instruction, report, state)
+        finally:
+            state.phase = "over"
+            state.stream_over.set()
+            if rest is not None:
+                rest.unlink(self.call_sid)
+        return report
+
+    async def _stream(self, instruction: StreamInstruction, frames: list[bytes],
+                      presses: list[tuple[str, float]], report: CallReport,
+                      state: _CallState) -> None:
         headers = [(k.encode(), v.encode()) for k, v in self._signature(instruction.url, {})]
         try:
             async with trio_websocket.open_websocket_url(
                 instruction.url, extra_headers=headers, connect_timeout=10,
                 disconnect_timeout=2, message_queue_size=64,
             ) as ws:
-                await _Stream(self, ws, instruction, frames, report).run()
+                await _Stream(self, ws, instruction, frames, report, dtmf=presses,
+                              state=state).run()
         except trio_websocket.ConnectionRejected as exc:
             raise SimulatorError(
                 f"voxd refused the media stream: HTTP {exc.status_code}") from None
         except (trio_websocket.HandshakeError, OSError) as exc:
             raise SimulatorError(f"cannot open the media stream {instruction.url}: {exc}") \
                 from None
-        return report
+
+    async def rest_update(self, hang_up: bool, twiml: str | None) -> str:
+        """A REST update to this call (called by SimulatedRest, see its ControlledCall): end
+        the stream with `stop` and note what runs next. Returns the call's status."""
+        from voxd.sim.rest import CallNotInProgress
+
+        state = self._state
+        if state is None or state.phase == "over" or state.hung_up:
+            raise CallNotInProgress
+        state.rest_end = (hang_up, twiml or "")
+        state.hung_up = hang_up
+        state.note("Twilio REST: call hung up" if hang_up else "Twilio REST: call redirected")
+        state.rest_requested.set()
+        if state.phase == "streaming":  # answer once the stream got its stop, as Twilio does
+            with trio.move_on_after(REST_STOP_WAIT):
+                await state.stream_over.wait()
+        return "completed" if hang_up else "in-progress"
+
+    async def _after_stream(self, instruction: StreamInstruction, report: CallReport,
+                            state: _CallState) -> None:
+        """What Twilio does once the stream is over: the `<Connect action>` request, then the
+        TwiML that runs next (and a transfer's `<Dial action>` request)."""
+        state.phase = "after"
+        answer = None
+        if instruction.action:
+            form = self._form("completed" if state.hung_up else "in-progress")
+            answer = await self._twiml_request(instruction.action, instruction.action_method,
+                                               form, "Connect action", state)
+        if report.closed_by == "caller":
+            next_twiml, why = "", "the caller hung up"
+        elif state.rest_end is not None:
+            hang_up, twiml = state.rest_end
+            next_twiml, why = ("", "hung up over REST") if hang_up else (twiml_verbs(twiml), "")
+        elif instruction.action:
+            next_twiml, why = answer or "", "the action gave nothing to run"
+        else:
+            next_twiml, why = instruction.after, "nothing after </Connect>"
+        state.phase = "over"
+        report.next_twiml = next_twiml
+        state.note(f"after the stream: {next_twiml}" if next_twiml
+                   else f"after the stream: nothing, the call ends ({why})")
+        dial = _dial_element(next_twiml)
+        if dial is None:
+            return
+        dial_xml, report.transferred_to = _xml(dial), _dial_target(dial)
+        state.note(f"transferred: {dial_xml}")
+        if dial.get("action"):
+            form = {**self._form("in-progress"), "DialCallStatus": self.dial_status,
+                    "DialCallSid": _sid("CA")}
+            if self.dial_status in ("completed", "answered"):
+                form["DialCallDuration"] = "0"
+            after_dial = await self._twiml_request(dial.get("action", ""),
+                                                   (dial.get("method") or "POST").upper(), form,
+                                                   "Dial action", state)
+            report.after_dial = after_dial or ""
+            state.note(f"after the dial ({self.dial_status}): {report.after_dial or 'nothing'}")
+
+    async def _twiml_request(self, url: str, method: str, form: dict[str, str], what: str,
+                             state: _CallState) -> str | None:
+        """Request an action URL as Twilio does (signed like the webhook; relative URLs
+        against the webhook's); the verbs it answered, or None (noted as an error)."""
+        report = state.report
+        url = urljoin(self.webhook_url, url)
+        status = ", ".join(f"{k}={form[k]}" for k in ("CallStatus", "DialCallStatus")
+                           if k in form)
+        try:
+            async with httpx.AsyncClient(timeout=CALLBACK_TIMEOUT) as client:
+                if method == "GET":
+                    full = httpx.URL(url).copy_merge_params(form)
+                    response = await client.get(full, headers=dict(self._signature(str(full),
+                                                                                   {})))
+                else:
+                    response = await client.post(url, data=form,
+                                                 headers=dict(self._signature(url, form)))
+        except httpx.HTTPError as exc:
+            state.note(f"{what}: {method} {url} failed")
+            report.errors.append(f"{what}: cannot reach {url}: {exc}")
+            return None
+        state.note(f"{what}: {method} {urlsplit(url).path} ({status}) -> "
+                   f"HTTP {response.status_code}")
+        if response.status_code != 200:
+            report.errors.append(f"{what} {url} answered HTTP {response.status_code} (Twilio: "
+                                 "error 11200, the caller hears an application error)")
+            return None
+        try:
+            return twiml_verbs(response.text, what)
+        except SimulatorError as exc:
+            report.errors.append(f"{exc} (Twilio: error 12100)")
+            return None
+
+
+def _dial_element(verbs: str) -> ET.Element | None:
+    try:
+        return ET.fromstring(f"<Response>{verbs}</Response>").find("Dial")
+    except ET.ParseError:
+        return None
+
+
+def _dial_target(dial: ET.Element) -> str:
+    nouns = [child for child in dial if child.tag in ("Number", "Sip", "Client", "Conference",
+                                                      "Queue", "Sim", "Application")]
+    return ((nouns[0].text if nouns else dial.text) or "").strip()
 
 
 class _Stream:
     """One media stream of a simulated call: the paced sender and the receiver."""
 
     def __init__(self, sim: TwilioSimulator, ws: trio_websocket.WebSocketConnection,
-                 instruction: StreamInstruction, frames: list[bytes], report: CallReport) -> None:
+                 instruction: StreamInstruction, frames: list[bytes], report: CallReport, *,
+                 dtmf: Sequence[tuple[str, float]] = (), state: _CallState | None = None) -> None:
         self.sim = sim
         self.ws = ws
         self.instruction = instruction
         self.frames = frames
         self.report = report
+        self.presses = _checked_presses(dtmf)
+        self.state = state if state is not None else _CallState(report)
+        self.decoder = DtmfDecoder()
         self.sequence = 0
         self.queue = bytearray()        # assistant audio Twilio has not played yet
         self.played = 0                 # bytes of assistant audio played so far
         self.queued = 0                 # bytes of assistant audio queued so far
         self.marks: list[tuple[int, str]] = []
         self.t0 = 0.0
+        self.ended: str | None = None   # who ended the stream: caller, voxd or rest
 
     def now(self) -> float:
         return trio.current_time() - self.t0
 
+    def claim(self, who: str) -> bool:
+        """`who` ends the stream: True for the first to (the one whose end is recorded)."""
+        if self.ended is not None:
+            return False
+        self.ended = self.report.closed_by = who
+        if who == "caller":
+            self.state.hung_up = True
+        return True
+
     async def send(self, message: dict[str, object]) -> None:
-        self.sequence += 1
-        if message["event"] != "connected":
-            message["sequenceNumber"] = str(self.sequence)
+        if message["event"] != "connected":  # Twilio numbers every message after it, from 1
+            self.sequence += 1
+            message = {"event": message["event"], "sequenceNumber": str(self.sequence),
+                       **{k: v for k, v in message.items() if k != "event"}}
         await self.ws.send_message(json.dumps(message, separators=(",", ":")))
 
     async def run(self) -> None:
         try:
             await self._run()
         except trio_websocket.ConnectionClosed as exc:  # closed before the call got going
-            self.report.closed_by = "voxd"
-            code = exc.reason.code if exc.reason else "?"
-            self.report.events.append((0.0, f"voxd closed the stream at once (code {code})"))
+            if self.claim("voxd"):
+                code = exc.reason.code if exc.reason else "?"
+                self.report.events.append((0.0, f"voxd closed the stream at once (code {code})"))
 
     async def _run(self) -> None:
         sid = self.sim.stream_sid
@@ -364,7 +657,8 @@ class _Stream:
             "tracks": ["inbound"], "customParameters": self.instruction.parameters,
             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": RATE, "channels": 1},
         }})
-        self.t0 = trio.current_time()
+        self.t0 = self.state.t0 = trio.current_time()
+        self.state.phase = "streaming"
         self.report.events.append((0.0, "stream started"))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.receive, nursery.cancel_scope)
@@ -373,31 +667,61 @@ class _Stream:
 
     async def pace(self) -> None:
         """Every 20 ms: send the caller's frame just captured, play one frame of assistant
-        audio."""
+        audio; key presses when due; a REST update's stop at the next tick."""
         sid = self.sim.stream_sid
         silence = bytes([ULAW_SILENCE]) * FRAME_BYTES
         echo = self.sim.line_echo
+        report = self.report
         try:
             for i, frame in enumerate(self.frames):
                 # as Twilio does: a frame leaves once its 20 ms have been captured
-                await trio.sleep_until(self.t0 + (i + 1) * FRAME_SECONDS)
+                frame_at = self.t0 + (i + 1) * FRAME_SECONDS
+                while self.presses and self.t0 + self.presses[0][1] <= frame_at:
+                    key, at = self.presses.pop(0)
+                    await trio.sleep_until(self.t0 + at)
+                    if await self.obey_rest():
+                        return
+                    await self.send({"event": "dtmf", "streamSid": sid,
+                                     "dtmf": {"track": "inbound_track", "digit": key}})
+                    report.keys_pressed += key
+                    report.events.append((self.now(), f"caller pressed {key}"))
+                await trio.sleep_until(frame_at)
+                if await self.obey_rest():
+                    return
                 if echo is not None:
-                    frame = _with_echo(frame, self.report.heard_frames, *echo)
+                    frame = _with_echo(frame, report.heard_frames, *echo)
                 payload = binascii.b2a_base64(frame, newline=False).decode()
                 await self.send({"event": "media", "streamSid": sid, "media": {
                     "track": "inbound", "chunk": str(i + 1), "timestamp": str(i * 20),
                     "payload": payload}})
-                self.report.caller_frames.append(frame)
+                report.caller_frames.append(frame)
                 heard = bytes(self.queue[:FRAME_BYTES])
                 del self.queue[:FRAME_BYTES]
                 self.played += len(heard)
-                self.report.heard_frames.append(heard + silence[len(heard):])
+                heard += silence[len(heard):]
+                report.heard_frames.append(heard)
+                for key in self.decoder.feed(heard):
+                    report.tones_heard += key
+                    report.events.append((self.now(), f"tone heard: {key}"))
                 await self.echo_marks(lambda pos: pos <= self.played)
+            if await self.obey_rest() or not self.claim("caller"):
+                return
             await self.send({"event": "stop", "streamSid": sid, "stop": {
                 "accountSid": self.sim.account_sid, "callSid": self.sim.call_sid}})
-            self.report.events.append((self.now(), "caller hung up (stop sent)"))
+            report.events.append((self.now(), "caller hung up (stop sent)"))
         except trio_websocket.ConnectionClosed as exc:
             self._closed_by_voxd(exc)
+
+    async def obey_rest(self) -> bool:
+        """If a REST update ended the call: Twilio sends `stop` and closes the stream (True)."""
+        if not self.state.rest_requested.is_set():
+            return False
+        if self.claim("rest"):
+            await self.send({"event": "stop", "streamSid": self.sim.stream_sid, "stop": {
+                "accountSid": self.sim.account_sid, "callSid": self.sim.call_sid}})
+            self.report.events.append((self.now(), "Twilio ended the stream (stop sent)"))
+            await self.ws.aclose()
+        return True
 
     async def echo_marks(self, reached: object) -> None:
         while self.marks and reached(self.marks[0][0]):  # type: ignore[operator]
@@ -452,12 +776,10 @@ class _Stream:
     def _closed_by_voxd(self, exc: trio_websocket.ConnectionClosed) -> None:
         """The socket closed: if the caller had not hung up, voxd ended the call (noted once,
         by whichever of the sender and the receiver sees it first)."""
-        report = self.report
-        if report.closed_by == "caller" and not _stop_sent(report):
-            report.closed_by = "voxd"
+        if self.claim("voxd"):
             reason = exc.reason
-            report.events.append((self.now(), f"voxd closed the stream (code "
-                                              f"{reason.code if reason else '?'})"))
+            self.report.events.append((self.now(), f"voxd closed the stream (code "
+                                                   f"{reason.code if reason else '?'})"))
 
 
 def _with_echo(frame: bytes, heard: list[bytes], attenuation_db: float,
@@ -482,6 +804,3 @@ def _read_voxd_mark(name: str, report: CallReport) -> None:
     except (ValueError, KeyError):
         report.errors.append(f"unreadable voxd mark {name!r}")
 
-
-def _stop_sent(report: CallReport) -> bool:
-    return any(what.startswith("caller hung up") for _, what in report.events)
