@@ -57,12 +57,24 @@ def _parser() -> argparse.ArgumentParser:
                            "120 ms later, like a phone line's echo (e.g. 20)")
     call.add_argument("--auth-token", metavar="T",
                       help="Twilio auth token to sign with (default: $VOXD_TWILIO_AUTH_TOKEN)")
+    call.add_argument("--dtmf", metavar="KEY@Ts,...",
+                      help='keypad presses, each a key (0-9 * # A-D) and its time in seconds '
+                           'since the stream started, e.g. "1@2.0s,#@3.5s"')
+    call.add_argument("--rest-listen", metavar="HOST:PORT",
+                      help="also serve a simulated Twilio REST API there (point voxd's "
+                           "twilio.api_base_url at it): voxd's hang-ups and redirects of the "
+                           "call drive it (needs the auth token)")
+    call.add_argument("--account-sid", metavar="AC...",
+                      help="the call's AccountSid (default: random; with --rest-listen, the "
+                           "account the REST API accepts)")
 
     demo = sub.add_parser("demo", help="run voxd with the echo assistant and place one call")
     demo.add_argument("--record", metavar="OUT.wav", type=Path, default=Path("voxd-demo.wav"),
                       help="where to write the call (default: ./voxd-demo.wav)")
     demo.add_argument("--audio", choices=("pcm16", "mulaw"), default="pcm16",
                       help="audio format spoken to the assistant (default: pcm16)")
+    demo.add_argument("--dtmf", metavar="KEY@Ts,...",
+                      help='keypad presses during the call, e.g. "1@2.0s,#@3.5s"')
 
     load = sub.add_parser("loadtest", help="many concurrent simulated calls; voxd's cost per call")
     load.add_argument("webhook_url", metavar="WEBHOOK_URL", nargs="?",
@@ -235,8 +247,12 @@ def _record_problem(path: Path | None) -> str | None:
 
 
 def _call(args: argparse.Namespace) -> int:
-    from voxd.sim.caller import TwilioSimulator, read_wav
+    import re
+
+    from voxd.config import parse_listen
+    from voxd.sim.caller import CallReport, TwilioSimulator, parse_dtmf, read_wav
     from voxd.sim.demo import TAIL_SECONDS, bundled_sample
+    from voxd.sim.rest import SimulatedRest
 
     if args.seconds is not None and args.seconds <= 0:
         print("voxd: --seconds must be positive", file=sys.stderr)
@@ -247,14 +263,52 @@ def _call(args: argparse.Namespace) -> int:
     if problem := _record_problem(args.record):
         print(problem, file=sys.stderr)
         return 2
-    audio = read_wav(args.wav) if args.wav else bundled_sample()
     token = args.auth_token or os.environ.get("VOXD_TWILIO_AUTH_TOKEN") or None
+    if args.account_sid is not None and not re.fullmatch(r"AC[0-9a-f]{32}", args.account_sid):
+        print("voxd: --account-sid: must be AC followed by 32 lower-case hex digits",
+              file=sys.stderr)
+        return 2
+    if args.rest_listen is not None:
+        try:
+            parse_listen(args.rest_listen)
+        except ValueError as exc:
+            print(f"voxd: --rest-listen: {exc}", file=sys.stderr)
+            return 2
+        if token is None:
+            print("voxd: --rest-listen: needs the auth token (--auth-token or "
+                  "$VOXD_TWILIO_AUTH_TOKEN): voxd authenticates with it", file=sys.stderr)
+            return 2
+    audio = read_wav(args.wav) if args.wav else bundled_sample()
     seconds = args.seconds if args.seconds is not None else len(audio) / 8000 + TAIL_SECONDS
+    try:
+        presses = parse_dtmf(args.dtmf, seconds) if args.dtmf is not None else []
+    except ValueError as exc:
+        print(f"voxd: --dtmf: {exc}", file=sys.stderr)
+        return 2
     echo = (args.line_echo, 120.0) if args.line_echo is not None else None
-    simulator = TwilioSimulator(args.webhook_url, auth_token=token, line_echo=echo)
+    rest = (SimulatedRest(args.account_sid or "", token or "")
+            if args.rest_listen is not None else None)
+    simulator = TwilioSimulator(args.webhook_url, auth_token=token, line_echo=echo,
+                                account_sid=args.account_sid, rest=rest)
+
+    async def place() -> CallReport:
+        if rest is None:
+            return await simulator.call(audio, seconds, dtmf=presses)
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(partial(rest.serve, bind=args.rest_listen))
+            except OSError as exc:
+                raise VoxdError(f"--rest-listen: cannot listen on {args.rest_listen}: "
+                                f"{exc.strerror or exc}") from None
+            print(f"simulated Twilio REST API on {rest.base_url} (account "
+                  f"{rest.account_sid})", flush=True)
+            report = await simulator.call(audio, seconds, dtmf=presses)
+            nursery.cancel_scope.cancel()
+        return report
+
     print(f"calling {args.webhook_url} for {seconds:.1f}s"
           f"{' (signed)' if token else ' (unsigned)'} ...", flush=True)
-    report = trio.run(simulator.call, audio, seconds)
+    report = trio.run(place)
     print(report.render())
     if args.record:
         report.write_wav(args.record)
@@ -263,15 +317,21 @@ def _call(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from voxd.sim.demo import run_demo
+    from voxd.sim.caller import parse_dtmf
+    from voxd.sim.demo import demo_seconds, run_demo
 
     if problem := _record_problem(args.record):
         print(problem, file=sys.stderr)
         return 2
+    try:
+        presses = parse_dtmf(args.dtmf, demo_seconds()) if args.dtmf is not None else []
+    except ValueError as exc:
+        print(f"voxd: --dtmf: {exc}", file=sys.stderr)
+        return 2
     configure_logging("info")
     print("voxd demo: starting voxd with the echo assistant and calling it "
           "(the echo repeats each sentence after a short pause) ...", flush=True)
-    report = trio.run(run_demo, args.audio)
+    report = trio.run(partial(run_demo, args.audio, dtmf=presses))
     print(report.render())
     report.write_wav(args.record)
     print(f"\nwrote {args.record}: left = caller, right = what the caller heard. "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from voxd.config import (
 from voxd.providers.base import AudioFormat
 from voxd.server import bound_origin, open_listener, serve
 from voxd.sim.caller import RATE, CallReport, TwilioSimulator, read_wav
+from voxd.sim.rest import SimulatedRest
 
 TAIL_SECONDS = 4.0
 """Silence streamed after the sample, so the last reply is heard."""
@@ -32,28 +34,43 @@ def bundled_sample() -> np.ndarray:
         return read_wav(path)
 
 
+def demo_seconds(sample: np.ndarray | None = None) -> float:
+    """How long the demo call lasts: the sample, then TAIL_SECONDS to hear the reply."""
+    return len(bundled_sample() if sample is None else sample) / RATE + TAIL_SECONDS
+
+
 async def run_demo(audio: AudioFormat = "pcm16", sample: np.ndarray | None = None,
-                   seconds: float | None = None) -> CallReport:
-    """Start voxd (echo assistant, signatures on, free loopback port), place one call."""
+                   seconds: float | None = None, *, dtmf: Sequence[tuple[str, float]] = (),
+                   rest: bool = False) -> CallReport:
+    """Start voxd (echo assistant, signatures on, free loopback port), place one call,
+    pressing the keys `dtmf` [(key, seconds)]. With `rest`, a simulated Twilio REST API runs
+    too and voxd controls the call through it (twilio.rest_call_control on, api_base_url
+    and account_sid pointed at it); without, voxd ends calls by `<Connect action>`."""
     caller = bundled_sample() if sample is None else sample
     token = secrets.token_hex(16)
+    api = SimulatedRest(auth_token=token) if rest else None
     sock = open_listener("127.0.0.1:0")
     origin = bound_origin(sock)
-    settings = Settings(
-        config=Config(
-            server=ServerConfig(listen="127.0.0.1:0", public_url=origin),
-            twilio=TwilioConfig(validate_signatures=True),
-            assistant=AssistantConfig(provider="echo", audio=audio),
-        ),
-        secrets=Secrets(twilio_auth_token=Secret(token)),
-        source=Path("(demo: built-in settings)"),
-    )
     try:
         async with trio.open_nursery() as nursery:
+            twilio = TwilioConfig(validate_signatures=True, rest_call_control=False)
+            if api is not None:
+                await nursery.start(api.serve)
+                twilio = TwilioConfig(validate_signatures=True, rest_call_control=True,
+                                      api_base_url=api.base_url, account_sid=api.account_sid)
+            settings = Settings(
+                config=Config(
+                    server=ServerConfig(listen="127.0.0.1:0", public_url=origin),
+                    twilio=twilio,
+                    assistant=AssistantConfig(provider="echo", audio=audio),
+                ),
+                secrets=Secrets(twilio_auth_token=Secret(token)),
+                source=Path("(demo: built-in settings)"),
+            )
             await nursery.start(serve, settings, sock)
-            simulator = TwilioSimulator(origin + "/twilio/voice", auth_token=token)
-            length = seconds if seconds is not None else len(caller) / RATE + TAIL_SECONDS
-            report = await simulator.call(caller, seconds=length)
+            simulator = TwilioSimulator(origin + "/twilio/voice", auth_token=token, rest=api)
+            length = seconds if seconds is not None else demo_seconds(caller)
+            report = await simulator.call(caller, seconds=length, dtmf=dtmf)
             nursery.cancel_scope.cancel()
     finally:
         sock.close()
