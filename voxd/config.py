@@ -54,7 +54,10 @@ class TwilioConfig(_Section):
 
     validate_signatures: bool = True
     account_sid: str = ""
-    rest_call_control: bool = False
+    """The account REST requests name ("": the account of each call, from Twilio's request)."""
+    rest_call_control: bool = True
+    """End, redirect and transfer live calls with Twilio's REST API whenever the auth token is
+    there (false: never; calls then end through `<Connect action>`)."""
     api_base_url: str = "https://api.twilio.com"
 
 
@@ -78,6 +81,15 @@ class VapiConfig(_Section):
     early_start: bool = True
     create_timeout: Annotated[float, Field(gt=0)] = 8.0
     create_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+
+
+    transfer_tool: str = "transfer_call"
+    """Name of the assistant's client-side function tool that transfers the call (its
+    `destination` argument names a [transfer.to] entry; "" = none)."""
+    dtmf_tool: str = "send_dtmf"
+    """Name of the client-side tool that presses keys (argument `digits`; "" = none)."""
+    end_call_tool: str = "end_call"
+    """Name of a client-side tool that ends the call (Vapi's own endCall tool works too)."""
 
 
 class WebsocketConfig(_Section):
@@ -110,6 +122,41 @@ class CallConfig(_Section):
     upstream_send_timeout: Annotated[float, Field(gt=0)] = 5.0
     """Caller audio the assistant does not take for this long ends the call
     (reason=upstream-stalled); Twilio keeps being read meanwhile."""
+
+
+class TransferConfig(_Section):
+    """`[transfer]`: the people an assistant may hand the caller to (cold transfer)."""
+
+    default: str = ""
+    """The [transfer.to] name used when the assistant names none ("": none)."""
+    to: dict[str, str] = {}
+    """name -> "+E164" number or "sip:" URI: the only destinations an assistant may use."""
+    announce: str = ""
+    """Said to the caller before dialling, unless the assistant gives its own ("": nothing)."""
+    caller_id: str = ""
+    """callerId of the dialled leg ("": Twilio's default, the caller's number)."""
+    timeout: Annotated[int, Field(ge=5, le=600)] = 30
+    """Seconds the destination rings before it counts as not answering."""
+    no_answer_twiml: str = ("<Say>Sorry, nobody can take your call right now. Please try "
+                            "again later.</Say>")
+    """TwiML verbs run when the destination is busy, does not answer or fails."""
+
+
+class KeypadConfig(_Section):
+    """`[keypad]`: the caller's key presses, passed on to the assistant."""
+
+    forward: bool = True
+    template: str = "The caller pressed {digits} on the keypad."
+    """What an assistant that takes text hears (Vapi); {digits} becomes the keys, spaced."""
+    collect: bool = False
+    """Gather presses into one entry, ended by `finish_on` or `inter_digit_timeout`."""
+    finish_on: str = "#"
+    """The key that ends a collected entry (kept in it); "" for none."""
+    inter_digit_timeout: Annotated[float, Field(gt=0, le=60)] = 3.0
+    max_digits: Annotated[int, Field(ge=1, le=64)] = 32
+    """Longest collected entry; longer ones are passed on in parts."""
+    log_digits: bool = False
+    """Show the keys in debug logs (off: key presses may be PINs)."""
 
 
 class BargeInConfig(_Section):
@@ -152,6 +199,8 @@ class Config(_Section):
     websocket: WebsocketConfig = WebsocketConfig()
     call: CallConfig = CallConfig()
     barge_in: BargeInConfig = BargeInConfig()
+    transfer: TransferConfig = TransferConfig()
+    keypad: KeypadConfig = KeypadConfig()
     drain: DrainConfig = DrainConfig()
     logging: LoggingConfig = LoggingConfig()
     state: StateConfig = StateConfig()
@@ -276,9 +325,14 @@ class Settings:
         return secret.reveal() if secret is not None else self.config.state.redis_url
 
     @property
+    def public_origin(self) -> str:
+        """`server.public_url` without a trailing slash: the base of every URL Twilio gets."""
+        return self.config.server.public_url.rstrip("/")
+
+    @property
     def webhook_url(self) -> str:
         """The public URL Twilio POSTs the voice webhook to (and signs)."""
-        return self.config.server.public_url.rstrip("/") + "/twilio/voice"
+        return self.public_origin + "/twilio/voice"
 
     @property
     def stream_url(self) -> str:
@@ -383,6 +437,12 @@ def _without(raw: dict[str, Any], locations: list[tuple[Any, ...]]) -> dict[str,
     return copy
 
 
+ACCOUNT_SID = re.compile(r"AC[0-9a-f]{32}")
+"""Twilio's AccountSid: AC and 32 lower-case hex digits."""
+E164 = re.compile(r"\+[1-9][0-9]{6,14}")
+SIP_URI = re.compile(r"sips?:[^\s<>\"'&@]+@[^\s<>\"'&@]+")
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
 _TYPE_TAGS = {"bool", "int", "float", "str"}
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -462,16 +522,52 @@ def _check_values(config: Config) -> list[str]:
         elif urlsplit(config.websocket.url).scheme not in ("ws", "wss"):
             problems.append(f"websocket.url: must be a ws:// or wss:// URL "
                             f"(got {config.websocket.url!r})")
-    try:
-        ET.fromstring(f"<Response>{config.call.fallback_twiml}</Response>")
-    except ET.ParseError as exc:
-        problems.append(f"call.fallback_twiml: not valid TwiML verbs: {exc}")
-    if config.twilio.rest_call_control and not config.twilio.account_sid:
-        problems.append("twilio.account_sid: required when twilio.rest_call_control = true")
+    problems += _check_verbs("call.fallback_twiml", config.call.fallback_twiml)
+    if config.twilio.account_sid and not ACCOUNT_SID.fullmatch(config.twilio.account_sid):
+        problems.append("twilio.account_sid: must be AC followed by 32 lower-case hex digits "
+                        f"(got {config.twilio.account_sid!r})")
+    problems += _check_transfer(config.transfer)
+    problems += _check_keypad(config.keypad)
     if urlsplit(config.twilio.api_base_url).scheme not in ("http", "https"):
         problems.append(f"twilio.api_base_url: must be an http(s) URL "
                         f"(got {config.twilio.api_base_url!r})")
     return problems
+
+
+def _check_transfer(transfer: TransferConfig) -> list[str]:
+    problems: list[str] = []
+    for name, destination in transfer.to.items():
+        key = f"transfer.to.{_key((name,))}"
+        if not NAME.fullmatch(name):
+            problems.append(f"{key}: a name is 1-64 letters, digits, '_' or '-'")
+        if not (E164.fullmatch(destination) or SIP_URI.fullmatch(destination)):
+            problems.append(f'{key}: must be a "+E164" number such as "+14155550100" or a '
+                            f'"sip:" URI such as "sip:desk@pbx.example.com" (got {destination!r})')
+    if transfer.default and transfer.default not in transfer.to:
+        problems.append(f"transfer.default: {transfer.default!r} is not a name in [transfer.to]")
+    if transfer.caller_id and not E164.fullmatch(transfer.caller_id):
+        problems.append(f'transfer.caller_id: must be a "+E164" number (got '
+                        f'{transfer.caller_id!r})')
+    problems += _check_verbs("transfer.no_answer_twiml", transfer.no_answer_twiml)
+    return problems
+
+
+def _check_keypad(keypad: KeypadConfig) -> list[str]:
+    problems: list[str] = []
+    if "{digits}" not in keypad.template:
+        problems.append("keypad.template: must contain {digits}")
+    if keypad.finish_on not in ("", *"0123456789*#"):
+        problems.append(f"keypad.finish_on: must be one key (0-9, * or #) or \"\" (got "
+                        f"{keypad.finish_on!r})")
+    return problems
+
+
+def _check_verbs(key: str, verbs: str) -> list[str]:
+    try:
+        ET.fromstring(f"<Response>{verbs}</Response>")
+    except ET.ParseError as exc:
+        return [f"{key}: not valid TwiML verbs: {exc}"]
+    return []
 
 
 def check_settings(config: Config, secrets: Secrets) -> list[str]:
@@ -483,7 +579,8 @@ def check_settings(config: Config, secrets: Secrets) -> list[str]:
             "(set VOXD_TWILIO_AUTH_TOKEN or the systemd credential twilio_auth_token), "
             "or set it to false for local testing"
         )
-    if config.twilio.rest_call_control and secrets.twilio_auth_token is None:
+    if ("rest_call_control" in config.twilio.model_fields_set
+            and config.twilio.rest_call_control and secrets.twilio_auth_token is None):
         problems.append("twilio.rest_call_control: true needs the Twilio auth token "
                         "(set VOXD_TWILIO_AUTH_TOKEN or the systemd credential twilio_auth_token)")
     if config.assistant.provider == "vapi" and secrets.vapi_api_key is None:

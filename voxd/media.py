@@ -66,7 +66,7 @@ class MediaEndpoint:
             return
         websocket = await handshake.accept(runtime.settings.config.call.max_message_bytes)
         session = CallSession(TwilioMediaSocket(websocket), runtime.settings, runtime.provider,
-                              peer, call_control=runtime.call_control, stream_pass=stream_pass)
+                              peer, phone=runtime.phone, stream_pass=stream_pass)
         runtime.call_started(session)
         try:
             await session.run()

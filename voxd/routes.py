@@ -18,6 +18,8 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from voxd.call.phone import DIAL_ENDED_PATH, STREAM_ENDED_PATH
+from voxd.config import ACCOUNT_SID
 from voxd.observability import metrics
 from voxd.observability.throttled import ThrottledLog
 from voxd.observability.untrusted import show
@@ -31,8 +33,6 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
-ACCOUNT_SID = re.compile(r"AC[0-9a-f]{32}")
-"""Twilio's AccountSid: AC and 32 lower-case hex digits."""
 SEND_SECONDS = 10.0
 """Longest one HTTP send may take (it is shielded: see `_shielded`)."""
 
@@ -102,32 +102,49 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
     refusals = ThrottledLog(log)
     http.config["MAX_CONTENT_LENGTH"] = 64 * 1024
 
+    async def signed_form(runtime: Runtime, url: str, what: str) -> Any:
+        """The request's parameters, or None (after a throttled line and a count) when
+        Twilio's signature of `url` (plus the query string) does not match."""
+        # A number may be configured to GET: then the parameters are in the (signed) URL.
+        form = await request.form if request.method == "POST" else request.args
+        if runtime.validator is None:
+            return form
+        if request.query_string:
+            url += "?" + request.query_string.decode("latin-1")
+        signature = request.headers.get("X-Twilio-Signature", "")
+        signed: Any = form if request.method == "POST" else {}
+        if runtime.validator.validate(url, signed, signature):
+            return form
+        refusals.warning("signature", "%s from %s rejected: %s X-Twilio-Signature (the signed "
+                         "URL must be %s%s)", what, request.remote_addr,
+                         "invalid" if signature else "missing", url.partition("?")[0],
+                         " and its query string" if request.query_string else "")
+        metrics.CALLS_REJECTED.labels(reason="signature").inc()
+        return None
+
+    def call_sid_of(form: Any, what: str) -> str | None:
+        """The request's CallSid if it has Twilio's form (else one throttled line, a count)."""
+        call_sid = form.get("CallSid", "")
+        if stream_token.CALL_SID.fullmatch(call_sid):
+            return str(call_sid)
+        refusals.warning("callsid", "%s from %s refused: %s CallSid %s", what,
+                         request.remote_addr, "malformed" if call_sid else "missing",
+                         show(call_sid, 40))
+        metrics.CALLS_REJECTED.labels(reason="malformed").inc()
+        return None
+
+    def xml(body: str) -> Response:
+        return Response(body, content_type="text/xml")
+
     @http.route("/twilio/voice", methods=["POST", "GET"])
     async def voice() -> Response | tuple[str, int]:
         runtime = runtime_ref()
         settings = runtime.settings
-        # A number may be configured to GET: then the parameters are in the (signed) URL.
-        form = await request.form if request.method == "POST" else request.args
-        if runtime.validator is not None:
-            url = settings.webhook_url
-            if request.query_string:
-                url += "?" + request.query_string.decode("latin-1")
-            signature = request.headers.get("X-Twilio-Signature", "")
-            signed: Any = form if request.method == "POST" else {}
-            if not runtime.validator.validate(url, signed, signature):
-                refusals.warning("signature", "voice webhook from %s rejected: %s "
-                                 "X-Twilio-Signature (the signed URL must be %s%s)",
-                                 request.remote_addr, "invalid" if signature else "missing",
-                                 settings.webhook_url,
-                                 " and its query string" if request.query_string else "")
-                metrics.CALLS_REJECTED.labels(reason="signature").inc()
-                return "invalid signature\n", 403
-        call_sid = form.get("CallSid", "")
-        if not stream_token.CALL_SID.fullmatch(call_sid):
-            refusals.warning("callsid", "voice webhook from %s refused: %s CallSid %s",
-                             request.remote_addr, "malformed" if call_sid else "missing",
-                             show(call_sid, 40))
-            metrics.CALLS_REJECTED.labels(reason="malformed").inc()
+        form = await signed_form(runtime, settings.webhook_url, "voice webhook")
+        if form is None:
+            return "invalid signature\n", 403
+        call_sid = call_sid_of(form, "voice webhook")
+        if call_sid is None:
             return "missing or malformed CallSid\n", 400
         account_sid = form.get("AccountSid", "")
         if account_sid and not ACCOUNT_SID.fullmatch(account_sid):
@@ -158,10 +175,52 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
             url += "/" + stream_token.issue(settings.secrets.stream_secret.reveal().encode(),
                                             call_sid, parameters, time.time(),
                                             settings.config.call.stream_token_ttl)
-        body = twiml.connect_stream(url, parameters, settings.config.call.fallback_twiml)
+        phone = runtime.phone
+        action = phone.stream_action if phone is not None and not phone.rest else ""
+        body = twiml.connect_stream(url, parameters, settings.config.call.fallback_twiml, action)
         log.info("call_sid=%s voice webhook: connecting the stream (from=%s to=%s)",
                  call_sid, show(parameters["from"] or "-", 40), show(parameters["to"] or "-", 40))
         return Response(body, content_type="text/xml")
+
+    @http.post(STREAM_ENDED_PATH)
+    async def stream_ended() -> Response | tuple[str, int]:
+        """Twilio asks what follows a stream (`<Connect action>`, used without REST): what
+        the call's end left for it (hang up, a transfer), else the fallback."""
+        runtime = runtime_ref()
+        settings = runtime.settings
+        form = await signed_form(runtime, settings.public_origin + STREAM_ENDED_PATH,
+                                 "stream-ended request")
+        if form is None:
+            return "invalid signature\n", 403
+        call_sid = call_sid_of(form, "stream-ended request")
+        if call_sid is None:
+            return "missing or malformed CallSid\n", 400
+        answer = await runtime.live.after.take(call_sid)
+        log.info("call_sid=%s stream ended: Twilio goes on with %s", call_sid,
+                 "the fallback" if answer is None else _verbs_of(answer))
+        return xml(answer or twiml.verbs_only(settings.config.call.fallback_twiml))
+
+    @http.post(DIAL_ENDED_PATH)
+    async def dial_ended() -> Response | tuple[str, int]:
+        """A transfer's dialled leg ended: hang up after a conversation, else tell the caller
+        nobody answered (transfer.no_answer_twiml)."""
+        runtime = runtime_ref()
+        settings = runtime.settings
+        form = await signed_form(runtime, settings.public_origin + DIAL_ENDED_PATH,
+                                 "dial-ended request")
+        if form is None:
+            return "invalid signature\n", 403
+        call_sid = call_sid_of(form, "dial-ended request")
+        if call_sid is None:
+            return "missing or malformed CallSid\n", 400
+        status = form.get("DialCallStatus", "")
+        if status in ("completed", "answered"):
+            log.info("call_sid=%s transfer: the person hung up; ending the call", call_sid)
+            return xml(twiml.hang_up())
+        log.warning("call_sid=%s transfer not answered (%s); the caller hears "
+                    "transfer.no_answer_twiml", call_sid, show(status or "no status", 20))
+        metrics.TRANSFERS.labels(result="unanswered").inc()
+        return xml(twiml.verbs_only(settings.config.transfer.no_answer_twiml))
 
     http.add_url_rule("/healthz", "healthz", healthz)
 
@@ -178,3 +237,11 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
         http.add_url_rule("/metrics", "metrics", metrics_page)
 
     return HttpApp(http)
+
+
+def _verbs_of(answer: str) -> str:
+    """The verbs of a TwiML answer, for a log line (`<Hangup>`, `<Say>,<Dial>`)."""
+    verbs = re.findall(r"<Response>\s*(.*)</Response>", answer, re.S)
+    names = re.findall(r"<(\w+)", verbs[0]) if verbs else []
+    top = [name for name in names if name in ("Hangup", "Say", "Dial", "Play", "Redirect")]
+    return ",".join(f"<{name}>" for name in top) or "its TwiML"

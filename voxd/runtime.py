@@ -18,10 +18,11 @@ import trio
 from twilio.request_validator import RequestValidator
 
 from voxd.background import Background
+from voxd.call.phone import PhoneLeg
 from voxd.config import Settings
 from voxd.providers import build_provider
 from voxd.providers.base import EarlyStarts, Provider
-from voxd.shared_state import LocalTokens, RedisState, TokenLedger
+from voxd.shared_state import AfterStream, LocalAfterStream, LocalTokens, RedisState, TokenLedger
 from voxd.twilio.rest import CallControl
 
 if TYPE_CHECKING:
@@ -39,14 +40,18 @@ class LiveCalls:
 
     def __init__(self, on_change: Callable[[LiveCalls], None] | None = None,
                  used_tokens: TokenLedger | None = None,
-                 shared: RedisState | None = None) -> None:
+                 shared: RedisState | None = None, after: AfterStream | None = None) -> None:
         self.sessions: set[CallSession] = set()
         self.draining = False
+        self.last_ended = float("-inf")
+        """When the last call ended (trio's clock)."""
         self.used_tokens: TokenLedger = used_tokens or LocalTokens()
         """Used stream tokens: this process's, this host's workers', or every host's."""
         self.shared = shared
         """The Redis several hosts share (`[state] redis_url`), if any."""
         self.early = EarlyStarts(remote=shared)
+        self.after: AfterStream = after or LocalAfterStream()
+        """What each call's `<Connect action>` request is answered (see `call.phone`)."""
         self.on_change = on_change
         self._idle = trio.Event()
         self._idle.set()
@@ -65,6 +70,7 @@ class LiveCalls:
     def discard(self, session: CallSession) -> None:
         """Count a call out."""
         self.sessions.discard(session)
+        self.last_ended = trio.current_time()
         if not self.sessions:
             self._idle.set()
         if self.on_change is not None:
@@ -83,7 +89,7 @@ class Runtime:
     provider: Provider
     background: Background
     validator: RequestValidator | None = None
-    call_control: CallControl | None = None
+    phone: PhoneLeg | None = None
     live: LiveCalls = field(default_factory=LiveCalls)
     users: int = 0
     """Calls and background tasks using this runtime."""
@@ -143,12 +149,12 @@ class Runtime:
         """Build the provider and signature validator the settings ask for."""
         token = settings.secrets.twilio_auth_token
         validate = settings.config.twilio.validate_signatures and token is not None
+        rest = settings.config.twilio.rest_call_control and token is not None
         return cls(
             settings=settings,
             provider=build_provider(settings, live.early),
             background=background,
             validator=RequestValidator(token.reveal()) if validate and token else None,
-            call_control=(CallControl(settings) if settings.config.twilio.rest_call_control
-                          else None),
+            phone=PhoneLeg(settings, CallControl(settings) if rest else None, live.after),
             live=live,
         )

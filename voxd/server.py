@@ -23,8 +23,11 @@ from voxd.observability.systemd import Notifier
 from voxd.observability.throttled import throttle_logger
 from voxd.routes import create_app, create_metrics_app
 from voxd.runtime import LiveCalls, Runtime
-from voxd.shared_state import RedisState, token_ledger
+from voxd.shared_state import RedisState, after_stream_store, token_ledger
 from voxd.worker_env import METRICS_FD_ENV, inherited_listener, shared_tokens_directory
+
+ACTION_GRACE_SECONDS = 1.0
+"""How long a drained server still answers `<Connect action>` requests (without REST)."""
 
 log = logging.getLogger("voxd.server")
 
@@ -115,8 +118,10 @@ class Server:
         """Where /metrics is served instead of the public port (server.metrics_listen)."""
         self.notifier = notifier
         self.shared = RedisState(settings.redis_url) if settings.redis_url else None
+        directory = shared_tokens_directory()
         self.live = LiveCalls(on_change=self._calls_changed, shared=self.shared,
-                              used_tokens=token_ledger(self.shared, shared_tokens_directory()))
+                              used_tokens=token_ledger(self.shared, directory),
+                              after=after_stream_store(self.shared, directory))
         self.background = Background()
         self.runtime = Runtime.from_settings(settings, self.live, self.background)
         self._runtimes = [self.runtime]
@@ -205,6 +210,11 @@ class Server:
                 session.shutdown("drain-timeout")
             with trio.move_on_after(5):
                 await self.live.wait_idle()
+        phone = self.runtime.phone
+        if phone is not None and not phone.rest:
+            # Without REST, Twilio asks /twilio/stream-ended what follows a call right after
+            # its stream closed (tens of ms): answer those of the last calls before going.
+            await trio.sleep_until(self.live.last_ended + ACTION_GRACE_SECONDS)
         self._stop.set()
 
     def reload(self) -> None:

@@ -1,5 +1,7 @@
-"""State that must be shared beyond one process: which stream tokens are used, and which
-assistant calls the webhook created early (so a stream that lands elsewhere claims it).
+"""State that must be shared beyond one process: which stream tokens are used, which
+assistant calls the webhook created early (so a stream that lands elsewhere claims it), and
+what a call's `<Connect action>` request is to be answered (the stream ended on one worker or
+host; Twilio's request may land on another).
 
 Three scopes, chosen by how voxd runs:
 - one process: `LocalTokens`, in memory;
@@ -22,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -30,7 +33,7 @@ import trio
 
 from voxd.observability import metrics
 from voxd.observability.throttled import ThrottledLog
-from voxd.twilio.stream_token import TokenRejected
+from voxd.twilio.stream_token import CALL_SID, TokenRejected
 
 log = logging.getLogger("voxd.state")
 
@@ -102,6 +105,87 @@ class DirectoryTokens:
                 pass  # another worker pruned it
 
 
+class AfterStream(Protocol):
+    """What each call's `<Connect action>` request is answered, kept a short while."""
+
+    async def put(self, call_sid: str, twiml: str, seconds: float) -> None:
+        """Answer `twiml` to the action request of `call_sid` within `seconds`."""
+        ...
+
+    async def take(self, call_sid: str) -> str | None:
+        """The TwiML put for `call_sid` (once), or None."""
+        ...
+
+
+class LocalAfterStream:
+    """After-stream TwiML of this process's calls, in memory."""
+
+    MAX_ENTRIES: Final = 10_000
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, str]] = {}
+
+    def put_now(self, call_sid: str, twiml: str, seconds: float) -> None:
+        """`put` without waiting."""
+        now = trio.current_time()
+        if len(self._entries) >= self.MAX_ENTRIES:
+            self._entries = {k: v for k, v in self._entries.items() if v[0] >= now}
+            while len(self._entries) >= self.MAX_ENTRIES:
+                del self._entries[next(iter(self._entries))]
+        self._entries[call_sid] = (now + seconds, twiml)
+
+    def take_now(self, call_sid: str) -> str | None:
+        """`take` without waiting."""
+        entry = self._entries.pop(call_sid, None)
+        if entry is None or entry[0] < trio.current_time():
+            return None
+        return entry[1]
+
+    async def put(self, call_sid: str, twiml: str, seconds: float) -> None:
+        """Answer `twiml` to the action request of `call_sid` within `seconds`."""
+        self.put_now(call_sid, twiml, seconds)
+        await trio.lowlevel.checkpoint()
+
+    async def take(self, call_sid: str) -> str | None:
+        """The TwiML put for `call_sid` (once), or None."""
+        await trio.lowlevel.checkpoint()
+        return self.take_now(call_sid)
+
+
+class DirectoryAfterStream:
+    """After-stream TwiML for any worker of this host: one file per call (`after-CA...`) in
+    the workers' shared directory, its modification time its expiry (pruned with the tokens)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    async def put(self, call_sid: str, twiml: str, seconds: float) -> None:
+        """Answer `twiml` to the action request of `call_sid` within `seconds`."""
+        await trio.lowlevel.checkpoint()
+        if not CALL_SID.fullmatch(call_sid):
+            return
+        path = self.directory / f"after-{call_sid}"
+        partial = path.with_suffix(f".{os.getpid()}")
+        partial.write_text(twiml, encoding="utf-8")
+        expiry = time.time() + seconds
+        os.utime(partial, (expiry, expiry))
+        os.replace(partial, path)
+
+    async def take(self, call_sid: str) -> str | None:
+        """The TwiML put for `call_sid` (once), or None."""
+        await trio.lowlevel.checkpoint()
+        if not CALL_SID.fullmatch(call_sid):
+            return None
+        path = self.directory / f"after-{call_sid}"
+        try:
+            expired = path.stat().st_mtime < time.time()
+            twiml = path.read_text(encoding="utf-8")
+            path.unlink()
+        except FileNotFoundError:
+            return None
+        return None if expired else twiml
+
+
 @dataclass(frozen=True)
 class EarlyCall:
     """An assistant call the webhook created, as another host needs it to take it over."""
@@ -120,6 +204,7 @@ class RedisState:
                                             socket_connect_timeout=REDIS_TIMEOUT,
                                             decode_responses=True)
         self._fallback = fallback or LocalTokens()
+        self._after = LocalAfterStream()
         self._errors = ThrottledLog(log)
 
     async def _run(self, what: str, command: str, *args: Any, **kwargs: Any) -> Any:
@@ -197,6 +282,23 @@ class RedisState:
     def _early_key(self, call_sid: str) -> str:
         return f"{KEY_PREFIX}early:{call_sid}"
 
+    async def put(self, call_sid: str, twiml: str, seconds: float) -> None:
+        """Answer `twiml` to the action request of `call_sid`, on whichever host it lands."""
+        self._after.put_now(call_sid, twiml, seconds)
+        with contextlib.suppress(_Unavailable):
+            await self._run("keeping what follows a call's stream", "set",
+                            f"{KEY_PREFIX}after:{call_sid}", twiml, ex=max(1, int(seconds)))
+
+    async def take(self, call_sid: str) -> str | None:
+        """The TwiML put for `call_sid` by any host (once), or None."""
+        local = self._after.take_now(call_sid)
+        try:
+            shared = await self._run("reading what follows a call's stream", "getdel",
+                                     f"{KEY_PREFIX}after:{call_sid}")
+        except _Unavailable:
+            return local
+        return shared if isinstance(shared, str) else local
+
     async def aclose(self) -> None:
         """Close the connection pool."""
         await trio.to_thread.run_sync(self._client.close)
@@ -214,3 +316,13 @@ def token_ledger(redis: RedisState | None, directory: str | None) -> TokenLedger
     if directory:
         return DirectoryTokens(Path(directory))
     return LocalTokens()
+
+
+def after_stream_store(redis: RedisState | None, directory: str | None) -> AfterStream:
+    """Where after-stream TwiML is kept: Redis if configured, else the workers' shared
+    directory (`server.workers > 1`), else this process's memory."""
+    if redis is not None:
+        return redis
+    if directory:
+        return DirectoryAfterStream(Path(directory))
+    return LocalAfterStream()

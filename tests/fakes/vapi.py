@@ -8,6 +8,9 @@
   answers each caller utterance with that same audio after `response_delay`, bracketed by
   speech-update messages, and says `user-interrupted` when the caller talks over it.
   Scripted faults: abrupt drop, clean end (status-update ended), garbage, silence (freeze).
+  Scripted in-call control: client-side `tool-calls` (transfer, keys, end) and any other
+  message (`transfer-update`) at given times; what voxd sends back (`add-message`, `end-call`)
+  is kept in `control_in`.
 """
 
 from __future__ import annotations
@@ -61,6 +64,11 @@ class VapiScript:
     socket_at_accept: str | None = None
     """'close' (a close frame right after the 101) or 'reset' (TCP reset right after it): a
     call Vapi already ended by itself."""
+    tool_calls_at: list[tuple[float, list[tuple[str, Any]]]] = field(default_factory=list)
+    """(seconds after the socket opened, [(tool name, arguments)]): the model calls
+    client-side function tools (`tool-calls`, as Vapi sends them to the client)."""
+    messages_at: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    """(seconds, message): any other control message, e.g. a `transfer-update`."""
 
 
 @dataclass
@@ -178,6 +186,7 @@ class FakeVapi:
                 assistant = _Assistant(self.script, call, ws, nursery)
                 nursery.start_soon(assistant.listen)
                 nursery.start_soon(assistant.faults, nursery.cancel_scope)
+                nursery.start_soon(assistant.scripted)
                 if self.script.first_message:
                     nursery.start_soon(assistant.speak, self.script.first_message)
         except* trio_websocket.ConnectionClosed:
@@ -270,6 +279,15 @@ class _Assistant:
             await self.ws.send_message("{this is not json")
             await self.ws.send_message('{"no_type": true}')
 
+    async def scripted(self) -> None:
+        """The script's tool calls and messages, each at its time."""
+        start = trio.current_time()
+        timed = [(at, tool_calls_message(calls)) for at, calls in self.script.tool_calls_at]
+        timed += self.script.messages_at
+        for at, message in sorted(timed, key=lambda item: item[0]):
+            await trio.sleep_until(start + at)
+            await self.send(message)
+
     async def faults(self, scope: trio.CancelScope) -> None:
         script = self.script
         if script.garbage:
@@ -287,6 +305,17 @@ class _Assistant:
                              "endedReason": "assistant-ended-call"})
             await self.ws.aclose()
             scope.cancel()
+
+
+def tool_calls_message(calls: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A `tool-calls` client message as Vapi documents it (ClientMessageToolCalls)."""
+    listed = []
+    for name, arguments in calls:
+        call = {"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
+                "function": {"name": name, "arguments": arguments}}
+        listed.append({"type": "function", "function": {"name": name}, "toolCall": call})
+    return {"type": "tool-calls", "toolCallList": [item["toolCall"] for item in listed],
+            "toolWithToolCallList": listed, "timestamp": 0}
 
 
 def _validate(body: Any) -> str | None:

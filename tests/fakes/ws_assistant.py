@@ -1,6 +1,7 @@
 """A self-hosted assistant speaking voxd's generic WebSocket protocol (README, "Generic
 WebSocket assistants"): it plays the caller's audio straight back (a loopback), and can be
-scripted to interrupt, to end the call, or to refuse the connection."""
+scripted to interrupt, to end the call, to refuse the connection, or to send any control
+message at a given time (a transfer, keys to press)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ class FakeAssistant:
     reply_in_one_message: bool = False
     """Send `reply` as one binary message (a whole utterance at once) instead of frames."""
     reply_if: Callable[[dict[str, Any]], bool] | None = None
+    messages_at: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    """(seconds after the start message, control message) sent as scripted."""
     """Speak `reply` only on calls whose start message passes this (default: every call)."""
     url: str = ""
     headers: dict[str, str] = field(default_factory=dict)
@@ -59,6 +62,8 @@ class FakeAssistant:
                 if self.interrupt_after is not None:
                     nursery.start_soon(self._later, ws, self.interrupt_after,
                                        {"type": "interrupted"})
+                for at, message in self.messages_at:
+                    nursery.start_soon(self._later, ws, at, message)
                 if self.reply and (self.reply_if is None or self.reply_if(start)):
                     nursery.start_soon(self._speak, ws, start)
                 while True:

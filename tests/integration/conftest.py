@@ -37,6 +37,9 @@ def make_settings(origin: str, token: str | None, secrets: dict[str, str] | None
     raw: dict[str, Any] = {k: dict(v) for k, v in sections.items()}
     raw.setdefault("server", {}).update(listen="127.0.0.1:0", public_url=origin)
     raw.setdefault("twilio", {}).setdefault("validate_signatures", token is not None)
+    # No Twilio REST API here unless a test brings its fake (then it sets this): calls end
+    # through the stream's <Connect action>, which the simulator follows.
+    raw["twilio"].setdefault("rest_call_control", False)
     config = parse_config(raw)  # the same checks as a config file gets
     named = {k: Secret(v) for k, v in (secrets or {}).items()}
     return Settings(config=config,

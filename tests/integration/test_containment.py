@@ -210,7 +210,7 @@ async def test_a_stalled_assistant_is_blamed_on_the_assistant(
     (line,) = summaries(caplog, sim.call_sid)
     assert line.group(4) == "upstream-stalled"
     assert report.closed_by == "voxd"
-    assert report.after_stream.startswith("<Say>")  # the caller hears the fallback
+    assert report.next_twiml.startswith("<Say>")  # the caller hears the fallback
     # Twilio was read all along: the call ended about a second after the stall, not later.
     assert 0.2 * 50 < int(line.group(1)) < 3.5 * 50
     assert errors_counted("upstream_stalled") == stalled_before + 1

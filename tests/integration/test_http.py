@@ -23,7 +23,11 @@ def signed(voxd, url: str, form: dict[str, str]) -> dict[str, str]:
 
 
 async def test_webhook_answers_connect_stream_then_the_fallback(start_voxd):
-    voxd = await start_voxd(call={"fallback_twiml": "<Say>Try later.</Say><Hangup/>"})
+    """With REST call control (the auth token is there), the fallback follows the stream: it
+    runs if voxd never gets to say anything else (a crash)."""
+    voxd = await start_voxd(call={"fallback_twiml": "<Say>Try later.</Say><Hangup/>"},
+                            twilio={"rest_call_control": True,
+                                    "api_base_url": "http://127.0.0.1:9"})
     async with httpx.AsyncClient() as client:
         r = await client.post(voxd.webhook, data=FORM, headers=signed(voxd, voxd.webhook, FORM))
     assert r.status_code == 200
@@ -36,6 +40,39 @@ async def test_webhook_answers_connect_stream_then_the_fallback(start_voxd):
     assert token.startswith("v3." + FORM["CallSid"] + ".")  # each call its own stream URL
     params = {p.get("name"): p.get("value") for p in stream.iter("Parameter")}
     assert params == {"from": "+15551230000", "to": "+15559870000"}
+
+
+async def test_without_rest_the_stream_has_an_action_and_nothing_after_it(start_voxd):
+    voxd = await start_voxd(call={"fallback_twiml": "<Say>Try later.</Say>"})
+    async with httpx.AsyncClient() as client:
+        r = await client.post(voxd.webhook, data=FORM, headers=signed(voxd, voxd.webhook, FORM))
+        root = ET.fromstring(r.text)
+        assert [v.tag for v in root] == ["Connect"]
+        action = root.find("Connect").get("action")
+        assert action == voxd.origin + "/twilio/stream-ended"
+        # nothing left for the call (a failure, or a crash): the fallback
+        after = {"CallSid": FORM["CallSid"], "AccountSid": FORM["AccountSid"],
+                 "CallStatus": "in-progress"}
+        answer = await client.post(action, data=after, headers=signed(voxd, action, after))
+        assert answer.status_code == 200
+        assert [(v.tag, v.text) for v in ET.fromstring(answer.text)] == [("Say", "Try later.")]
+        # the action is signed like the webhook, and takes only a well-formed CallSid
+        forged = await client.post(action, data=after, headers=signed(voxd, voxd.webhook, after))
+        assert forged.status_code == 403
+        bad = {**after, "CallSid": "../../etc/passwd"}
+        assert (await client.post(action, data=bad, headers=signed(voxd, action, bad))
+                ).status_code == 400
+
+
+async def test_dial_ended_hangs_up_after_a_conversation_else_says_nobody_answered(start_voxd):
+    voxd = await start_voxd(transfer={"no_answer_twiml": "<Say>Nobody.</Say>"})
+    url = voxd.origin + "/twilio/dial-ended"
+    async with httpx.AsyncClient() as client:
+        for status, verbs in [("completed", ["Hangup"]), ("answered", ["Hangup"]),
+                              ("no-answer", ["Say"]), ("busy", ["Say"]), ("failed", ["Say"])]:
+            form = {"CallSid": FORM["CallSid"], "DialCallStatus": status}
+            r = await client.post(url, data=form, headers=signed(voxd, url, form))
+            assert [v.tag for v in ET.fromstring(r.text)] == verbs, status
 
 
 async def test_webhook_signature_is_checked_against_the_public_url(start_voxd):
@@ -63,7 +100,7 @@ async def test_webhook_by_get_is_signed_over_the_url(start_voxd):
     async with httpx.AsyncClient() as client:
         good = await client.get(url, headers=signed(voxd, url, {}))
         bad = await client.get(url, headers=signed(voxd, voxd.webhook, {}))
-    assert good.status_code == 200 and "<Connect>" in good.text
+    assert good.status_code == 200 and "<Connect" in good.text
     assert bad.status_code == 403
 
 

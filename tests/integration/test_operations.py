@@ -99,7 +99,7 @@ async def test_drain_timeout_ends_calls_cleanly(server, caplog):
         with trio.fail_after(3):
             await instance.drain()
     report = result["report"]
-    assert report.closed_by == "voxd" and report.after_stream.startswith("<Say>")
+    assert report.closed_by == "voxd" and report.next_twiml.startswith("<Say>")
     assert any("reason=drain-timeout" in r.getMessage() for r in caplog.records)
 
 
@@ -108,9 +108,9 @@ async def test_reload_applies_to_new_calls_and_refuses_bad_files(server, tmp_pat
     instance, origin = await server('[call]\nfallback_twiml = "<Say>one</Say>"\n')
     path = tmp_path / "voxd.toml"
 
-    async def fallback() -> str:
+    async def fallback() -> str:  # what a call that ended in a failure hears next
         async with httpx.AsyncClient() as client:
-            body = (await client.post(origin + "/twilio/voice", data=FORM)).text
+            body = (await client.post(origin + "/twilio/stream-ended", data=FORM)).text
         return ET.fromstring(body).find("Say").text
 
     assert await fallback() == "one"

@@ -86,7 +86,7 @@ async def test_a_refused_connection_gives_the_fallback(ws_voxd, caplog):
     voxd = await ws_voxd(FakeAssistant(refuse_with=403))
     report = await TwilioSimulator(voxd.webhook, auth_token=voxd.token).call(burst(0.3),
                                                                              seconds=3)
-    assert report.closed_by == "voxd" and report.after_stream.startswith("<Say>")
+    assert report.closed_by == "voxd" and report.next_twiml.startswith("<Say>")
     assert any("the assistant refused the WebSocket (HTTP 403)" in r.getMessage()
                for r in caplog.records)
     assert "sekrit" not in caplog.text

@@ -9,9 +9,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from voxd.config import KeypadConfig, VapiConfig
 from voxd.errors import ProtocolError
-from voxd.providers.base import AssistantEnded, AssistantInterrupted, CallerSpeechStarted
-from voxd.providers.vapi import translate
+from voxd.providers.base import (
+    AssistantEnded,
+    AssistantInterrupted,
+    CallerSpeechStarted,
+    DigitsRequested,
+    KeypadEntry,
+    Transferred,
+    TransferRefused,
+    TransferRequested,
+)
+from voxd.providers.vapi import VapiMessages
 from voxd.providers.vapi_protocol import (
     CreatedCall,
     OtherMessage,
@@ -89,6 +99,58 @@ def test_unreadable_control_messages_are_protocol_errors(text):
         parse_control(text)
 
 
+MESSAGES = VapiMessages(VapiConfig(), KeypadConfig())
+translate = MESSAGES.translate
+
+
+def tool_calls(*calls: tuple[str, object]) -> str:
+    return json.dumps({"type": "tool-calls", "toolCallList": [
+        {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": args}}
+        for i, (name, args) in enumerate(calls)], "toolWithToolCallList": []})
+
+
+def test_client_side_tool_calls_become_voxd_requests():
+    assert translate(tool_calls(("transfer_call", {"destination": "sales", "announce": "Hi"}))) \
+        == (TransferRequested("sales", "Hi"),)
+    # arguments as a JSON string (OpenAI's shape, as Vapi's schema has it) work the same
+    assert translate(tool_calls(("send_dtmf", '{"digits": "12#"}'),
+                                ("end_call", {}))) == \
+        (DigitsRequested("12#"), AssistantEnded("vapi:end-call-tool"))
+    # tools that are not voxd's, and malformed entries, are passed over
+    assert translate(tool_calls(("lookup_order", {"id": 1}))) == ()
+    assert translate('{"type":"tool-calls","toolCallList":[3,{"function":7}]}') == ()
+    assert translate(tool_calls(("transfer_call", "not json"))) == (TransferRequested("", ""),)
+
+
+def test_tool_names_come_from_the_config():
+    messages = VapiMessages(VapiConfig(transfer_tool="handoff"), KeypadConfig())
+    assert messages.translate(tool_calls(("handoff", {"destination": "x"}))) == \
+        (TransferRequested("x", ""),)
+    assert messages.translate(tool_calls(("transfer_call", {"destination": "x"}))) == ()
+
+
+def test_transfer_update_names_the_number_or_sip_uri():
+    number = {"type": "transfer-update", "destination": {"type": "number",
+                                                         "number": "+14155550100",
+                                                         "message": "Connecting you"}}
+    assert translate(json.dumps(number)) == TransferRequested("+14155550100", "Connecting you")
+    sip = {"type": "transfer-update", "destination": {"type": "sip", "sipUri": "sip:a@b.c"}}
+    assert translate(json.dumps(sip)) == TransferRequested("sip:a@b.c", "")
+    squad = {"type": "transfer-update", "destination": {"type": "assistant",
+                                                        "assistantName": "billing"}}
+    assert translate(json.dumps(squad)) is None
+
+
+def test_notices_to_vapi_are_system_messages():
+    keys = json.loads(MESSAGES.notice(KeypadEntry("123#")) or "")
+    assert keys == {"type": "add-message", "triggerResponseEnabled": True,
+                    "message": {"role": "system",
+                                "content": "The caller pressed 1 2 3 # on the keypad."}}
+    refused = json.loads(MESSAGES.notice(TransferRefused("ceo", "not allowed")) or "")
+    assert "not allowed" in refused["message"]["content"]
+    assert MESSAGES.notice(Transferred("sales")) is None  # end-call follows
+
+
 def test_what_voxd_acts_on():
     assert translate('{"type":"user-interrupted"}') == AssistantInterrupted()
     assert translate('{"type":"speech-update","status":"started","role":"user"}') == \
@@ -106,7 +168,8 @@ def test_arbitrary_text_is_an_event_or_a_protocol_error(text):
         parse_control(text)
 
 
-@given(st.dictionaries(st.sampled_from(["type", "status", "role", "turn", "endedReason"]),
+@given(st.dictionaries(st.sampled_from(["type", "status", "role", "turn", "endedReason",
+                                        "toolCallList", "destination"]),
                        st.none() | st.booleans() | st.integers() | st.text(max_size=10)
                        | st.lists(st.integers(), max_size=2), max_size=5))
 def test_arbitrary_objects_are_an_event_or_a_protocol_error(value):

@@ -13,6 +13,12 @@ assistant side's nursery nested in it):
       outbound pump   assistant event -> (transcode) -> Playback -> Twilio
       keep-alive      assistant.ping() every keepalive_interval, dead after keepalive_timeout
       barge-in watch  caller speech started (local VAD, when enabled) while audio plays -> clear
+      keypad          the caller's key presses (from the inbound pump) -> the assistant
+
+The assistant may also ask for a transfer (the outbound pump lets its last words play, then
+moves the call: `call/phone.py`) or for keys to be pressed (DTMF tones, queued with its audio).
+How the call ends decides, through one table (`call/ending.py`), what the caller gets next,
+what the assistant is told and which outcome is counted.
 
 Invariants:
 - Whichever task finishes first decides the end reason (`_end`) and cancels the rest; nothing
@@ -35,8 +41,12 @@ from typing import NamedTuple, Protocol
 
 import trio
 
+from voxd.audio import dtmf
 from voxd.audio.transcode import InboundTranscoder, OutboundTranscoder
 from voxd.audio.vad import ENERGY_FLOOR_DBFS, frame_energy_dbfs_ulaw
+from voxd.call.ending import Tell, policy
+from voxd.call.keypad import Keypad
+from voxd.call.phone import PhoneLeg, TransferRefusal, destination
 from voxd.call.playback import Direct, Playback
 from voxd.call.turns import TurnTimer
 from voxd.call.upstream_feed import UpstreamFeed
@@ -53,7 +63,11 @@ from voxd.providers.base import (
     AssistantSession,
     CallerSpeechStarted,
     CallInfo,
+    DigitsRequested,
     Provider,
+    Transferred,
+    TransferRefused,
+    TransferRequested,
 )
 from voxd.twilio import stream_token
 from voxd.twilio.protocol import (
@@ -65,22 +79,23 @@ from voxd.twilio.protocol import (
     StreamStart,
     StreamStop,
 )
-from voxd.twilio.rest import CallControl
 
 log = logging.getLogger("voxd.call")
 
 TEARDOWN_SECONDS = 1.0
 REST_SECONDS = 10.0
 """Longest a REST call-control request (hang up, redirect) may hold the teardown."""
+TRANSFER_STOP_SECONDS = 5.0
+"""How long after a transfer Twilio has to stop the stream before voxd ends it anyway."""
 METRICS_INTERVAL = 5.0
 """Seconds between additions of a live call's frame counts to the metrics."""
 
 
 class Ending(NamedTuple):
-    """How a task of the call ended it: the reason (summary line) and outcome (metrics)."""
+    """How a task of the call ended it: the reason (`kind` or `kind:detail`, a row of
+    `call.ending.POLICY`)."""
 
     reason: str
-    outcome: str = "completed"
 
 
 class TwilioSocket(Protocol):
@@ -126,12 +141,20 @@ class CallSession:
     """Runs one call on an accepted Twilio media socket until either side ends it."""
 
     def __init__(self, socket: TwilioSocket, settings: Settings, provider: Provider,
-                 peer: str = "-", call_control: CallControl | None = None,
+                 peer: str = "-", phone: PhoneLeg | None = None,
                  stream_pass: stream_token.StreamPass | None = None) -> None:
         self.socket = socket
         self.stream_pass = stream_pass
         """What the stream's token (verified at the upgrade) proves; None with tokens off."""
-        self.call_control = call_control
+        self.phone = phone
+        self.keypad = Keypad(settings.config.keypad)
+        self._transferred: str | None = None
+        """The [transfer.to] name the call was moved to (REST): Twilio's stop is the transfer."""
+        self._dial: str | None = None
+        """The transfer's TwiML, once one is decided."""
+        self._moved: trio.Event | None = None
+        """Set once a REST transfer's request has its answer (Twilio may stop the stream
+        before voxd has it)."""
         self._caller_released = False
         local_vad = settings.config.barge_in.local_vad
         self.local_vad = (provider.name != "vapi") if local_vad == "auto" else local_vad
@@ -145,7 +168,6 @@ class CallSession:
         self.log_context = CallLogContext(stream_pass.call_sid if stream_pass else "-")
         self.stats = CallStats()
         self.end_reason: str | None = None
-        self.outcome = "completed"
         self.call: CallInfo | None = None
         self._cancel: trio.CancelScope | None = None
         self._run_scope = trio.CancelScope()
@@ -165,7 +187,7 @@ class CallSession:
                 if start is not None and self._token_ok(start):
                     await self._bridge(start)
         except trio.Cancelled:
-            self._end("server-shutdown", "error")
+            self._end("server-shutdown")
             raise
         except Exception as exc:  # a bug: still end this call cleanly, and say so
             self._internal_error(exc)
@@ -182,11 +204,10 @@ class CallSession:
         self._end(reason)
         self._run_scope.cancel()
 
-    def _end(self, reason: str, outcome: str = "completed") -> None:
+    def _end(self, reason: str) -> None:
         """Record why the call ends (first reason wins) and cancel every task of the call."""
         if self.end_reason is None:
             self.end_reason = reason
-            self.outcome = outcome
         if self._cancel is not None:
             self._cancel.cancel()
 
@@ -205,10 +226,10 @@ class CallSession:
                 return None
             except CallerDisconnected:
                 log.info("media socket from %s closed before the stream started", self.peer)
-                self._end("caller-disconnected-before-start", "error")
+                self._end("caller-disconnected-before-start")
                 return None
         log.warning("no 'start' within %.1fs of connecting (peer %s); closing", timeout, self.peer)
-        self._end("start-timeout", "error")
+        self._end("start-timeout")
         return None
 
     def _token_ok(self, start: StreamStart) -> bool:
@@ -222,7 +243,7 @@ class CallSession:
             except stream_token.TokenRejected as exc:
                 log.warning("media stream from %s rejected: %s", self.peer, show(exc, 200))
                 metrics.CALLS_REJECTED.labels(reason="token").inc()
-                self._end("token-rejected", "error")
+                self._end("token-rejected")
                 return False
         self.log_context.update(call_sid=show(start.call_sid, 40),
                                 stream_sid=show(start.stream_sid, 40))
@@ -266,7 +287,7 @@ class CallSession:
         finally:
             self._cancel = None
             if self.end_reason is None:  # cancelled from outside: the server is stopping
-                self._end("server-shutdown", "error")
+                self._end("server-shutdown")
             await self._release_caller()
             self.stats.frames_out = playback.frames_sent
             self.stats.frames_dropped_out = playback.dropped_frames
@@ -307,32 +328,34 @@ class CallSession:
                     nursery.start_soon(self._guard, self._keepalive(assistant))
                     nursery.start_soon(self._guard,
                                        self._barge_in_watcher(assistant, playback, speech))
+                    nursery.start_soon(self._guard, self._keypad(assistant))
             finally:
                 await self._release_caller()  # the caller first: never a silent line
-                # Unless the assistant ended the call (or is unreachable), tell it the call is
-                # over: a network assistant may otherwise keep the call open, and billing.
-                reason = self.end_reason or "server-shutdown"
-                if not reason.startswith(("assistant-ended", "upstream")):
-                    with trio.CancelScope(shield=True), trio.move_on_after(TEARDOWN_SECONDS):
-                        await assistant.hang_up()
+                await self._tell_assistant(assistant)
         return Ending(self.end_reason or "assistant-side-ended")  # pragma: no cover
 
+    async def _tell_assistant(self, assistant: AssistantSession) -> None:
+        """Tell the assistant how the call ended, as the end's policy row says: a network
+        assistant not told may keep the call open, and billing."""
+        row = policy(self.end_reason or "server-shutdown")
+        if row.assistant is Tell.NOTHING:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(TEARDOWN_SECONDS):
+            if row.assistant is Tell.TRANSFERRED and self._transferred is not None:
+                with contextlib.suppress(UpstreamError):  # gone already: nothing to tell
+                    await assistant.tell(Transferred(self._transferred))
+            await assistant.hang_up()
+
     async def _release_caller(self) -> None:
-        """End the Twilio side of the call, once: with REST call control, first hang up after a
-        normal end of the assistant, or redirect to the fallback after a failure of it; then
-        close the stream (without REST, Twilio runs the TwiML after `</Connect>`)."""
+        """End the Twilio side of the call, once: what the caller gets next (the end's policy
+        row: hang up, the fallback, a transfer's `<Dial>`), then close the stream."""
         if self._caller_released:
             return
         self._caller_released = True
-        reason = self.end_reason or "server-shutdown"
+        row = policy(self.end_reason or "server-shutdown")
         with trio.CancelScope(shield=True), trio.move_on_after(REST_SECONDS + TEARDOWN_SECONDS):
-            if self.call_control is not None and self.call is not None:
-                sid = self.call.call_sid
-                if reason.startswith("assistant-ended"):
-                    await self.call_control.hang_up(sid)
-                elif reason.startswith(("upstream", "internal")):
-                    fallback = self.settings.config.call.fallback_twiml
-                    await self.call_control.redirect(sid, f"<Response>{fallback}</Response>")
+            if self.phone is not None and self.call is not None:
+                await self.phone.finish(self.call, row, self._dial)
             with trio.move_on_after(TEARDOWN_SECONDS):
                 await self.socket.close()
 
@@ -355,7 +378,7 @@ class CallSession:
         if isinstance(error, UpstreamError):
             log.error("assistant failed: %s", show(error, 300))
             metrics.ERRORS.labels(kind="upstream").inc()
-            self._end("upstream-error", "error")
+            self._end("upstream-error")
         elif isinstance(error, CallerDisconnected):
             log.info("Twilio closed the media socket without 'stop': %s", show(error, 200))
             self._end("caller-disconnected")
@@ -368,13 +391,13 @@ class CallSession:
         log.error("internal error, ending the call: %s: %s", type(exc).__name__, exc,
                   exc_info=exc)
         metrics.ERRORS.labels(kind="internal").inc()
-        self._end("internal-error", "error")
+        self._end("internal-error")
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         log.warning("protocol error from Twilio (peer %s), ending the call: %s", self.peer,
                     show(exc, 300))
         metrics.ERRORS.labels(kind="protocol").inc()
-        self._end("protocol-error", "error")
+        self._end("protocol-error")
 
     # -- the four tasks --
 
@@ -406,9 +429,19 @@ class CallSession:
             elif type(event) is MarkPlayed:
                 mark_played(event.name)
             elif type(event) is Dtmf:
-                log.info("caller pressed a key (DTMF; digits are never logged)")
+                self.keypad.press(event.digit)
             elif type(event) is StreamStop:
-                return Ending("caller-hangup")
+                return await self._stopped()
+
+    async def _stopped(self) -> Ending:
+        """Twilio stopped the stream: the caller hung up, or a transfer moved the call on
+        (whose REST answer may still be on its way)."""
+        if self._moved is not None:
+            with trio.move_on_after(REST_SECONDS):
+                await self._moved.wait()
+        if self._transferred is not None:
+            return Ending(f"transferred:{self._transferred}")
+        return Ending("caller-hangup")
 
     async def _feeder(self, feed: UpstreamFeed, assistant: AssistantSession) -> Ending:
         await feed.run(assistant)
@@ -427,10 +460,89 @@ class CallSession:
                 if playback.playing:
                     self._barge_in(playback, "assistant")
             elif type(event) is AssistantEnded:
-                # Let the caller hear the assistant's last words before the stream closes.
-                if not await playback.drain(grace=TEARDOWN_SECONDS):
-                    log.info("Twilio did not confirm the end of playback; closing anyway")
+                await self._last_words(playback)
                 return Ending(f"assistant-ended:{event.reason}")
+            elif type(event) is TransferRequested:
+                ending = await self._transfer(event, assistant, playback)
+                if ending is not None:
+                    return ending
+            elif type(event) is DigitsRequested:
+                await self._press_keys(event.digits, playback)
+
+    async def _last_words(self, playback: Playback) -> None:
+        """Let the caller hear the assistant's last words before the call moves on."""
+        if not await playback.drain(grace=TEARDOWN_SECONDS):
+            log.info("Twilio did not confirm the end of playback; going on anyway")
+
+    async def _transfer(self, request: TransferRequested, assistant: AssistantSession,
+                        playback: Playback) -> Ending | None:
+        """Hand the caller to a person, if the assistant may send them there: the call's end
+        (a transfer), or None when it was refused and the call goes on."""
+        if self._dial is not None:
+            log.info("the assistant asked for another transfer while one is under way; ignored")
+            return None
+        asked = show(request.to, 64)
+        try:
+            to = destination(self.settings.config.transfer, request.to)
+        except TransferRefusal as exc:
+            log.warning("transfer to %s refused: %s", asked or "(default)", exc)
+            await self._refuse_transfer(assistant, request.to, str(exc), "refused")
+            return None
+        if self.phone is None or self.call is None:  # pragma: no cover - the server gives one
+            await self._refuse_transfer(assistant, to.name, "no phone leg", "failed")
+            return None
+        await self._last_words(playback)
+        self._dial = self.phone.dial_twiml(to, request.announce)
+        if self.phone.rest:
+            self._moved = trio.Event()
+            try:
+                moved = await self.phone.move(self.call, self._dial)
+                if moved:
+                    self._transferred = to.name
+            finally:
+                self._moved.set()
+            if not moved:
+                self._dial = None
+                log.error("transfer to %s failed: Twilio did not take the call's new TwiML",
+                          to.name)
+                await self._refuse_transfer(
+                    assistant, to.name, "the phone system did not accept the transfer",
+                    "failed")
+                return None
+            log.info("transferred the caller to %s", to.name)
+            metrics.TRANSFERS.labels(result="completed").inc()
+            # Twilio now stops the stream: the inbound pump takes that stop as the transfer.
+            await trio.sleep(TRANSFER_STOP_SECONDS)
+            log.warning("Twilio did not stop the stream within %.0fs of the transfer; closing "
+                        "it", TRANSFER_STOP_SECONDS)
+            return Ending(f"transferred:{to.name}")
+        # No REST: the stream closes and Twilio's action request gets the <Dial>.
+        self._transferred = to.name
+        log.info("transferring the caller to %s (through the stream's action)", to.name)
+        metrics.TRANSFERS.labels(result="completed").inc()
+        return Ending(f"transferred:{to.name}")
+
+    async def _refuse_transfer(self, assistant: AssistantSession, to: str, reason: str,
+                               result: str) -> None:
+        metrics.TRANSFERS.labels(result=result).inc()
+        await assistant.tell(TransferRefused(to[:64], reason))
+
+    async def _press_keys(self, digits: str, playback: Playback) -> None:
+        """Play the keys the assistant asked for as DTMF tones, queued after its audio (so a
+        barge-in drops them with it)."""
+        problem = dtmf.problem(digits)
+        if problem is not None:
+            log.warning("the assistant asked to press keys that cannot be played: %s", problem)
+            metrics.ERRORS.labels(kind="keypad").inc()
+            return
+        keys = sum(1 for key in digits if key not in "wW")
+        log.info("pressing %d key(s) for the assistant", keys)
+        metrics.KEYPAD.labels(direction="out").inc(keys)
+        await playback.enqueue(dtmf.tones_ulaw(digits))
+
+    async def _keypad(self, assistant: AssistantSession) -> Ending:
+        await self.keypad.run(assistant)
+        return Ending("keypad-ended")  # pragma: no cover - runs for the life of the call
 
     async def _playout(self, playback: Playback) -> Ending:
         await playback.run()
@@ -477,18 +589,18 @@ class CallSession:
                             "%.1fs queued (call.send_timeout); ending the call", now - progressed,
                             playback.held_seconds)
                 metrics.ERRORS.labels(kind="twilio_stalled").inc()
-                return Ending("twilio-stalled", "error")
+                return Ending("twilio-stalled")
             stalled = feed.stalled_seconds(now)
             if stalled >= upstream_stall:
                 log.error("the assistant stopped taking caller audio: none taken for %.1fs "
                           "(call.upstream_send_timeout); ending the call", stalled)
                 metrics.ERRORS.labels(kind="upstream_stalled").inc()
-                return Ending("upstream-stalled", "error")
+                return Ending("upstream-stalled")
             if now - self._last_in >= timeout:
                 log.warning("no message from Twilio for %.1fs (call.media_timeout); ending the "
                             "call", timeout)
                 metrics.ERRORS.labels(kind="twilio_silent").inc()
-                return Ending("twilio-silent", "error")
+                return Ending("twilio-silent")
 
     def _report_frames(self, frames_out: int) -> None:
         """Add the frames moved since the last report to voxd_media_frames_total."""
@@ -507,7 +619,7 @@ class CallSession:
             if scope.cancelled_caught:
                 log.error("assistant did not answer a keep-alive within %.1fs", timeout)
                 metrics.ERRORS.labels(kind="keepalive").inc()
-                return Ending("upstream-keepalive-timeout", "error")
+                return Ending("upstream-keepalive-timeout")
 
     async def _barge_in_watcher(self, assistant: AssistantSession, playback: Playback,
                                 speech: trio.MemoryReceiveChannel[float]) -> Ending:
@@ -539,9 +651,11 @@ class CallSession:
         p50 = percentile(s.latencies, 50)
         p95 = percentile(s.latencies, 95)
         reason = self.end_reason or "unknown"
-        metrics.CALLS_TOTAL.labels(outcome=self.outcome).inc()
+        row = policy(reason)
+        metrics.CALLS_TOTAL.labels(outcome=row.outcome).inc()
         self._report_frames(s.frames_out)
-        log.info(
+        log.log(
+            row.level,
             "call ended: duration=%.1fs frames_in=%d frames_out=%d dropped_in=%d "
             "dropped_out=%d turns=%d latency_p50=%s latency_p95=%s barge_ins=%d reason=%s",
             duration, s.frames_in, s.frames_out, s.frames_dropped_in, s.frames_dropped_out,

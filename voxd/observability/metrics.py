@@ -58,6 +58,14 @@ BARGE_INS = Counter(
     "voxd_barge_ins_total", "Assistant playback interrupted, by source", ["source"],
     registry=REGISTRY,
 )
+TRANSFERS = Counter(
+    "voxd_transfers_total", "Transfers an assistant asked for, by result (completed, refused, "
+    "failed)", ["result"], registry=REGISTRY,
+)
+KEYPAD = Counter(
+    "voxd_keypad_presses_total", "Keypad keys, by direction (in: the caller pressed; out: "
+    "played for the assistant)", ["direction"], registry=REGISTRY,
+)
 CONNECTIONS_OPEN = Gauge("voxd_connections_open", "TCP connections open (all kinds)",
                          registry=REGISTRY, multiprocess_mode="livesum")
 CONNECTIONS_REJECTED = Counter(

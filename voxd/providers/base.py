@@ -54,7 +54,48 @@ class AssistantEnded(msgspec.Struct, frozen=True):
     reason: str
 
 
-AssistantEvent = AssistantAudio | AssistantInterrupted | CallerSpeechStarted | AssistantEnded
+class TransferRequested(msgspec.Struct, frozen=True):
+    """The assistant asks voxd to hand the caller to a person. `to` names a [transfer.to]
+    entry ("" for transfer.default); a platform that dialled a number or SIP URI itself (Vapi's
+    transferCall tool) gives that, and it must be one of the configured destinations."""
+
+    to: str = ""
+    announce: str = ""
+    """Said to the caller before dialling ("" for transfer.announce)."""
+
+
+class DigitsRequested(msgspec.Struct, frozen=True):
+    """The assistant asks voxd to press keys on the call (0-9 * # A-D, w = 500 ms pause)."""
+
+    digits: str
+
+
+AssistantEvent = (AssistantAudio | AssistantInterrupted | CallerSpeechStarted | AssistantEnded
+                  | TransferRequested | DigitsRequested)
+
+
+class KeypadEntry(msgspec.Struct, frozen=True):
+    """voxd -> assistant: the caller pressed these keys (one key, or a collected entry)."""
+
+    digits: str
+
+
+class Transferred(msgspec.Struct, frozen=True):
+    """voxd -> assistant: the caller was handed to the destination named `to`; the call is over
+    for the assistant."""
+
+    to: str
+
+
+class TransferRefused(msgspec.Struct, frozen=True):
+    """voxd -> assistant: the transfer to `to` was not made; the call goes on."""
+
+    to: str
+    reason: str
+
+
+CallNotice = KeypadEntry | Transferred | TransferRefused
+"""What voxd tells an assistant about the phone call (each provider says it its own way)."""
 
 
 class AssistantSession(Protocol):
@@ -79,6 +120,10 @@ class AssistantSession(Protocol):
     async def barge_in(self, heard_seconds: float) -> None:
         """voxd cut the assistant's speech short (the caller talked over it) after the caller
         had heard `heard_seconds` of it; a no-op where the protocol cannot say so."""
+        ...
+
+    async def tell(self, notice: CallNotice) -> None:
+        """Tell the assistant what happened on the phone call (see `CallNotice`)."""
         ...
 
 

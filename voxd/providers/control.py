@@ -23,3 +23,21 @@ def decode_control(text: str, sender: str) -> tuple[str, dict[str, Any]]:
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ProtocolError(f"{sender} sent a control message without a string 'type'")
     return message["type"], message
+
+
+MAX_TEXT_FIELD = 1000
+"""Longest string field voxd takes from a control message (a name, an announcement, keys)."""
+
+
+def text_field(message: dict[str, Any], name: str, kind: str, sender: str) -> str:
+    """The optional string field `name` of a `kind` message ("" when absent or null);
+    ProtocolError naming `sender` when it is not a string or is too long."""
+    value = message.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ProtocolError(f"{sender} sent {kind} with a '{name}' that is not a string")
+    if len(value) > MAX_TEXT_FIELD:
+        raise ProtocolError(f"{sender} sent {kind} with a '{name}' over {MAX_TEXT_FIELD} "
+                            "characters")
+    return value

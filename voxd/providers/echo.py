@@ -3,7 +3,8 @@
 It listens to the caller; after about 500 ms of silence it plays the caller's utterance back,
 paced in real time like a streaming voice. If the caller talks over the playback for
 `interrupt_ms` it stops and signals an interruption (as a real assistant does), then listens
-to the new utterance.
+to the new utterance. Keys the caller presses are pressed back (DTMF tones), except `0`,
+which asks voxd to transfer the call to transfer.default.
 
 Echo gate. A phone line returns part of what the caller hears (hybrid echo: typically 20 dB or
 more down, a few tens to a few hundred ms late), so while the echo plays, its own voice comes
@@ -47,6 +48,11 @@ from voxd.providers.base import (
     AudioFormat,
     BackgroundTasks,
     CallInfo,
+    CallNotice,
+    DigitsRequested,
+    KeypadEntry,
+    TransferRefused,
+    TransferRequested,
 )
 
 log = logging.getLogger("voxd.providers.echo")
@@ -240,4 +246,16 @@ class EchoAssistant:
     async def barge_in(self, heard_seconds: float) -> None:
         """voxd heard the caller first: stop the playback (the echo would later)."""
         self._stop_playing()
+        await trio.lowlevel.checkpoint()
+
+    async def tell(self, notice: CallNotice) -> None:
+        """Keys echo too: `0` asks for a transfer to transfer.default, anything else is
+        pressed back to the caller (so the demo and the tests exercise both directions)."""
+        if isinstance(notice, KeypadEntry):
+            if notice.digits.rstrip("#") == "0":
+                await self._events_tx.send(TransferRequested())
+            else:
+                await self._events_tx.send(DigitsRequested(notice.digits))
+        elif isinstance(notice, TransferRefused):
+            log.info("echo: the transfer was refused (%s)", notice.reason)
         await trio.lowlevel.checkpoint()

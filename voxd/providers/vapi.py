@@ -18,12 +18,15 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import trio
 
-from voxd.config import Settings
+from voxd.config import KeypadConfig, Settings, VapiConfig
 from voxd.errors import UpstreamError
+from voxd.net.websocket import WebSocket
+from voxd.observability.untrusted import show
 from voxd.providers.base import (
     AssistantEnded,
     AssistantEvent,
@@ -31,15 +34,25 @@ from voxd.providers.base import (
     BackgroundTasks,
     CallerSpeechStarted,
     CallInfo,
+    CallNotice,
+    DigitsRequested,
     EarlyStarts,
+    KeypadEntry,
+    TransferRefused,
+    TransferRequested,
 )
+from voxd.providers.control import MAX_TEXT_FIELD
 from voxd.providers.vapi_protocol import (
     END_CALL,
     CreatedCall,
     SpeechUpdate,
     StatusUpdate,
+    ToolCall,
+    ToolCalls,
+    TransferUpdate,
     UserInterrupted,
     VapiCreateError,
+    add_message,
     create_call_body,
     parse_control,
     parse_create_response,
@@ -73,21 +86,64 @@ class _EarlyCall:
     error: UpstreamError | None = None
 
 
-def translate(text: str) -> AssistantEvent | None:
-    """Vapi control message -> voxd event (None: nothing to act on)."""
-    event = parse_control(text)
-    if isinstance(event, UserInterrupted):
-        return AssistantInterrupted()
-    if isinstance(event, SpeechUpdate):
-        if event.role == "user" and event.status == "started":
-            return CallerSpeechStarted()
+class VapiMessages:
+    """Vapi's control messages <-> voxd's events and notices, for one configuration (the
+    names of the client-side tools, the keypad template)."""
+
+    def __init__(self, vapi: VapiConfig, keypad: KeypadConfig) -> None:
+        self.vapi = vapi
+        self.template = keypad.template
+
+    def translate(self, text: str) -> AssistantEvent | tuple[AssistantEvent, ...] | None:
+        """Vapi control message -> voxd event(s) (None: nothing to act on)."""
+        event = parse_control(text)
+        if isinstance(event, UserInterrupted):
+            return AssistantInterrupted()
+        if isinstance(event, SpeechUpdate):
+            if event.role == "user" and event.status == "started":
+                return CallerSpeechStarted()
+            return None
+        if isinstance(event, StatusUpdate):
+            if event.status == "ended":
+                return AssistantEnded(f"vapi:{event.ended_reason or 'ended'}")
+            return None
+        if isinstance(event, ToolCalls):
+            return tuple(e for e in map(self._tool, event.calls) if e is not None)
+        if isinstance(event, TransferUpdate):
+            if not event.destination:
+                return None  # to another assistant: Vapi's own business
+            return TransferRequested(event.destination, event.message)
+        log.debug("Vapi message %r (not acted on)", event.type)
         return None
-    if isinstance(event, StatusUpdate):
-        if event.status == "ended":
-            return AssistantEnded(f"vapi:{event.ended_reason or 'ended'}")
+
+    def _tool(self, call: ToolCall) -> AssistantEvent | None:
+        """One client-side tool call as a voxd event (None: not one of voxd's tools)."""
+        arguments = call.arguments
+        if call.name == self.vapi.transfer_tool:
+            return TransferRequested(_text(arguments, "destination"),
+                                     _text(arguments, "announce"))
+        if call.name == self.vapi.dtmf_tool:
+            return DigitsRequested(_text(arguments, "digits"))
+        if call.name == self.vapi.end_call_tool:
+            return AssistantEnded("vapi:end-call-tool")
+        log.debug("Vapi tool call %s is not one of voxd's tools (not acted on)",
+                  show(call.name, 80))
         return None
-    log.debug("Vapi message %r (not acted on)", event.type)
-    return None
+
+    def notice(self, notice: CallNotice) -> str | None:
+        """What voxd tells Vapi about the phone call (as a system message it answers)."""
+        if isinstance(notice, KeypadEntry):
+            return add_message(self.template.replace("{digits}", " ".join(notice.digits)))
+        if isinstance(notice, TransferRefused):
+            return add_message(f"The transfer to {notice.to or 'a person'} was not made: "
+                               f"{notice.reason}. Tell the caller, and carry on.")
+        return None  # Transferred: end-call follows
+
+
+def _text(arguments: dict[str, Any], name: str) -> str:
+    """A tool argument as a string (bounded; "" when absent or not a string)."""
+    value = arguments.get(name)
+    return value[:MAX_TEXT_FIELD] if isinstance(value, str) else ""
 
 
 class VapiProvider:
@@ -105,6 +161,7 @@ class VapiProvider:
         self.max_message_bytes = config.assistant.max_message_bytes
         self._auth = {"Authorization": f"Bearer {key.reveal()}"}
         self._early = early if early is not None else EarlyStarts()
+        self.messages = VapiMessages(config.vapi, config.keypad)
         self._client: httpx.AsyncClient | None = None
 
     # -- creating calls --
@@ -249,7 +306,7 @@ class VapiProvider:
             created, auth = await self._other_hosts_or_new(call)
             async with open_upstream(created.websocket_call_url, auth, "Vapi",
                                      self.max_message_bytes) as ws:
-                yield WebSocketAssistant(ws, "Vapi", translate, END_CALL)
+                yield self._assistant(ws)
             return
         early.claimed.set()
         try:
@@ -263,11 +320,16 @@ class VapiProvider:
             async with open_upstream(early.created.websocket_call_url, early.auth, "Vapi",
                                      self.max_message_bytes) as ws:
                 early.settled.set()  # the socket is open: ending it is the call's own work
-                yield WebSocketAssistant(ws, "Vapi", translate, END_CALL)
+                yield self._assistant(ws)
         finally:
             if not early.settled.is_set():  # gave up first: the early task ends it
                 early.abandoned = True
                 early.settled.set()
+
+    def _assistant(self, ws: WebSocket) -> WebSocketAssistant:
+        messages = self.messages
+        return WebSocketAssistant(ws, "Vapi", messages.translate, END_CALL,
+                                  notice_message=messages.notice)
 
     async def _other_hosts_or_new(self, call: CallInfo) -> tuple[CreatedCall,
                                                                    list[tuple[str, str]]]:

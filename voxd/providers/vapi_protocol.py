@@ -23,6 +23,8 @@ AUDIO_FORMATS: dict[str, dict[str, Any]] = {
 
 END_CALL = '{"type":"end-call"}'
 """Client -> Vapi: end the call (sent before closing the socket, always)."""
+MAX_TOOL_CALLS = 16
+"""Tool calls taken from one message; more are ignored."""
 
 
 class VapiCreateError(UpstreamError):
@@ -146,13 +148,37 @@ class StatusUpdate(msgspec.Struct, frozen=True):
     ended_reason: str = ""
 
 
+class ToolCall(msgspec.Struct, frozen=True):
+    """One client-side function tool call of the assistant's model."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+class ToolCalls(msgspec.Struct, frozen=True):
+    """`tool-calls`: the model calls tools that have no server URL (run by the client: voxd)."""
+
+    calls: tuple[ToolCall, ...]
+
+
+class TransferUpdate(msgspec.Struct, frozen=True):
+    """`transfer-update`: Vapi transfers the call (its transferCall tool) to a number or SIP
+    URI; over the WebSocket transport the client (voxd) owns the phone leg and must do it."""
+
+    destination: str
+    """The number or SIP URI ("" for a destination that is another assistant)."""
+    message: str = ""
+
+
 class OtherMessage(msgspec.Struct, frozen=True):
     """A message voxd does not act on (transcript, model-output, hang, unknown types...)."""
 
     type: str
 
 
-VapiEvent = SpeechUpdate | UserInterrupted | StatusUpdate | OtherMessage
+VapiEvent = (SpeechUpdate | UserInterrupted | StatusUpdate | ToolCalls | TransferUpdate
+             | OtherMessage)
 
 
 def parse_control(text: str) -> VapiEvent:
@@ -168,4 +194,51 @@ def parse_control(text: str) -> VapiEvent:
                             turn if isinstance(turn, int) else None)
     if kind == "status-update":
         return StatusUpdate(str(message.get("status", "")), str(message.get("endedReason", "")))
+    if kind == "tool-calls":
+        return ToolCalls(_tool_calls(message))
+    if kind == "transfer-update":
+        destination = message.get("destination")
+        if not isinstance(destination, dict):
+            return TransferUpdate("")
+        address = destination.get("number") if destination.get("type") == "number" else \
+            destination.get("sipUri") if destination.get("type") == "sip" else ""
+        said = destination.get("message")
+        return TransferUpdate(address if isinstance(address, str) else "",
+                              said if isinstance(said, str) else "")
     return OtherMessage(kind)
+
+
+def _tool_calls(message: dict[str, Any]) -> tuple[ToolCall, ...]:
+    """The function calls of a `tool-calls` message (`toolCallList`, else the calls inside
+    `toolWithToolCallList`); entries that are not function calls with a name are skipped.
+    Arguments may be an object or (OpenAI's way, as Vapi's schema says) a JSON string."""
+    entries = message.get("toolCallList")
+    if not isinstance(entries, list):
+        listed = message.get("toolWithToolCallList")
+        entries = [item.get("toolCall") for item in listed if isinstance(item, dict)] \
+            if isinstance(listed, list) else []
+    calls = []
+    for entry in entries[:MAX_TOOL_CALLS]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("function"), dict):
+            continue
+        function = entry["function"]
+        name = function.get("name")
+        if not isinstance(name, str):
+            continue
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = msgspec.json.decode(arguments)
+            except (msgspec.DecodeError, RecursionError):
+                arguments = {}
+        calls.append(ToolCall(str(entry.get("id", "")), name,
+                              arguments if isinstance(arguments, dict) else {}))
+    return tuple(calls)
+
+
+def add_message(content: str, *, respond: bool = True) -> str:
+    """`add-message`: a system message into the assistant's conversation (`respond`: the
+    assistant answers it at once)."""
+    return msgspec.json.encode({"type": "add-message",
+                                "message": {"role": "system", "content": content},
+                                "triggerResponseEnabled": respond}).decode()

@@ -9,7 +9,13 @@ The protocol (documented in README.md, "Generic WebSocket assistants"):
 - the assistant sends its speech as binary frames (any size, same format) and may send text
   frames `{"type":"interrupted"}` (drop its queued speech), `{"type":"speech-started"}` (the
   caller started talking: an interruption if its speech is playing) and
-  `{"type":"end","reason":"..."}` (end the call). Other types are ignored.
+  `{"type":"end","reason":"..."}` (end the call), `{"type":"transfer","to":NAME,
+  "announce":"..."}` (hand the caller to the [transfer.to] entry NAME; "" or no `to` for
+  transfer.default) and `{"type":"send-dtmf","digits":"1w2#"}` (press keys; w = 500 ms pause).
+  Other types are ignored.
+- voxd tells the assistant `{"type":"dtmf","digits":"123#"}` (the caller pressed keys),
+  `{"type":"transferred","to":NAME}` (then `end`) and `{"type":"transfer-refused","to":NAME,
+  "reason":"..."}` (the call goes on).
 - when voxd itself hears the caller talk over the assistant (barge_in.local_vad), it stops the
   assistant's audio, drops the rest of that turn, and sends
   `{"type":"barge-in","heard_ms":N}`: how much of the turn the caller heard.
@@ -24,6 +30,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from voxd.config import Settings
+from voxd.errors import ProtocolError
 from voxd.providers.base import (
     AssistantEnded,
     AssistantEvent,
@@ -31,8 +38,14 @@ from voxd.providers.base import (
     BackgroundTasks,
     CallerSpeechStarted,
     CallInfo,
+    CallNotice,
+    DigitsRequested,
+    KeypadEntry,
+    Transferred,
+    TransferRefused,
+    TransferRequested,
 )
-from voxd.providers.control import decode_control
+from voxd.providers.control import decode_control, text_field
 from voxd.providers.ws_upstream import WebSocketAssistant, open_upstream
 
 END = '{"type":"end"}'
@@ -47,7 +60,25 @@ def translate(text: str) -> AssistantEvent | None:
         return CallerSpeechStarted()
     if kind == "end":
         return AssistantEnded(f"assistant:{message.get('reason') or 'ended'}")
+    if kind == "transfer":
+        return TransferRequested(text_field(message, "to", kind, "the assistant"),
+                                 text_field(message, "announce", kind, "the assistant"))
+    if kind == "send-dtmf":
+        digits = text_field(message, "digits", kind, "the assistant")
+        if not digits:
+            raise ProtocolError("the assistant sent send-dtmf without digits")
+        return DigitsRequested(digits)
     return None
+
+
+def notice_message(notice: CallNotice) -> str:
+    """What voxd tells a generic assistant about the phone call."""
+    if isinstance(notice, KeypadEntry):
+        return json.dumps({"type": "dtmf", "digits": notice.digits})
+    if isinstance(notice, Transferred):
+        return json.dumps({"type": "transferred", "to": notice.to})
+    assert isinstance(notice, TransferRefused)
+    return json.dumps({"type": "transfer-refused", "to": notice.to, "reason": notice.reason})
 
 
 def barge_in_message(heard_seconds: float) -> str:
@@ -89,6 +120,7 @@ class WebSocketProvider:
         """Open the assistant's socket and introduce the call."""
         async with open_upstream(self.url, self.headers, "the assistant",
                                  self.max_message_bytes) as ws:
-            assistant = WebSocketAssistant(ws, "the assistant", translate, END, barge_in_message)
+            assistant = WebSocketAssistant(ws, "the assistant", translate, END, barge_in_message,
+                                           notice_message)
             await assistant.send(start_message(call, self.audio))
             yield assistant

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -17,7 +18,7 @@ from voxd.errors import ErrorMap, ProtocolError, UpstreamError, VoxdError
 from voxd.net import websocket
 from voxd.net.websocket import ConnectionClosed, WebSocket
 from voxd.observability.untrusted import show
-from voxd.providers.base import AssistantAudio, AssistantEnded, AssistantEvent
+from voxd.providers.base import AssistantAudio, AssistantEnded, AssistantEvent, CallNotice
 
 log = logging.getLogger("voxd.providers")
 
@@ -83,6 +84,11 @@ async def open_upstream(
             await ws.close()
 
 
+Translate = Callable[[str], AssistantEvent | tuple[AssistantEvent, ...] | None]
+"""A provider's control frame -> voxd event(s) (None: nothing to act on); ProtocolError for a
+frame that breaks its protocol."""
+
+
 class WebSocketAssistant:
     """One call's assistant on a WebSocket (the AssistantSession of ws-based providers)."""
 
@@ -90,11 +96,14 @@ class WebSocketAssistant:
         self,
         ws: WebSocket,
         what: str,
-        translate: Callable[[str], AssistantEvent | None],
+        translate: Translate,
         end_message: str | None,
         barge_in_message: Callable[[float], str] | None = None,
+        notice_message: Callable[[CallNotice], str | None] | None = None,
     ) -> None:
         self._barge_in_message = barge_in_message
+        self._notice_message = notice_message
+        self._pending: deque[AssistantEvent] = deque()
         self._ws = ws
         self._what = what
         self._translate = translate
@@ -129,6 +138,8 @@ class WebSocketAssistant:
 
     async def receive(self) -> AssistantEvent:
         """The next audio or control event; unreadable control messages are logged, skipped."""
+        if self._pending:
+            return self._pending.popleft()
         while True:
             with self._errors:
                 try:
@@ -149,6 +160,11 @@ class WebSocketAssistant:
                     log.warning("%s (ignored)%s", show(exc, 200), "; further ones are not logged"
                                 if self._warnings == MAX_CONTROL_WARNINGS else "")
                 continue
+            if isinstance(event, tuple):
+                if not event:
+                    continue
+                self._pending.extend(event[1:])
+                return event[0]
             if event is not None:
                 return event
 
@@ -163,6 +179,15 @@ class WebSocketAssistant:
             await trio.lowlevel.checkpoint()
             return
         await self.send(self._barge_in_message(heard_seconds))
+
+    async def tell(self, notice: CallNotice) -> None:
+        """Tell the assistant what happened on the phone call, in its protocol's words (if it
+        has words for it)."""
+        message = None if self._notice_message is None else self._notice_message(notice)
+        if message is None:
+            await trio.lowlevel.checkpoint()
+            return
+        await self.send(message)
 
     async def hang_up(self) -> None:
         """Tell the assistant the call is over (then the socket is closed)."""

@@ -17,6 +17,7 @@ from voxd.config import (
     Secrets,
     ServerConfig,
     Settings,
+    TransferConfig,
     TwilioConfig,
 )
 from voxd.providers.base import AudioFormat
@@ -24,6 +25,9 @@ from voxd.server import bound_origin, open_listener, serve
 from voxd.sim.caller import RATE, CallReport, TwilioSimulator, read_wav
 from voxd.sim.rest import SimulatedRest
 
+DEMO_TRANSFER = TransferConfig(default="front-desk", to={"front-desk": "+14155550100"},
+                               announce="Connecting you to the front desk.")
+"""Where the demo's echo sends a caller who presses 0 (a fictional 555-01xx number)."""
 TAIL_SECONDS = 4.0
 """Silence streamed after the sample, so the last reply is heard."""
 
@@ -41,11 +45,12 @@ def demo_seconds(sample: np.ndarray | None = None) -> float:
 
 async def run_demo(audio: AudioFormat = "pcm16", sample: np.ndarray | None = None,
                    seconds: float | None = None, *, dtmf: Sequence[tuple[str, float]] = (),
-                   rest: bool = False) -> CallReport:
+                   rest: bool = True) -> CallReport:
     """Start voxd (echo assistant, signatures on, free loopback port), place one call,
-    pressing the keys `dtmf` [(key, seconds)]. With `rest`, a simulated Twilio REST API runs
-    too and voxd controls the call through it (twilio.rest_call_control on, api_base_url
-    and account_sid pointed at it); without, voxd ends calls by `<Connect action>`."""
+    pressing the keys `dtmf` [(key, seconds)] (the echo presses them back; `0` transfers to
+    DEMO_TRANSFER). With `rest`, a simulated Twilio REST API runs too and voxd controls the
+    call through it (twilio.rest_call_control on, api_base_url pointed at it), as it does
+    in production; without, voxd ends calls by `<Connect action>`."""
     caller = bundled_sample() if sample is None else sample
     token = secrets.token_hex(16)
     api = SimulatedRest(auth_token=token) if rest else None
@@ -57,12 +62,13 @@ async def run_demo(audio: AudioFormat = "pcm16", sample: np.ndarray | None = Non
             if api is not None:
                 await nursery.start(api.serve)
                 twilio = TwilioConfig(validate_signatures=True, rest_call_control=True,
-                                      api_base_url=api.base_url, account_sid=api.account_sid)
+                                      api_base_url=api.base_url)
             settings = Settings(
                 config=Config(
                     server=ServerConfig(listen="127.0.0.1:0", public_url=origin),
                     twilio=twilio,
                     assistant=AssistantConfig(provider="echo", audio=audio),
+                    transfer=DEMO_TRANSFER,
                 ),
                 secrets=Secrets(twilio_auth_token=Secret(token)),
                 source=Path("(demo: built-in settings)"),

@@ -416,7 +416,10 @@ class VoxdProcess:
         port = free_port()
         self.origin = f"http://127.0.0.1:{port}"
         server = {"listen": f"127.0.0.1:{port}", "public_url": self.origin}
-        sections = {**sections, "server": {**server, **sections.get("server", {})}}
+        # No real Twilio REST API behind a simulated call: calls end through <Connect action>.
+        twilio = {"rest_call_control": False, **sections.get("twilio", {})}
+        sections = {**sections, "server": {**server, **sections.get("server", {})},
+                    "twilio": twilio}
         text = "".join(f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in
                                                  values.items()) for name, values in
                        sections.items())

@@ -34,6 +34,8 @@ from voxd.errors import ProtocolError
 MULAW_FORMAT: Final = ("audio/x-mulaw", 8000, 1)
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024
 DEFAULT_MAX_PAYLOAD_BYTES: Final = 8000
+KEYPAD_KEYS: Final = "0123456789*#ABCD"
+"""The keys a `dtmf` event may carry (Twilio sends one per press)."""
 DEEP_JSON: Final = "JSON nested too deeply"
 """The problem named for a message nested deeper than the interpreter's recursion limit lets
 msgspec go (~1,000 levels; Twilio's messages nest three)."""
@@ -223,7 +225,10 @@ class MediaStream:
             return MarkPlayed(wire.mark.name)
         if isinstance(wire, _Dtmf):
             self._require_streaming("dtmf", wire.streamSid)
-            return Dtmf(wire.dtmf.digit)
+            digit = wire.dtmf.digit
+            if len(digit) != 1 or digit not in KEYPAD_KEYS:
+                raise ProtocolError("dtmf digit is not one keypad key (0-9, *, #, A-D)")
+            return Dtmf(digit)
         if isinstance(wire, _Stop):
             self._require_streaming("stop", wire.streamSid)
             self.state = StreamState.STOPPED

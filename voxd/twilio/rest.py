@@ -1,9 +1,12 @@
-"""Live-call control over Twilio's REST API (optional: `twilio.rest_call_control`).
+"""Live-call control over Twilio's REST API: hang up a call, or replace its TwiML (the fallback
+after a failure, a `<Dial>` for a transfer).
+
+Used whenever voxd has the Twilio auth token (and `twilio.rest_call_control` is not false).
+The account named in each request is `twilio.account_sid`, or else the call's own (Twilio
+gives it with every call), so the auth token voxd already has for signatures is enough.
 
 The `twilio` package's client is synchronous, so every request runs in a worker thread and the
-event loop never waits on the network. Used at the end of a call: redirect the live call to the
-fallback TwiML after an assistant failure, or hang up after the assistant ended normally (so
-the fallback after `</Connect>` does not play after a goodbye).
+event loop never waits on the network.
 """
 
 from __future__ import annotations
@@ -15,34 +18,56 @@ from twilio.base.exceptions import TwilioException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
-from voxd.config import Settings
+from voxd.config import ACCOUNT_SID, Settings
 
 log = logging.getLogger("voxd.twilio.rest")
 
 REQUEST_TIMEOUT = 3.0
+MAX_ACCOUNTS = 8
+"""Clients (each with its own connection pool) kept for the accounts calls came from."""
 
 
 class CallControl:
-    """Redirects or hangs up live calls; built only when rest_call_control is configured."""
+    """Redirects or hangs up live calls."""
 
     def __init__(self, settings: Settings) -> None:
         token = settings.secrets.twilio_auth_token
-        assert token is not None  # config.check_settings requires it for rest_call_control
-        self._client = Client(settings.config.twilio.account_sid, token.reveal(),
-                              http_client=TwilioHttpClient(timeout=REQUEST_TIMEOUT))
-        self._client.api.base_url = settings.config.twilio.api_base_url.rstrip("/")
+        assert token is not None  # built only with the auth token (Runtime.from_settings)
+        self._token = token.reveal()
+        self._account = settings.config.twilio.account_sid
+        self._base_url = settings.config.twilio.api_base_url.rstrip("/")
+        self._clients: dict[str, Client] = {}
 
-    async def redirect(self, call_sid: str, twiml: str) -> bool:
-        """Replace the live call's TwiML; True if Twilio accepted it."""
-        return await self._update(call_sid, "redirect to the fallback", twiml=twiml)
+    def _client(self, account_sid: str) -> Client:
+        client = self._clients.get(account_sid)
+        if client is None:
+            if len(self._clients) >= MAX_ACCOUNTS:
+                self._clients.pop(next(iter(self._clients)))
+            client = Client(account_sid, self._token,
+                            http_client=TwilioHttpClient(timeout=REQUEST_TIMEOUT))
+            client.api.base_url = self._base_url
+            self._clients[account_sid] = client
+        return client
 
-    async def hang_up(self, call_sid: str) -> bool:
+    async def redirect(self, account_sid: str, call_sid: str, twiml: str, what: str) -> bool:
+        """Replace the live call's TwiML (`what` names it in the log); True if Twilio
+        accepted it."""
+        return await self._update(account_sid, call_sid, what, twiml=twiml)
+
+    async def hang_up(self, account_sid: str, call_sid: str) -> bool:
         """End the live call; True if Twilio accepted it."""
-        return await self._update(call_sid, "hang up", status="completed")
+        return await self._update(account_sid, call_sid, "hang up", status="completed")
 
-    async def _update(self, call_sid: str, what: str, **fields: str) -> bool:
+    async def _update(self, account_sid: str, call_sid: str, what: str, **fields: str) -> bool:
+        account = self._account or account_sid
+        if not ACCOUNT_SID.fullmatch(account):
+            log.warning("Twilio REST: cannot %s: the call came with no account SID (set "
+                        "twilio.account_sid)", what)
+            return False
+        client = self._client(account)
+
         def update() -> None:
-            self._client.calls(call_sid).update(**fields)
+            client.api.v2010.accounts(account).calls(call_sid).update(**fields)
 
         try:
             with trio.fail_after(REQUEST_TIMEOUT + 0.5):

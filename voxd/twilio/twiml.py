@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from twilio.twiml.voice_response import Connect, VoiceResponse
+from twilio.twiml.voice_response import Connect, Dial, VoiceResponse
 
 MAX_PARAMETER_CHARS = 500
 """Twilio's limit on a <Parameter>'s name plus value."""
@@ -16,17 +16,46 @@ def fitted(parameters: Mapping[str, str]) -> dict[str, str]:
             for name, value in parameters.items()}
 
 
-def connect_stream(stream_url: str, parameters: Mapping[str, str], fallback_verbs: str) -> str:
-    """`<Connect><Stream url=...>` with `<Parameter>`s (cut to Twilio's limit), then the
-    fallback verbs (raw TwiML, validated at config load) that Twilio runs once the stream
-    ends."""
+def connect_stream(stream_url: str, parameters: Mapping[str, str], fallback_verbs: str,
+                   action: str = "") -> str:
+    """`<Connect><Stream url=...>` with `<Parameter>`s (cut to Twilio's limit). Then either
+    the fallback verbs (raw TwiML, validated at config load) that Twilio runs once the stream
+    ends, or, with an `action` URL, nothing: Twilio asks the action what comes next."""
     response = VoiceResponse()
-    connect = Connect()
+    connect = Connect(action=action) if action else Connect()
     stream = connect.stream(url=stream_url)
     for name, value in fitted(parameters).items():
         stream.parameter(name=name, value=value)
     response.append(connect)
-    return _with_verbs(response, fallback_verbs)
+    return str(response) if action else _with_verbs(response, fallback_verbs)
+
+
+def dial(address: str, *, announce: str = "", caller_id: str = "", timeout: int = 30,
+         action: str = "") -> str:
+    """A cold transfer: optionally say `announce`, then dial `address` (a +E164 number or a
+    sip: URI); `action` is asked what follows when the dialled leg ends."""
+    response = VoiceResponse()
+    if announce:
+        response.say(announce)
+    attributes: dict[str, str | int] = {"timeout": timeout}
+    if caller_id:
+        attributes["caller_id"] = caller_id
+    if action:
+        attributes["action"] = action
+    verb = Dial(**attributes)
+    if address.startswith(("sip:", "sips:")):
+        verb.sip(address)
+    else:
+        verb.number(address)
+    response.append(verb)
+    return str(response)
+
+
+def hang_up() -> str:
+    """End the call."""
+    response = VoiceResponse()
+    response.hangup()
+    return str(response)
 
 
 def verbs_only(verbs: str) -> str:

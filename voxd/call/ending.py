@@ -1,0 +1,89 @@
+"""The end-of-call policy: for every way a call ends, what follows. One table, read by the
+teardown; nothing else tests reason strings.
+
+An end reason is `kind` or `kind:detail` (`assistant-ended:vapi:customer-ended-call`,
+`transferred:sales`). Its row says:
+- outcome      the `voxd_calls_total{outcome}` label;
+- caller       what the caller gets once the stream is over: NOTHING (gone already, or the
+               call was moved on during it), HANG_UP, FALLBACK (call.fallback_twiml) or DIAL
+               (the transfer's <Dial>);
+- rest         whether voxd makes that happen with a REST request at teardown (REST mode):
+               not when Twilio already runs the right thing by itself (the caller hung up;
+               Twilio dropped the socket and runs the verbs after </Connect>, the fallback),
+               nor for a transfer (moved by REST during the call);
+- assistant    what the assistant is told: END (the call is over), TRANSFERRED (the notice,
+               then END), or NOTHING (it ended the call itself, or cannot be reached);
+- level        the summary line's log level.
+
+Without REST (action mode) the caller column is what voxd answers to Twilio's `<Connect
+action>` request, whatever the rest column says.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from typing import NamedTuple
+
+
+class Caller(enum.Enum):
+    """What the caller gets after the stream."""
+
+    NOTHING = "nothing"
+    HANG_UP = "hang-up"
+    FALLBACK = "fallback"
+    DIAL = "dial"
+
+
+class Tell(enum.Enum):
+    """What the assistant is told at the end."""
+
+    NOTHING = "nothing"
+    END = "end"
+    TRANSFERRED = "transferred"
+
+
+class EndPolicy(NamedTuple):
+    """One row of the table (see the module docstring)."""
+
+    outcome: str
+    caller: Caller
+    rest: bool
+    assistant: Tell
+    level: int = logging.INFO
+
+
+_INFO, _WARNING = logging.INFO, logging.WARNING
+_FAILED = EndPolicy("error", Caller.FALLBACK, True, Tell.END, _WARNING)
+"""A failure of voxd's own (and any reason not in the table): apologise, end the assistant."""
+
+POLICY: dict[str, EndPolicy] = {
+    # the caller's side
+    "caller-hangup": EndPolicy("completed", Caller.NOTHING, False, Tell.END),
+    "caller-disconnected": EndPolicy("completed", Caller.FALLBACK, False, Tell.END),
+    "caller-disconnected-before-start": EndPolicy("error", Caller.FALLBACK, False,
+                                                  Tell.NOTHING, _WARNING),
+    "start-timeout": EndPolicy("error", Caller.FALLBACK, False, Tell.NOTHING, _WARNING),
+    "token-rejected": EndPolicy("error", Caller.FALLBACK, False, Tell.NOTHING, _WARNING),
+    "protocol-error": EndPolicy("error", Caller.FALLBACK, False, Tell.END, _WARNING),
+    "twilio-silent": EndPolicy("error", Caller.FALLBACK, False, Tell.END, _WARNING),
+    "twilio-stalled": EndPolicy("error", Caller.FALLBACK, False, Tell.END, _WARNING),
+    # the assistant's side
+    "assistant-ended": EndPolicy("completed", Caller.HANG_UP, True, Tell.NOTHING),
+    "transferred": EndPolicy("transferred", Caller.DIAL, False, Tell.TRANSFERRED),
+    "upstream-error": EndPolicy("error", Caller.FALLBACK, True, Tell.NOTHING, _WARNING),
+    "upstream-stalled": EndPolicy("error", Caller.FALLBACK, True, Tell.NOTHING, _WARNING),
+    "upstream-keepalive-timeout": EndPolicy("error", Caller.FALLBACK, True, Tell.NOTHING,
+                                            _WARNING),
+    # voxd's side
+    "max-duration": EndPolicy("completed", Caller.HANG_UP, True, Tell.END),
+    "drain-timeout": EndPolicy("completed", Caller.FALLBACK, False, Tell.END, _WARNING),
+    "server-shutdown": EndPolicy("error", Caller.FALLBACK, False, Tell.END, _WARNING),
+    "internal-error": _FAILED,
+}
+
+
+def policy(reason: str) -> EndPolicy:
+    """The row for an end reason (`kind` or `kind:detail`); unknown kinds are voxd's own
+    failure."""
+    return POLICY.get(reason.partition(":")[0], _FAILED)
