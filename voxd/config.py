@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from voxd.audio.dtmf import KEYS
 from voxd.errors import ConfigError
 
 SEARCH_PATHS = (Path("voxd.toml"), Path("/etc/voxd/voxd.toml"))
@@ -556,8 +557,8 @@ def _check_keypad(keypad: KeypadConfig) -> list[str]:
     problems: list[str] = []
     if "{digits}" not in keypad.template:
         problems.append("keypad.template: must contain {digits}")
-    if keypad.finish_on not in ("", *"0123456789*#"):
-        problems.append(f"keypad.finish_on: must be one key (0-9, * or #) or \"\" (got "
+    if keypad.finish_on not in ("", *KEYS):
+        problems.append(f"keypad.finish_on: must be one key (0-9, *, #, A-D) or \"\" (got "
                         f"{keypad.finish_on!r})")
     return problems
 

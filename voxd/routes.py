@@ -9,7 +9,6 @@ a spelling of the path the front door does not route) is refused before it is ac
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -102,9 +101,24 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
     refusals = ThrottledLog(log)
     http.config["MAX_CONTENT_LENGTH"] = 64 * 1024
 
+    async def twilio_form(runtime: Runtime, url: str, what: str) -> Any:
+        """The parameters of a request from Twilio, with a well-formed CallSid; or the error
+        to answer (after a throttled line and a count): 403 when Twilio's signature of `url`
+        (plus the query string) does not match, 400 without a well-formed CallSid."""
+        form = await signed_form(runtime, url, what)
+        if form is None:
+            return "invalid signature\n", 403
+        call_sid = form.get("CallSid", "")
+        if stream_token.CALL_SID.fullmatch(call_sid):
+            return form
+        refusals.warning("callsid", "%s from %s refused: %s CallSid %s", what,
+                         request.remote_addr, "malformed" if call_sid else "missing",
+                         show(call_sid, 40))
+        metrics.CALLS_REJECTED.labels(reason="malformed").inc()
+        return "missing or malformed CallSid\n", 400
+
     async def signed_form(runtime: Runtime, url: str, what: str) -> Any:
-        """The request's parameters, or None (after a throttled line and a count) when
-        Twilio's signature of `url` (plus the query string) does not match."""
+        """The request's parameters, or None when Twilio's signature does not match."""
         # A number may be configured to GET: then the parameters are in the (signed) URL.
         form = await request.form if request.method == "POST" else request.args
         if runtime.validator is None:
@@ -122,17 +136,6 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
         metrics.CALLS_REJECTED.labels(reason="signature").inc()
         return None
 
-    def call_sid_of(form: Any, what: str) -> str | None:
-        """The request's CallSid if it has Twilio's form (else one throttled line, a count)."""
-        call_sid = form.get("CallSid", "")
-        if stream_token.CALL_SID.fullmatch(call_sid):
-            return str(call_sid)
-        refusals.warning("callsid", "%s from %s refused: %s CallSid %s", what,
-                         request.remote_addr, "malformed" if call_sid else "missing",
-                         show(call_sid, 40))
-        metrics.CALLS_REJECTED.labels(reason="malformed").inc()
-        return None
-
     def xml(body: str) -> Response:
         return Response(body, content_type="text/xml")
 
@@ -140,12 +143,10 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
     async def voice() -> Response | tuple[str, int]:
         runtime = runtime_ref()
         settings = runtime.settings
-        form = await signed_form(runtime, settings.webhook_url, "voice webhook")
-        if form is None:
-            return "invalid signature\n", 403
-        call_sid = call_sid_of(form, "voice webhook")
-        if call_sid is None:
-            return "missing or malformed CallSid\n", 400
+        form = await twilio_form(runtime, settings.webhook_url, "voice webhook")
+        if isinstance(form, tuple):
+            return form
+        call_sid = form["CallSid"]
         account_sid = form.get("AccountSid", "")
         if account_sid and not ACCOUNT_SID.fullmatch(account_sid):
             refusals.warning("accountsid", "voice webhook from %s refused: malformed AccountSid "
@@ -155,14 +156,12 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
         if runtime.live.draining:
             log.info("call_sid=%s voice webhook: draining, answering the fallback", call_sid)
             metrics.CALLS_REJECTED.labels(reason="draining").inc()
-            return Response(twiml.verbs_only(settings.config.call.fallback_twiml),
-                            content_type="text/xml")
+            return xml(twiml.verbs_only(settings.config.call.fallback_twiml))
         if len(runtime.calls) >= settings.config.call.max_concurrent_calls:
             log.warning("call_sid=%s voice webhook: at capacity (%d calls), answering the "
                         "fallback", call_sid, len(runtime.calls))
             metrics.CALLS_REJECTED.labels(reason="capacity").inc()
-            return Response(twiml.verbs_only(settings.config.call.fallback_twiml),
-                            content_type="text/xml")
+            return xml(twiml.verbs_only(settings.config.call.fallback_twiml))
         # As Twilio will hand them back (cut to its <Parameter> limit): what the token binds.
         parameters = twiml.fitted({"from": form.get("From", ""), "to": form.get("To", "")})
         runtime.provider.prepare(
@@ -180,7 +179,7 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
         body = twiml.connect_stream(url, parameters, settings.config.call.fallback_twiml, action)
         log.info("call_sid=%s voice webhook: connecting the stream (from=%s to=%s)",
                  call_sid, show(parameters["from"] or "-", 40), show(parameters["to"] or "-", 40))
-        return Response(body, content_type="text/xml")
+        return xml(body)
 
     @http.post(STREAM_ENDED_PATH)
     async def stream_ended() -> Response | tuple[str, int]:
@@ -188,16 +187,15 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
         the call's end left for it (hang up, a transfer), else the fallback."""
         runtime = runtime_ref()
         settings = runtime.settings
-        form = await signed_form(runtime, settings.public_origin + STREAM_ENDED_PATH,
+        form = await twilio_form(runtime, settings.public_origin + STREAM_ENDED_PATH,
                                  "stream-ended request")
-        if form is None:
-            return "invalid signature\n", 403
-        call_sid = call_sid_of(form, "stream-ended request")
-        if call_sid is None:
-            return "missing or malformed CallSid\n", 400
+        if isinstance(form, tuple):
+            return form
+        call_sid = form["CallSid"]
         answer = await runtime.live.after.take(call_sid)
         log.info("call_sid=%s stream ended: Twilio goes on with %s", call_sid,
-                 "the fallback" if answer is None else _verbs_of(answer))
+                 "the fallback (nothing was left for the call)" if answer is None else
+                 "what the call's end left for it")
         return xml(answer or twiml.verbs_only(settings.config.call.fallback_twiml))
 
     @http.post(DIAL_ENDED_PATH)
@@ -206,16 +204,15 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
         nobody answered (transfer.no_answer_twiml)."""
         runtime = runtime_ref()
         settings = runtime.settings
-        form = await signed_form(runtime, settings.public_origin + DIAL_ENDED_PATH,
+        form = await twilio_form(runtime, settings.public_origin + DIAL_ENDED_PATH,
                                  "dial-ended request")
-        if form is None:
-            return "invalid signature\n", 403
-        call_sid = call_sid_of(form, "dial-ended request")
-        if call_sid is None:
-            return "missing or malformed CallSid\n", 400
+        if isinstance(form, tuple):
+            return form
+        call_sid = form["CallSid"]
         status = form.get("DialCallStatus", "")
         if status in ("completed", "answered"):
             log.info("call_sid=%s transfer: the person hung up; ending the call", call_sid)
+            metrics.TRANSFERS.labels(result="answered").inc()
             return xml(twiml.hang_up())
         log.warning("call_sid=%s transfer not answered (%s); the caller hears "
                     "transfer.no_answer_twiml", call_sid, show(status or "no status", 20))
@@ -238,10 +235,3 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
 
     return HttpApp(http)
 
-
-def _verbs_of(answer: str) -> str:
-    """The verbs of a TwiML answer, for a log line (`<Hangup>`, `<Say>,<Dial>`)."""
-    verbs = re.findall(r"<Response>\s*(.*)</Response>", answer, re.S)
-    names = re.findall(r"<(\w+)", verbs[0]) if verbs else []
-    top = [name for name in names if name in ("Hangup", "Say", "Dial", "Play", "Redirect")]
-    return ",".join(f"<{name}>" for name in top) or "its TwiML"

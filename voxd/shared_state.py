@@ -108,8 +108,9 @@ class DirectoryTokens:
 class AfterStream(Protocol):
     """What each call's `<Connect action>` request is answered, kept a short while."""
 
-    async def put(self, call_sid: str, twiml: str, seconds: float) -> None:
-        """Answer `twiml` to the action request of `call_sid` within `seconds`."""
+    async def put(self, call_sid: str, twiml: str, seconds: float) -> bool:
+        """Answer `twiml` to the action request of `call_sid` within `seconds`; False (after
+        one line and a count) if it could not be kept: the action then answers the fallback."""
         ...
 
     async def take(self, call_sid: str) -> str | None:
@@ -141,10 +142,11 @@ class LocalAfterStream:
             return None
         return entry[1]
 
-    async def put(self, call_sid: str, twiml: str, seconds: float) -> None:
+    async def put(self, call_sid: str, twiml: str, seconds: float) -> bool:
         """Answer `twiml` to the action request of `call_sid` within `seconds`."""
         self.put_now(call_sid, twiml, seconds)
         await trio.lowlevel.checkpoint()
+        return True
 
     async def take(self, call_sid: str) -> str | None:
         """The TwiML put for `call_sid` (once), or None."""
@@ -159,17 +161,24 @@ class DirectoryAfterStream:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    async def put(self, call_sid: str, twiml: str, seconds: float) -> None:
+    async def put(self, call_sid: str, twiml: str, seconds: float) -> bool:
         """Answer `twiml` to the action request of `call_sid` within `seconds`."""
         await trio.lowlevel.checkpoint()
         if not CALL_SID.fullmatch(call_sid):
-            return
+            return False
         path = self.directory / f"after-{call_sid}"
         partial = path.with_suffix(f".{os.getpid()}")
-        partial.write_text(twiml, encoding="utf-8")
-        expiry = time.time() + seconds
-        os.utime(partial, (expiry, expiry))
-        os.replace(partial, path)
+        try:
+            partial.write_text(twiml, encoding="utf-8")
+            expiry = time.time() + seconds
+            os.utime(partial, (expiry, expiry))
+            os.replace(partial, path)
+        except OSError as exc:
+            metrics.ERRORS.labels(kind="state").inc()
+            log.error("cannot keep what follows the call's stream in %s: %s (the caller will "
+                      "hear the fallback)", self.directory, exc.strerror or exc)
+            return False
+        return True
 
     async def take(self, call_sid: str) -> str | None:
         """The TwiML put for `call_sid` (once), or None."""
@@ -182,6 +191,11 @@ class DirectoryAfterStream:
             twiml = path.read_text(encoding="utf-8")
             path.unlink()
         except FileNotFoundError:
+            return None
+        except OSError as exc:
+            metrics.ERRORS.labels(kind="state").inc()
+            log.error("cannot read what follows the call's stream in %s: %s",
+                      self.directory, exc.strerror or exc)
             return None
         return None if expired else twiml
 
@@ -282,16 +296,19 @@ class RedisState:
     def _early_key(self, call_sid: str) -> str:
         return f"{KEY_PREFIX}early:{call_sid}"
 
-    async def put(self, call_sid: str, twiml: str, seconds: float) -> None:
-        """Answer `twiml` to the action request of `call_sid`, on whichever host it lands."""
-        self._after.put_now(call_sid, twiml, seconds)
-        with contextlib.suppress(_Unavailable):
+    async def put(self, call_sid: str, twiml: str, seconds: float) -> bool:
+        """Answer `twiml` to the action request of `call_sid`, on whichever host it lands
+        (on this one at least, when Redis does not answer)."""
+        try:
             await self._run("keeping what follows a call's stream", "set",
                             f"{KEY_PREFIX}after:{call_sid}", twiml, ex=max(1, int(seconds)))
+        except _Unavailable:
+            self._after.put_now(call_sid, twiml, seconds)
+        return True
 
     async def take(self, call_sid: str) -> str | None:
         """The TwiML put for `call_sid` by any host (once), or None."""
-        local = self._after.take_now(call_sid)
+        local = self._after.take_now(call_sid)  # kept here while Redis did not answer
         try:
             shared = await self._run("reading what follows a call's stream", "getdel",
                                      f"{KEY_PREFIX}after:{call_sid}")

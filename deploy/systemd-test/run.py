@@ -221,6 +221,7 @@ class Container:
         self.pid1 = 0
 
     def boot(self) -> None:
+        self.pid1 = 0  # a second boot (after refilling the wheelhouse) must find its own PID 1
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(
                 ["systemd-nspawn", "-D", str(self.root), "--register=no", "--keep-unit",

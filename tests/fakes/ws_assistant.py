@@ -31,6 +31,8 @@ class FakeAssistant:
     """Send `reply` as one binary message (a whole utterance at once) instead of frames."""
     reply_if: Callable[[dict[str, Any]], bool] | None = None
     messages_at: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    close_after: float | None = None
+    """Close the socket (normally) this long after the start message."""
     """(seconds after the start message, control message) sent as scripted."""
     """Speak `reply` only on calls whose start message passes this (default: every call)."""
     url: str = ""
@@ -64,6 +66,8 @@ class FakeAssistant:
                                        {"type": "interrupted"})
                 for at, message in self.messages_at:
                     nursery.start_soon(self._later, ws, at, message)
+                if self.close_after is not None:
+                    nursery.start_soon(self._close_later, ws, self.close_after)
                 if self.reply and (self.reply_if is None or self.reply_if(start)):
                     nursery.start_soon(self._speak, ws, start)
                 while True:
@@ -90,6 +94,10 @@ class FakeAssistant:
         for i in range(0, len(self.reply), size):
             await trio.sleep_until(start + i // size * 0.02)
             await ws.send_message(self.reply[i:i + size])
+
+    async def _close_later(self, ws: trio_websocket.WebSocketConnection, delay: float) -> None:
+        await trio.sleep(delay)
+        await ws.aclose()
 
     async def _later(self, ws: trio_websocket.WebSocketConnection, delay: float,
                      message: dict[str, Any]) -> None:

@@ -122,6 +122,7 @@ async def test_a_transfer_to_an_allowed_name_dials_it_and_ends_the_stream_as_tra
     phone = await line(provider, audio, **transfer_request(provider, "sales"))
     report = await phone.call(burst(0.3), seconds=6)
     assert report.closed_by == "rest" and report.transferred_to == "+14155550100"
+    assert metrics.TRANSFERS.labels(result="answered")._value.get() >= 1  # the Dial action
     [update] = phone.rest.updates  # the <Dial>, and no hang-up
     assert update["call_sid"] == report.call_sid and "Status" not in update
     assert dial_of(update["Twiml"]) == ("One moment.", "30", "+14155550100")
@@ -157,6 +158,48 @@ async def test_a_transfer_to_an_unknown_destination_is_refused_and_the_call_goes
         [refusal] = [m for m in told(phone) if m.get("type") == "add-message"]
         assert "not a destination" in refusal["message"]["content"]
         assert refusal["triggerResponseEnabled"] is True
+
+
+async def test_a_transfer_twilio_refuses_leaves_the_caller_with_the_fallback(line, caplog):
+    """The REST request fails (here: Twilio refuses voxd's credentials): counted, one line,
+    and the caller is not left hanging: the stream closes and the fallback runs."""
+    caplog.set_level(logging.INFO)
+    failed_before = metrics.TRANSFERS.labels(result="failed")._value.get()
+    phone = await line("websocket", "mulaw", **transfer_request("websocket", "sales"))
+    phone.rest.auth_token = "not-voxds-token"
+    report = await phone.call(burst(0.3), seconds=4)
+    assert report.closed_by == "voxd" and not report.transferred_to
+    assert report.next_twiml.startswith("<Say>Sorry, the assistant is unavailable"), \
+        report.render()
+    assert metrics.TRANSFERS.labels(result="failed")._value.get() == failed_before + 1
+    assert any("transfer to sales failed" in r.getMessage() for r in caplog.records)
+    assert {"type": "transferred", "to": "sales"} not in told(phone)
+
+
+async def test_an_assistant_that_hangs_up_right_after_asking_still_transfers(line, caplog):
+    """The transfer is decided when asked: the assistant closing its socket during the last
+    words does not turn it into an apology."""
+    caplog.set_level(logging.INFO)
+    words = (np.sin(np.arange(16000) / 8) * 8000).astype("<i2").tobytes()  # 1 s
+    assistant = FakeAssistant(loopback=False, reply=words, reply_at=0.0,
+                              reply_in_one_message=True,
+                              messages_at=[(0.3, {"type": "transfer", "to": "sales"})],
+                              close_after=0.5)
+    phone = await line("websocket", "pcm16", assistant=assistant)
+    report = await phone.call(silence(0.2), seconds=4)
+    assert report.transferred_to == "+14155550100", report.render()
+    assert "reason=transferred:sales" in await phone.summary(caplog)
+
+
+async def test_the_vapi_end_call_tool_hangs_up_and_ends_the_vapi_call(line, caplog):
+    caplog.set_level(logging.INFO)
+    phone = await line("vapi", "mulaw",
+                       vapi_script=VapiScript(tool_calls_at=[(0.4, [("end_call", {})])]))
+    report = await phone.call(burst(0.3), seconds=4)
+    assert "reason=assistant-ended:vapi:end-call-tool" in await phone.summary(caplog)
+    assert [u.get("Status") for u in phone.rest.updates] == ["completed"]
+    assert report.closed_by == "rest" and report.next_twiml == ""
+    assert told(phone)[-1] == {"type": "end-call"}  # Vapi's side of the call ends too
 
 
 @pytest.mark.parametrize("audio", AUDIO)

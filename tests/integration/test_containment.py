@@ -93,7 +93,7 @@ FAILURES: dict[str, Callable[[CallSession], BaseException | None]] = {
     "cancelled-from-outside": lambda s: s.shutdown("injected-outside-cancel"),
 }
 TASKS = ["_inbound", "_watchdog", "_playout", "_assistant_side", "_feeder", "_outbound",
-         "_keepalive", "_barge_in_watcher"]
+         "_keepalive", "_barge_in_watcher", "_keypad"]
 EXPECTED_REASON = {
     "voxd-error": "protocol-error", "upstream-error": "upstream-error",
     "caller-gone": "caller-disconnected", "connection-closed": "internal-error",

@@ -138,3 +138,19 @@ async def test_workers_of_one_host_share_used_tokens(tmp_path: Path):
     other._prune(now)
     assert os.listdir(tmp_path) == ["A" * 43]
     await trio.lowlevel.checkpoint()
+
+
+async def test_what_follows_a_stream_is_answered_by_whichever_host_gets_the_action(redis_url):
+    """Without REST, a call's end leaves its next TwiML; Twilio's action request may land on
+    another host: it gets it there, exactly once."""
+    from voxd.shared_state import RedisState
+
+    one, other = RedisState(redis_url), RedisState(redis_url)
+    sid = "CA" + "4" * 32
+    try:
+        assert await one.put(sid, "<Response><Hangup/></Response>", 60)
+        assert await other.take(sid) == "<Response><Hangup/></Response>"
+        assert await one.take(sid) is None and await other.take(sid) is None
+    finally:
+        await one.aclose()
+        await other.aclose()

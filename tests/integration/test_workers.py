@@ -90,3 +90,40 @@ def test_two_workers_serve_calls_and_drain_together(tmp_path):
         if daemon.poll() is None:
             daemon.kill()
         notify.close()
+
+
+def test_with_two_workers_every_goodbye_hangs_up_whichever_worker_gets_the_action():
+    """Without REST, the stream's worker leaves `<Hangup/>` for Twilio's action request, which
+    the shared socket hands to either worker: each of 8 calls must get it (a worker answering
+    from its own memory only would give about half of them the fallback apology)."""
+    from tests.fakes.ws_assistant import FakeAssistant
+    from voxd.sim.load import VoxdProcess
+
+    async def main() -> list:
+        async with trio.open_nursery() as nursery:
+            assistant = FakeAssistant(loopback=False, end_after=0.4)
+            url = await nursery.start(assistant.serve)
+            daemon = VoxdProcess({"server": {"workers": 2},
+                                  "twilio": {"validate_signatures": False},
+                                  "assistant": {"provider": "websocket", "audio": "mulaw"},
+                                  "websocket": {"url": url}}, quiet=True)
+            try:
+                await daemon.ready()
+                reports: list = []
+
+                async def one() -> None:
+                    simulator = TwilioSimulator(daemon.webhook_url)
+                    reports.append(await simulator.call(silence(0.2), 3))
+
+                async with trio.open_nursery() as calls:
+                    for _ in range(8):
+                        calls.start_soon(one)
+                return reports
+            finally:
+                daemon.stop()
+                nursery.cancel_scope.cancel()
+
+    reports = trio.run(main)
+    assert len(reports) == 8
+    assert [r.next_twiml for r in reports] == ["<Hangup/>"] * 8, \
+        [r.render() for r in reports if r.next_twiml != "<Hangup/>"][:1]

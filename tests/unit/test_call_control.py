@@ -8,6 +8,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from voxd.call.ending import POLICY, Caller, Tell, policy
 from voxd.call.keypad import Keypad
@@ -27,28 +29,39 @@ from voxd.twilio import twiml
 # -- the end-of-call table ---------------------------------------------------------------------
 
 
-def test_every_end_reason_the_call_uses_has_its_own_row():
+def test_every_end_reason_has_its_own_row_and_every_row_is_used():
     import inspect
+    import re
 
     import voxd.call.session as session
+    import voxd.server as server
 
-    source = inspect.getsource(session)
-    used = {kind for kind in POLICY if f'"{kind}' in source}
-    # every row is used by the session (or the server's drain), none is dead
-    assert used | {"drain-timeout"} == set(POLICY)
+    source = inspect.getsource(session) + inspect.getsource(server)
+    kinds = set(re.findall(r'(?:Ending|_end|shutdown)\(f?"([a-z-]+)', source))
+    assert kinds, "the pattern no longer finds the reasons"
+    # reasons that end a call only where the session cannot be reached (a bug's own tasks)
+    unreachable = {"feeder-ended", "playout-ended", "barge-in-watcher-ended", "keypad-ended",
+                   "assistant-side-ended"}
+    assert kinds - unreachable <= set(POLICY), kinds - unreachable - set(POLICY)
+    assert set(POLICY) <= kinds, set(POLICY) - kinds
 
 
 def test_a_goodbye_hangs_up_and_a_failure_apologises():
     goodbye = policy("assistant-ended:vapi:customer-ended-call")
     assert (goodbye.outcome, goodbye.caller, goodbye.rest, goodbye.assistant) == \
-        ("completed", Caller.HANG_UP, True, Tell.NOTHING)
+        ("completed", Caller.HANG_UP, True, Tell.END)
     failed = policy("upstream-error")
     assert (failed.outcome, failed.caller, failed.rest) == ("error", Caller.FALLBACK, True)
     moved = policy("transferred:sales")
     assert (moved.outcome, moved.caller, moved.rest, moved.assistant) == \
-        ("transferred", Caller.DIAL, False, Tell.TRANSFERRED)
+        ("transferred", Caller.DIAL, True, Tell.TRANSFERRED)
     gone = policy("caller-hangup")
     assert (gone.caller, gone.rest, gone.assistant) == (Caller.NOTHING, False, Tell.END)
+
+
+def test_only_the_assistants_side_yields_to_a_decided_transfer():
+    assert {kind for kind, row in POLICY.items() if row.side == "assistant"} == \
+        {"assistant-ended", "upstream-error", "upstream-stalled", "upstream-keepalive-timeout"}
 
 
 def test_an_unknown_reason_is_voxds_own_failure():
@@ -101,6 +114,12 @@ def test_dial_twiml_escapes_the_announcement_and_sets_the_attributes():
     sip = ET.fromstring(twiml.dial("sip:desk@pbx.example.com"))
     assert [(n.tag, n.text) for n in sip.find("Dial") or []] == \
         [("Sip", "sip:desk@pbx.example.com")]
+
+
+@given(st.text(max_size=300))
+def test_any_announcement_gives_well_formed_twiml(announce):
+    root = ET.fromstring(twiml.dial("+14155550100", announce=announce))
+    assert root.find("Dial") is not None
 
 
 def test_connect_with_an_action_has_nothing_after_it():
@@ -211,3 +230,29 @@ def test_generic_assistants_are_told_in_the_documented_shapes():
         {"type": "transferred", "to": "sales"}
     assert json.loads(notice_message(TransferRefused("ceo", "not allowed"))) == \
         {"type": "transfer-refused", "to": "ceo", "reason": "not allowed"}
+
+
+# -- where the action request finds what a call's end left -----------------------------------
+
+
+async def test_the_workers_directory_keeps_it_once_and_refuses_odd_names(tmp_path):
+    from voxd.shared_state import DirectoryAfterStream
+
+    store = DirectoryAfterStream(tmp_path)
+    sid = "CA" + "1" * 32
+    assert await store.put(sid, "<Response><Hangup/></Response>", 60)
+    assert await DirectoryAfterStream(tmp_path).take(sid) == "<Response><Hangup/></Response>"
+    assert await store.take(sid) is None  # taken once
+    assert not await store.put("../../etc/x", "<Response/>", 60)
+    assert await store.take("../../etc/x") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert await store.put(sid, "<Response/>", -1)  # expired
+    assert await store.take(sid) is None
+
+
+async def test_a_directory_that_fails_is_one_line_not_a_crash(tmp_path, caplog):
+    from voxd.shared_state import DirectoryAfterStream
+
+    store = DirectoryAfterStream(tmp_path / "gone")
+    assert not await store.put("CA" + "2" * 32, "<Response/>", 60)
+    assert any("cannot keep what follows" in r.getMessage() for r in caplog.records)

@@ -234,3 +234,20 @@ async def test_audio_enqueued_right_after_an_interrupt_goes_out_after_the_clear(
     await trio.sleep(0.5)
     assert twilio.events() == ["media"] * 5 + ["clear", "media"]
     assert twilio.media()[-1][1] == b"\x02" * 160
+
+
+async def test_unmute_takes_a_new_request_right_after_a_muting_interrupt(playout, autojump_clock):
+    """After a barge-in voxd heard itself, the rest of the turn is dropped; keys the assistant
+    then asks to press are a new request (`unmute`), and are played."""
+    make, twilio = playout
+    playback = make()
+    await playback.enqueue(b"\x01" * 160 * 10)
+    await trio.sleep(0.05)
+    playback.interrupt(mute=True)
+    await playback.enqueue(b"\x02" * 160)  # the rest of the interrupted turn: dropped
+    playback.unmute()
+    await playback.enqueue(b"\x03" * 160)  # keys to press: played
+    await trio.sleep(1)
+    after_clear = twilio.events()[twilio.events().index("clear") + 1:]
+    played = [p for _, p in twilio.media()][-len(after_clear):] if after_clear else []
+    assert played == [b"\x03" * 160]

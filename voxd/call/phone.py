@@ -89,30 +89,30 @@ class PhoneLeg:
                           caller_id=transfer.caller_id, timeout=transfer.timeout,
                           action=self.dial_action)
 
-    async def move(self, call: CallInfo, dial: str) -> bool:
-        """Replace the live call's TwiML with `dial` now (REST); True if Twilio took it."""
-        if self.control is None:
-            return False
-        return await self.control.redirect(call.account_sid, call.call_sid, dial,
-                                           "transfer the call")
-
-    async def finish(self, call: CallInfo, row: EndPolicy, dial: str | None) -> None:
+    async def finish(self, call: CallInfo, row: EndPolicy, dial: str | None) -> bool:
         """What the caller gets after the stream, as the end's policy row says (before the
-        stream closes)."""
+        stream closes); True if it was handed over (Twilio took the REST request, or the
+        action request has it waiting)."""
         fallback = self.settings.config.call.fallback_twiml
+        if row.caller is Caller.DIAL and dial is None:  # pragma: no cover - set together
+            return False
         if self.control is not None:
             if not row.rest:
-                return
+                return False
+            account, sid = call.account_sid, call.call_sid
             if row.caller is Caller.HANG_UP:
-                await self.control.hang_up(call.account_sid, call.call_sid)
-            elif row.caller is Caller.FALLBACK:
-                await self.control.redirect(call.account_sid, call.call_sid,
-                                            twiml.verbs_only(fallback), "redirect to the fallback")
-            return
+                return await self.control.hang_up(account, sid)
+            if row.caller is Caller.DIAL:
+                assert dial is not None
+                return await self.control.redirect(account, sid, dial, "transfer the call")
+            if row.caller is Caller.FALLBACK:
+                return await self.control.redirect(account, sid, twiml.verbs_only(fallback),
+                                                   "redirect to the fallback")
+            return False
         if row.caller is Caller.HANG_UP:
             answer = twiml.hang_up()
         elif row.caller is Caller.DIAL and dial is not None:
             answer = dial
         else:
-            return  # the action request answers the fallback when nothing was left for it
-        await self.after.put(call.call_sid, answer, AFTER_STREAM_SECONDS)
+            return False  # the action request answers the fallback when nothing was left
+        return await self.after.put(call.call_sid, answer, AFTER_STREAM_SECONDS)

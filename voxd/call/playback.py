@@ -177,6 +177,11 @@ class Playback:
                     return  # all sent: the playout stays idle
             self._kick()
 
+    def unmute(self) -> None:
+        """Take audio again at once (after `interrupt(mute=True)`): what comes next is a new
+        request of the assistant's (keys to press), not the rest of the interrupted turn."""
+        self._muted = False
+
     def flush(self) -> None:
         """Queue a held partial frame, padded with silence (the assistant paused or ended)."""
         frame = self._cutter.flush()

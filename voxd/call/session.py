@@ -44,7 +44,7 @@ import trio
 from voxd.audio import dtmf
 from voxd.audio.transcode import InboundTranscoder, OutboundTranscoder
 from voxd.audio.vad import ENERGY_FLOOR_DBFS, frame_energy_dbfs_ulaw
-from voxd.call.ending import Tell, policy
+from voxd.call.ending import Caller, Tell, policy
 from voxd.call.keypad import Keypad
 from voxd.call.phone import PhoneLeg, TransferRefusal, destination
 from voxd.call.playback import Direct, Playback
@@ -85,8 +85,6 @@ log = logging.getLogger("voxd.call")
 TEARDOWN_SECONDS = 1.0
 REST_SECONDS = 10.0
 """Longest a REST call-control request (hang up, redirect) may hold the teardown."""
-TRANSFER_STOP_SECONDS = 5.0
-"""How long after a transfer Twilio has to stop the stream before voxd ends it anyway."""
 METRICS_INTERVAL = 5.0
 """Seconds between additions of a live call's frame counts to the metrics."""
 
@@ -148,13 +146,11 @@ class CallSession:
         """What the stream's token (verified at the upgrade) proves; None with tokens off."""
         self.phone = phone
         self.keypad = Keypad(settings.config.keypad)
-        self._transferred: str | None = None
-        """The [transfer.to] name the call was moved to (REST): Twilio's stop is the transfer."""
-        self._dial: str | None = None
-        """The transfer's TwiML, once one is decided."""
-        self._moved: trio.Event | None = None
-        """Set once a REST transfer's request has its answer (Twilio may stop the stream
-        before voxd has it)."""
+        self._transfer_to: tuple[str, str] | None = None
+        """(the [transfer.to] name, the `<Dial>` TwiML) of the transfer decided: the teardown
+        moves the call there (and an assistant failing meanwhile does not stop it)."""
+        self._moved = False
+        """The phone leg took the transfer."""
         self._caller_released = False
         local_vad = settings.config.barge_in.local_vad
         self.local_vad = (provider.name != "vapi") if local_vad == "auto" else local_vad
@@ -205,8 +201,12 @@ class CallSession:
         self._run_scope.cancel()
 
     def _end(self, reason: str) -> None:
-        """Record why the call ends (first reason wins) and cancel every task of the call."""
+        """Record why the call ends (first reason wins) and cancel every task of the call.
+        Once a transfer is decided, the assistant's side can no longer end the call otherwise:
+        the caller is on the way to a person."""
         if self.end_reason is None:
+            if self._transfer_to is not None and policy(reason).side == "assistant":
+                reason = f"transferred:{self._transfer_to[0]}"
             self.end_reason = reason
         if self._cancel is not None:
             self._cancel.cancel()
@@ -330,8 +330,10 @@ class CallSession:
                                        self._barge_in_watcher(assistant, playback, speech))
                     nursery.start_soon(self._guard, self._keypad(assistant))
             finally:
-                await self._release_caller()  # the caller first: never a silent line
-                await self._tell_assistant(assistant)
+                try:
+                    await self._release_caller()  # the caller first: never a silent line
+                finally:
+                    await self._tell_assistant(assistant)
         return Ending(self.end_reason or "assistant-side-ended")  # pragma: no cover
 
     async def _tell_assistant(self, assistant: AssistantSession) -> None:
@@ -341,9 +343,9 @@ class CallSession:
         if row.assistant is Tell.NOTHING:
             return
         with trio.CancelScope(shield=True), trio.move_on_after(TEARDOWN_SECONDS):
-            if row.assistant is Tell.TRANSFERRED and self._transferred is not None:
+            if row.assistant is Tell.TRANSFERRED and self._transfer_to is not None and self._moved:
                 with contextlib.suppress(UpstreamError):  # gone already: nothing to tell
-                    await assistant.tell(Transferred(self._transferred))
+                    await assistant.tell(Transferred(self._transfer_to[0]))
             await assistant.hang_up()
 
     async def _release_caller(self) -> None:
@@ -354,10 +356,24 @@ class CallSession:
         self._caller_released = True
         row = policy(self.end_reason or "server-shutdown")
         with trio.CancelScope(shield=True), trio.move_on_after(REST_SECONDS + TEARDOWN_SECONDS):
-            if self.phone is not None and self.call is not None:
-                await self.phone.finish(self.call, row, self._dial)
-            with trio.move_on_after(TEARDOWN_SECONDS):
-                await self.socket.close()
+            try:
+                if self.phone is not None and self.call is not None:
+                    dial = self._transfer_to[1] if self._transfer_to is not None else None
+                    self._moved = await self.phone.finish(self.call, row, dial)
+                    if self._transfer_to is not None and row.caller is Caller.DIAL:
+                        self._count_transfer(self._transfer_to[0])
+            finally:
+                with trio.move_on_after(TEARDOWN_SECONDS):
+                    await self.socket.close()
+
+    def _count_transfer(self, name: str) -> None:
+        if self._moved:
+            log.info("transferred the caller to %s", name)
+            metrics.TRANSFERS.labels(result="placed").inc()
+        else:
+            log.error("transfer to %s failed: Twilio did not take it (the caller hears the "
+                      "fallback)", name)
+            metrics.TRANSFERS.labels(result="failed").inc()
 
     async def _guard(self, task: Awaitable[Ending]) -> None:
         """Run one task of the call, its owner: whatever way it ends (an ending, any exception)
@@ -431,17 +447,7 @@ class CallSession:
             elif type(event) is Dtmf:
                 self.keypad.press(event.digit)
             elif type(event) is StreamStop:
-                return await self._stopped()
-
-    async def _stopped(self) -> Ending:
-        """Twilio stopped the stream: the caller hung up, or a transfer moved the call on
-        (whose REST answer may still be on its way)."""
-        if self._moved is not None:
-            with trio.move_on_after(REST_SECONDS):
-                await self._moved.wait()
-        if self._transferred is not None:
-            return Ending(f"transferred:{self._transferred}")
-        return Ending("caller-hangup")
+                return Ending("caller-hangup")
 
     async def _feeder(self, feed: UpstreamFeed, assistant: AssistantSession) -> Ending:
         await feed.run(assistant)
@@ -477,55 +483,20 @@ class CallSession:
     async def _transfer(self, request: TransferRequested, assistant: AssistantSession,
                         playback: Playback) -> Ending | None:
         """Hand the caller to a person, if the assistant may send them there: the call's end
-        (a transfer), or None when it was refused and the call goes on."""
-        if self._dial is not None:
-            log.info("the assistant asked for another transfer while one is under way; ignored")
-            return None
-        asked = show(request.to, 64)
+        (the teardown moves the call to the `<Dial>`), or None when it was refused and the
+        call goes on."""
         try:
             to = destination(self.settings.config.transfer, request.to)
         except TransferRefusal as exc:
-            log.warning("transfer to %s refused: %s", asked or "(default)", exc)
-            await self._refuse_transfer(assistant, request.to, str(exc), "refused")
+            log.warning("transfer to %s refused: %s", show(request.to, 64) or "(default)", exc)
+            metrics.TRANSFERS.labels(result="refused").inc()
+            await assistant.tell(TransferRefused(request.to[:64], str(exc)))
             return None
-        if self.phone is None or self.call is None:  # pragma: no cover - the server gives one
-            await self._refuse_transfer(assistant, to.name, "no phone leg", "failed")
-            return None
+        assert self.phone is not None  # the server always gives the call its phone leg
+        self._transfer_to = (to.name, self.phone.dial_twiml(to, request.announce))
+        log.info("transferring the caller to %s", to.name)
         await self._last_words(playback)
-        self._dial = self.phone.dial_twiml(to, request.announce)
-        if self.phone.rest:
-            self._moved = trio.Event()
-            try:
-                moved = await self.phone.move(self.call, self._dial)
-                if moved:
-                    self._transferred = to.name
-            finally:
-                self._moved.set()
-            if not moved:
-                self._dial = None
-                log.error("transfer to %s failed: Twilio did not take the call's new TwiML",
-                          to.name)
-                await self._refuse_transfer(
-                    assistant, to.name, "the phone system did not accept the transfer",
-                    "failed")
-                return None
-            log.info("transferred the caller to %s", to.name)
-            metrics.TRANSFERS.labels(result="completed").inc()
-            # Twilio now stops the stream: the inbound pump takes that stop as the transfer.
-            await trio.sleep(TRANSFER_STOP_SECONDS)
-            log.warning("Twilio did not stop the stream within %.0fs of the transfer; closing "
-                        "it", TRANSFER_STOP_SECONDS)
-            return Ending(f"transferred:{to.name}")
-        # No REST: the stream closes and Twilio's action request gets the <Dial>.
-        self._transferred = to.name
-        log.info("transferring the caller to %s (through the stream's action)", to.name)
-        metrics.TRANSFERS.labels(result="completed").inc()
         return Ending(f"transferred:{to.name}")
-
-    async def _refuse_transfer(self, assistant: AssistantSession, to: str, reason: str,
-                               result: str) -> None:
-        metrics.TRANSFERS.labels(result=result).inc()
-        await assistant.tell(TransferRefused(to[:64], reason))
 
     async def _press_keys(self, digits: str, playback: Playback) -> None:
         """Play the keys the assistant asked for as DTMF tones, queued after its audio (so a
@@ -538,6 +509,7 @@ class CallSession:
         keys = sum(1 for key in digits if key not in "wW")
         log.info("pressing %d key(s) for the assistant", keys)
         metrics.KEYPAD.labels(direction="out").inc(keys)
+        playback.unmute()  # a new request, not the rest of a turn the caller interrupted
         await playback.enqueue(dtmf.tones_ulaw(digits))
 
     async def _keypad(self, assistant: AssistantSession) -> Ending:
@@ -659,7 +631,7 @@ class CallSession:
             "call ended: duration=%.1fs frames_in=%d frames_out=%d dropped_in=%d "
             "dropped_out=%d turns=%d latency_p50=%s latency_p95=%s barge_ins=%d reason=%s",
             duration, s.frames_in, s.frames_out, s.frames_dropped_in, s.frames_dropped_out,
-            len(s.latencies), _ms(p50), _ms(p95), s.barge_ins, reason,
+            len(s.latencies), _ms(p50), _ms(p95), s.barge_ins, show(reason, 160),
         )
 
 

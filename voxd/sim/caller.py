@@ -40,7 +40,7 @@ import trio
 import trio_websocket
 from twilio.request_validator import RequestValidator
 
-from voxd.audio.dtmf import DtmfDecoder
+from voxd.audio.dtmf import KEYS, DtmfDecoder
 from voxd.audio.g711 import ULAW_SILENCE, pcm16_to_ulaw, ulaw_decode
 from voxd.audio.vad import SpeechDetector, SpeechEdge, frame_energy_dbfs_ulaw
 from voxd.errors import VoxdError
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 RATE = 8000
 FRAME_BYTES = 160
 FRAME_SECONDS = 0.020
-DTMF_KEYS = "0123456789*#ABCD"
 API_VERSION = "2010-04-01"
 CALLBACK_TIMEOUT = 10.0
 """Seconds Twilio-the-simulator waits for the webhook and the action URLs."""
@@ -125,7 +124,7 @@ def parse_dtmf(text: str, call_seconds: float | None = None) -> list[tuple[str, 
         if not at:
             raise ValueError(f"{shown}: expected KEY@SECONDS, e.g. 1@2.0s")
         key = key.strip().upper()
-        if len(key) != 1 or key not in DTMF_KEYS:
+        if len(key) != 1 or key not in KEYS:
             raise ValueError(f"{shown}: not a keypad key (0-9, *, #, A-D)")
         when = when.strip()
         when = when[:-1] if when.endswith("s") else when
@@ -357,7 +356,7 @@ def _sid(prefix: str) -> str:
 def _checked_presses(dtmf: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
     presses = []
     for key, seconds in dtmf:
-        if len(key) != 1 or key.upper() not in DTMF_KEYS:
+        if len(key) != 1 or key.upper() not in KEYS:
             raise ValueError(f"not a keypad key: {key!r} (0-9, *, #, A-D)")
         if not math.isfinite(seconds) or seconds < 0:
             raise ValueError(f"key press {key}@{seconds}s: the time must be 0 or more seconds")

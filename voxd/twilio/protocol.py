@@ -29,13 +29,12 @@ from typing import Final
 
 import msgspec
 
+from voxd.audio.dtmf import KEYS
 from voxd.errors import ProtocolError
 
 MULAW_FORMAT: Final = ("audio/x-mulaw", 8000, 1)
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024
 DEFAULT_MAX_PAYLOAD_BYTES: Final = 8000
-KEYPAD_KEYS: Final = "0123456789*#ABCD"
-"""The keys a `dtmf` event may carry (Twilio sends one per press)."""
 DEEP_JSON: Final = "JSON nested too deeply"
 """The problem named for a message nested deeper than the interpreter's recursion limit lets
 msgspec go (~1,000 levels; Twilio's messages nest three)."""
@@ -226,7 +225,7 @@ class MediaStream:
         if isinstance(wire, _Dtmf):
             self._require_streaming("dtmf", wire.streamSid)
             digit = wire.dtmf.digit
-            if len(digit) != 1 or digit not in KEYPAD_KEYS:
+            if len(digit) != 1 or digit not in KEYS:
                 raise ProtocolError("dtmf digit is not one keypad key (0-9, *, #, A-D)")
             return Dtmf(digit)
         if isinstance(wire, _Stop):

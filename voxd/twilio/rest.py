@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 
 import trio
-from twilio.base.exceptions import TwilioException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
 from voxd.config import ACCOUNT_SID, Settings
+from voxd.observability.untrusted import show
+from voxd.twilio.stream_token import CALL_SID
 
 log = logging.getLogger("voxd.twilio.rest")
 
@@ -64,6 +65,9 @@ class CallControl:
             log.warning("Twilio REST: cannot %s: the call came with no account SID (set "
                         "twilio.account_sid)", what)
             return False
+        if not CALL_SID.fullmatch(call_sid):  # it goes into the request's path
+            log.warning("Twilio REST: cannot %s: the call's SID is not Twilio's form", what)
+            return False
         client = self._client(account)
 
         def update() -> None:
@@ -72,7 +76,7 @@ class CallControl:
         try:
             with trio.fail_after(REQUEST_TIMEOUT + 0.5):
                 await trio.to_thread.run_sync(update, abandon_on_cancel=True)
-        except (TwilioException, OSError, trio.TooSlowError) as exc:
+        except Exception as exc:  # the boundary: whatever the client raises is a failed request
             log.warning("Twilio REST: could not %s: %s", what, _short(exc))
             return False
         log.info("Twilio REST: %s done", what)
@@ -81,4 +85,4 @@ class CallControl:
 
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+    return show(f"{type(exc).__name__}: {text[0] if text else ''}", 300)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from twilio.twiml.voice_response import Connect, Dial, VoiceResponse
 
+_NOT_XML = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+"""Characters XML 1.0 cannot carry (control characters, lone surrogates): dropped from text
+an assistant gives (an announcement), so the TwiML stays well-formed."""
 MAX_PARAMETER_CHARS = 500
 """Twilio's limit on a <Parameter>'s name plus value."""
 
@@ -35,6 +39,7 @@ def dial(address: str, *, announce: str = "", caller_id: str = "", timeout: int 
     """A cold transfer: optionally say `announce`, then dial `address` (a +E164 number or a
     sip: URI); `action` is asked what follows when the dialled leg ends."""
     response = VoiceResponse()
+    announce = _NOT_XML.sub("", announce)
     if announce:
         response.say(announce)
     attributes: dict[str, str | int] = {"timeout": timeout}
