@@ -5,6 +5,7 @@ transport) measured the same way.
 
 Run: .venv/bin/pip install -q -e '.[bench]' && .venv/bin/python bench/calls_per_core.py
      [--calls 1,25,50,100,200] [--seconds 20] [--repeat 1] [--skip-peer] [--workers-check 200]
+     [--record wav|flac|opus]
 
 Every bridge runs in its own process against the same echo upstream process (`voxd
 echo-upstream`), loaded by `voxd loadtest`'s calls (real-time 20 ms frames, signed webhooks,
@@ -19,6 +20,7 @@ import argparse
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -41,8 +43,18 @@ from voxd.sim.load import (  # noqa: E402
 )
 
 
-async def measure_voxd(audio: str, calls: int, seconds: float, workers: int = 1) -> LoadReport:
-    processes = Processes(audio, workers, calls)
+async def measure_voxd(audio: str, calls: int, seconds: float, workers: int = 1,
+                       record: str = "") -> LoadReport:
+    """voxd's cost; with `record` (a recording.format), every call recorded to a temporary
+    directory."""
+    with tempfile.TemporaryDirectory(prefix="voxd-bench-rec-") as directory:
+        extra: dict[str, dict[str, object]] = {}
+        if record:
+            extra["recording"] = {"enabled": True, "directory": directory, "format": record}
+        return await _measure_voxd(Processes(audio, workers, calls, extra), calls, seconds)
+
+
+async def _measure_voxd(processes: Processes, calls: int, seconds: float) -> LoadReport:
     try:
         await processes.ready()
         return await run_load(processes.webhook_url, calls, seconds, auth_token=processes.token,
@@ -85,6 +97,11 @@ async def main(args: argparse.Namespace) -> None:
         ("voxd mulaw", partial(measure_voxd, "mulaw")),
         ("voxd pcm16", partial(measure_voxd, "pcm16")),
     ]
+    if args.record:
+        bridges += [(f"voxd mulaw rec {args.record}",
+                     partial(measure_voxd, "mulaw", record=args.record)),
+                    (f"voxd pcm16 rec {args.record}",
+                     partial(measure_voxd, "pcm16", record=args.record))]
     if not args.skip_peer:
         bridges += [("peer (asyncio) mulaw", partial(measure_bridge, "peer_bridge.py")),
                     ("floor (trio) mulaw", partial(measure_bridge, "floor_bridge.py"))]
@@ -122,6 +139,8 @@ if __name__ == "__main__":
                         help="measure voxd only (not the asyncio peer and the trio floor)")
     parser.add_argument("--repeat", type=int, default=1, metavar="R",
                         help="measure every bridge R times at each call count, interleaved")
+    parser.add_argument("--record", default="", metavar="FORMAT",
+                        help="also measure voxd with every call recorded (wav, flac, opus)")
     parser.add_argument("--workers-check", type=int, default=200, metavar="N",
                         help="also run N pcm16 calls with server.workers = 2 (0: skip)")
     trio.run(main, parser.parse_args())

@@ -160,6 +160,19 @@ class KeypadConfig(_Section):
     """Show the keys in debug logs (off: key presses may be PINs)."""
 
 
+class RecordingConfig(_Section):
+    """`[recording]`: each call written by voxd as one stereo file (caller | what they heard)."""
+
+    enabled: bool = False
+    directory: str = "/var/lib/voxd/recordings"
+    """Where the files go (the systemd unit's StateDirectory=voxd is /var/lib/voxd)."""
+    format: Literal["wav", "flac", "opus"] = "wav"
+    announce: str = ""
+    """TwiML verbs played before the stream starts (e.g. a consent notice); "" for none."""
+    keep_days: Annotated[float, Field(ge=0)] = 30.0
+    """Recordings older than this are deleted by voxd (0: kept for ever)."""
+
+
 class BargeInConfig(_Section):
     """`[barge_in]`: interrupting the assistant when the caller talks over it."""
 
@@ -202,6 +215,7 @@ class Config(_Section):
     barge_in: BargeInConfig = BargeInConfig()
     transfer: TransferConfig = TransferConfig()
     keypad: KeypadConfig = KeypadConfig()
+    recording: RecordingConfig = RecordingConfig()
     drain: DrainConfig = DrainConfig()
     logging: LoggingConfig = LoggingConfig()
     state: StateConfig = StateConfig()
@@ -528,6 +542,8 @@ def _check_values(config: Config) -> list[str]:
         problems.append("twilio.account_sid: must be AC followed by 32 lower-case hex digits "
                         f"(got {config.twilio.account_sid!r})")
     problems += _check_transfer(config.transfer)
+    if config.recording.enabled:
+        problems += _check_verbs("recording.announce", config.recording.announce)
     problems += _check_keypad(config.keypad)
     if urlsplit(config.twilio.api_base_url).scheme not in ("http", "https"):
         problems.append(f"twilio.api_base_url: must be an http(s) URL "

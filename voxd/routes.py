@@ -176,7 +176,9 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
                                             settings.config.call.stream_token_ttl)
         phone = runtime.phone
         action = phone.stream_action if phone is not None and not phone.rest else ""
-        body = twiml.connect_stream(url, parameters, settings.config.call.fallback_twiml, action)
+        recording = settings.config.recording
+        body = twiml.connect_stream(url, parameters, settings.config.call.fallback_twiml, action,
+                                    recording.announce if recording.enabled else "")
         log.info("call_sid=%s voice webhook: connecting the stream (from=%s to=%s)",
                  call_sid, show(parameters["from"] or "-", 40), show(parameters["to"] or "-", 40))
         return xml(body)

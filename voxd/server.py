@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 
 from voxd.background import Background
+from voxd.call.recording import sweep
 from voxd.config import Settings, load_settings, parse_listen, scrub_environment, summary
 from voxd.errors import ConfigError, VoxdError
 from voxd.media import MediaEndpoint
@@ -26,6 +29,8 @@ from voxd.runtime import LiveCalls, Runtime
 from voxd.shared_state import RedisState, after_stream_store, token_ledger
 from voxd.worker_env import METRICS_FD_ENV, inherited_listener, shared_tokens_directory
 
+SWEEP_SECONDS = 3600.0
+"""How often old recordings are looked for."""
 ACTION_GRACE_SECONDS = 1.0
 """How long a drained server still answers `<Connect action>` requests (without REST)."""
 
@@ -176,6 +181,8 @@ class Server:
                                  settings.config.server.public_url)
                         self.notifier.ready(self._status())
                         self.background.start("the systemd watchdog", "", self.notifier.watchdog)
+                        self.background.start("removing old recordings", "",
+                                              self._sweep_recordings)
                         if metrics.MULTIPROCESS:
                             self.background.start("sampling process metrics", "",
                                                   metrics.sample_process_forever)
@@ -192,6 +199,19 @@ class Server:
             if self.shared is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     await self.shared.aclose()
+
+    async def _sweep_recordings(self) -> None:
+        """Delete recordings past recording.keep_days, now and every hour (the current
+        config's directory and retention; nothing when recording is off)."""
+        while True:
+            recording = self.runtime.settings.config.recording
+            if recording.enabled and recording.keep_days > 0:
+                removed = await trio.to_thread.run_sync(
+                    sweep, Path(recording.directory), recording.keep_days, time.time())
+                if removed:
+                    log.info("removed %d recording file(s) older than %g days", removed,
+                             recording.keep_days)
+            await trio.sleep(SWEEP_SECONDS)
 
     async def drain(self) -> None:
         """SIGTERM: take no new calls (webhooks get the fallback, /readyz 503), let live calls

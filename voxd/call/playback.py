@@ -84,8 +84,11 @@ class Playback:
         on_burst: Callable[[float], str | None] | None = None,
         resume_after: float = 0.3,
         direct: Direct | None = None,
+        on_play: Callable[[bytes, float], None] | None = None,
     ) -> None:
         self._send = send
+        self._on_play = on_play
+        """Told each frame sent, with when it starts playing (a call's recording)."""
         self._direct = direct
         self._idle = False  # the playout waits for work, with nothing queued or owed
         self._flush_owed = False
@@ -316,6 +319,8 @@ class Playback:
                 name = self._on_burst(now) if self._on_burst is not None else None
                 if name is not None:  # before the frame: echoed when the answer starts
                     mark = self._protocol.mark(name)
+        if self._on_play is not None:
+            self._on_play(frame, self._play_end)
         self._play_end += FRAME_SECONDS
         self._burst_frames += 1
         self._unplayed.append((self._play_end, frame_energy_dbfs_ulaw(frame)))

@@ -37,6 +37,7 @@ import logging
 import math
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import trio
@@ -47,7 +48,8 @@ from voxd.audio.vad import ENERGY_FLOOR_DBFS, frame_energy_dbfs_ulaw
 from voxd.call.ending import Caller, Tell, policy
 from voxd.call.keypad import Keypad
 from voxd.call.phone import PhoneLeg, TransferRefusal, destination
-from voxd.call.playback import Direct, Playback
+from voxd.call.playback import FRAME_SECONDS, Direct, Playback
+from voxd.call.recording import CallRecorder, RecordingRefused
 from voxd.call.turns import TurnTimer
 from voxd.call.upstream_feed import UpstreamFeed
 from voxd.config import Settings
@@ -152,6 +154,9 @@ class CallSession:
         self._moved = False
         """The phone leg took the transfer."""
         self._caller_released = False
+        self.recorder: CallRecorder | None = None
+        self._heard_slot = -1
+        """The recording's slot of the last assistant frame sent."""
         local_vad = settings.config.barge_in.local_vad
         self.local_vad = (provider.name != "vapi") if local_vad == "auto" else local_vad
         """Barge in on voxd's own detection of caller speech ("auto": not for Vapi, whose own
@@ -262,6 +267,7 @@ class CallSession:
         log.info("call started: from=%s to=%s assistant=%s audio=%s peer=%s",
                  show(self.call.from_number or "-", 40), show(self.call.to_number or "-", 40),
                  self.provider.name, self.provider.audio, self.peer)
+        self.recorder = self._recorder(start.call_sid)
         call = self.settings.config.call
         rate = BYTES_PER_SECOND[self.provider.audio]
         feed = UpstreamFeed(int(call.preconnect_buffer_seconds * rate),
@@ -273,7 +279,8 @@ class CallSession:
                             max_queue_seconds=call.playback_queue_seconds,
                             on_burst=lambda at: self._answer_started(turns, at),
                             resume_after=barge_in.resume_after_ms / 1000,
-                            direct=self.socket if isinstance(self.socket, Direct) else None)
+                            direct=self.socket if isinstance(self.socket, Direct) else None,
+                            on_play=self._heard if self.recorder is not None else None)
         speech_tx, speech_rx = trio.open_memory_channel[float](8)
         try:
             async with trio.open_nursery() as nursery:
@@ -288,6 +295,8 @@ class CallSession:
             self._cancel = None
             if self.end_reason is None:  # cancelled from outside: the server is stopping
                 self._end("server-shutdown")
+            if self.recorder is not None:
+                self.recorder.close()  # the writer thread finishes the file
             await self._release_caller()
             self.stats.frames_out = playback.frames_sent
             self.stats.frames_dropped_out = playback.dropped_frames
@@ -299,6 +308,31 @@ class CallSession:
             if feed.stall_dropped_chunks:
                 metrics.MEDIA_FRAMES_DROPPED.labels(
                     direction="inbound", reason="upstream_stalled").inc(feed.stall_dropped_chunks)
+
+    def _recorder(self, call_sid: str) -> CallRecorder | None:
+        """This call's recording, when [recording] is on (None if it cannot be made: one
+        line, and the call goes on unrecorded)."""
+        recording = self.settings.config.recording
+        if not recording.enabled:
+            return None
+        try:
+            return CallRecorder(Path(recording.directory), call_sid, recording.format)
+        except RecordingRefused as exc:
+            log.warning("this call is not recorded: %s", show(exc, 200))
+            return None
+
+    def _slot(self, at: float) -> int:
+        """The caller's 20 ms slot (frames since the stream started) at time `at`."""
+        return self.stats.frames_in + int((at - self._last_in) / FRAME_SECONDS)
+
+    def _heard(self, frame: bytes, plays_at: float) -> None:
+        """Playback sent `frame`, which starts playing at `plays_at`: into the recording, in
+        the slot after the previous one when they play back to back (clock rounding must not
+        put two frames in one slot)."""
+        assert self.recorder is not None
+        slot = max(self._slot(plays_at), self._heard_slot + 1)
+        self._heard_slot = slot
+        self.recorder.heard(frame, slot)
 
     async def _assistant_side(self, feed: UpstreamFeed, playback: Playback, turns: TurnTimer,
                               speech: trio.MemoryReceiveChannel[float]) -> Ending:
@@ -425,6 +459,7 @@ class CallSession:
         receive = self.socket.receive
         parse = self.protocol.receive
         feed_audio = feed.send
+        record = self.recorder.caller if self.recorder is not None else None
         transcode = (InboundTranscoder().process if self.provider.audio == "pcm16" else None)
         clock = trio.current_time
         stats = self.stats
@@ -434,6 +469,8 @@ class CallSession:
             if type(event) is MediaFrame:
                 stats.frames_in += 1
                 payload = event.payload
+                if record is not None:
+                    record(payload)
                 energy = frame_energy_dbfs_ulaw(payload)
                 if energy < echo_level(now) - margin:
                     energy = ENERGY_FLOOR_DBFS  # at most the assistant's own echo: not speech
@@ -608,6 +645,9 @@ class CallSession:
         """Drop unplayed assistant audio; count and log it. Returns seconds of it heard."""
         heard = playback.heard_seconds
         dropped = playback.interrupt(mute)
+        if self.recorder is not None:  # what Twilio held is cleared: it never plays
+            self._heard_slot = self._slot(trio.current_time())
+            self.recorder.unheard(self._heard_slot + 1)
         if dropped > 0.0:
             self.stats.barge_ins += 1
             metrics.BARGE_INS.labels(source=source).inc()

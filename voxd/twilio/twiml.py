@@ -21,17 +21,22 @@ def fitted(parameters: Mapping[str, str]) -> dict[str, str]:
 
 
 def connect_stream(stream_url: str, parameters: Mapping[str, str], fallback_verbs: str,
-                   action: str = "") -> str:
+                   action: str = "", before: str = "") -> str:
     """`<Connect><Stream url=...>` with `<Parameter>`s (cut to Twilio's limit). Then either
     the fallback verbs (raw TwiML, validated at config load) that Twilio runs once the stream
-    ends, or, with an `action` URL, nothing: Twilio asks the action what comes next."""
+    ends, or, with an `action` URL, nothing: Twilio asks the action what comes next.
+    `before`: raw TwiML verbs (validated at config load) played before the stream."""
     response = VoiceResponse()
     connect = Connect(action=action) if action else Connect()
     stream = connect.stream(url=stream_url)
     for name, value in fitted(parameters).items():
         stream.parameter(name=name, value=value)
     response.append(connect)
-    return str(response) if action else _with_verbs(response, fallback_verbs)
+    xml = str(response) if action else _with_verbs(response, fallback_verbs)
+    if before:
+        head, _, rest = xml.partition("<Response>")
+        xml = head + "<Response>" + before + rest
+    return xml
 
 
 def dial(address: str, *, announce: str = "", caller_id: str = "", timeout: int = 30,
