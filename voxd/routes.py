@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -34,6 +35,18 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 SEND_SECONDS = 10.0
 """Longest one HTTP send may take (it is shielded: see `_shielded`)."""
+
+
+VOICE_PATH = "/twilio/voice"
+
+
+@dataclass(frozen=True)
+class TwilioRequest:
+    """A request Twilio made (signature checked), with its parameters and CallSid."""
+
+    runtime: Runtime
+    form: Any
+    call_sid: str
 
 
 class HttpApp:
@@ -101,16 +114,17 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
     refusals = ThrottledLog(log)
     http.config["MAX_CONTENT_LENGTH"] = 64 * 1024
 
-    async def twilio_form(runtime: Runtime, url: str, what: str) -> Any:
-        """The parameters of a request from Twilio, with a well-formed CallSid; or the error
-        to answer (after a throttled line and a count): 403 when Twilio's signature of `url`
-        (plus the query string) does not match, 400 without a well-formed CallSid."""
-        form = await signed_form(runtime, url, what)
+    async def from_twilio(path: str, what: str) -> TwilioRequest | tuple[str, int]:
+        """The request to `path` as Twilio made it, with a well-formed CallSid; or the error
+        to answer (after a throttled line and a count): 403 when Twilio's signature of the
+        public URL (plus the query string) does not match, 400 without a well-formed CallSid."""
+        runtime = runtime_ref()
+        form = await signed_form(runtime, runtime.settings.public_origin + path, what)
         if form is None:
             return "invalid signature\n", 403
         call_sid = form.get("CallSid", "")
         if stream_token.CALL_SID.fullmatch(call_sid):
-            return form
+            return TwilioRequest(runtime, form, call_sid)
         refusals.warning("callsid", "%s from %s refused: %s CallSid %s", what,
                          request.remote_addr, "malformed" if call_sid else "missing",
                          show(call_sid, 40))
@@ -139,14 +153,13 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
     def xml(body: str) -> Response:
         return Response(body, content_type="text/xml")
 
-    @http.route("/twilio/voice", methods=["POST", "GET"])
+    @http.route(VOICE_PATH, methods=["POST", "GET"])
     async def voice() -> Response | tuple[str, int]:
-        runtime = runtime_ref()
+        twilio = await from_twilio(VOICE_PATH, "voice webhook")
+        if isinstance(twilio, tuple):
+            return twilio
+        runtime, form, call_sid = twilio.runtime, twilio.form, twilio.call_sid
         settings = runtime.settings
-        form = await twilio_form(runtime, settings.webhook_url, "voice webhook")
-        if isinstance(form, tuple):
-            return form
-        call_sid = form["CallSid"]
         account_sid = form.get("AccountSid", "")
         if account_sid and not ACCOUNT_SID.fullmatch(account_sid):
             refusals.warning("accountsid", "voice webhook from %s refused: malformed AccountSid "
@@ -187,30 +200,24 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
     async def stream_ended() -> Response | tuple[str, int]:
         """Twilio asks what follows a stream (`<Connect action>`, used without REST): what
         the call's end left for it (hang up, a transfer), else the fallback."""
-        runtime = runtime_ref()
-        settings = runtime.settings
-        form = await twilio_form(runtime, settings.public_origin + STREAM_ENDED_PATH,
-                                 "stream-ended request")
-        if isinstance(form, tuple):
-            return form
-        call_sid = form["CallSid"]
+        twilio = await from_twilio(STREAM_ENDED_PATH, "stream-ended request")
+        if isinstance(twilio, tuple):
+            return twilio
+        runtime, call_sid = twilio.runtime, twilio.call_sid
         answer = await runtime.live.after.take(call_sid)
         log.info("call_sid=%s stream ended: Twilio goes on with %s", call_sid,
                  "the fallback (nothing was left for the call)" if answer is None else
                  "what the call's end left for it")
-        return xml(answer or twiml.verbs_only(settings.config.call.fallback_twiml))
+        return xml(answer or twiml.verbs_only(runtime.settings.config.call.fallback_twiml))
 
     @http.post(DIAL_ENDED_PATH)
     async def dial_ended() -> Response | tuple[str, int]:
         """A transfer's dialled leg ended: hang up after a conversation, else tell the caller
         nobody answered (transfer.no_answer_twiml)."""
-        runtime = runtime_ref()
-        settings = runtime.settings
-        form = await twilio_form(runtime, settings.public_origin + DIAL_ENDED_PATH,
-                                 "dial-ended request")
-        if isinstance(form, tuple):
-            return form
-        call_sid = form["CallSid"]
+        twilio = await from_twilio(DIAL_ENDED_PATH, "dial-ended request")
+        if isinstance(twilio, tuple):
+            return twilio
+        runtime, form, call_sid = twilio.runtime, twilio.form, twilio.call_sid
         status = form.get("DialCallStatus", "")
         if status in ("completed", "answered"):
             log.info("call_sid=%s transfer: the person hung up; ending the call", call_sid)
@@ -219,7 +226,7 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
         log.warning("call_sid=%s transfer not answered (%s); the caller hears "
                     "transfer.no_answer_twiml", call_sid, show(status or "no status", 20))
         metrics.TRANSFERS.labels(result="unanswered").inc()
-        return xml(twiml.verbs_only(settings.config.transfer.no_answer_twiml))
+        return xml(twiml.verbs_only(runtime.settings.config.transfer.no_answer_twiml))
 
     http.add_url_rule("/healthz", "healthz", healthz)
 

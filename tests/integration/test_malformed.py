@@ -54,6 +54,14 @@ CASES = {
     "binary frame": ([CONNECTED, start_message(), b"\x00\x01"], "binary frame"),
     "wrong media format": ([CONNECTED, start_message().replace("audio/x-mulaw", "audio/l16")],
                            "unsupported media format"),
+    # JSON nested past msgspec's depth guard: a protocol error, never a RecursionError
+    "1,000 deep before start": ([CONNECTED, '{"event":' + "[" * 1_000 + "]" * 1_000 + "}"],
+                                "JSON nested too deeply"),
+    "30,000 deep while streaming": ([CONNECTED, start_message(),
+                                     f'{{"event":"media","streamSid":"{SID}","x":'
+                                     + "[" * 30_000 + "]" * 30_000 + "}"],
+                                    "JSON nested too deeply"),
+    "a second connected": ([CONNECTED, CONNECTED], "'connected' received twice"),
 }
 
 
@@ -89,10 +97,13 @@ async def test_bad_input_ends_only_that_call(start_voxd, caplog, case):
     assert report.errors == [] and report.closed_by == "caller"
     assert len(report.caller_frames) == 80 and report.media_received > 0
     assert len(report.turns()) == 1 and report.turns()[0].latency is not None
+    # one line, no traceback, nothing logged as an error of voxd's
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     lines = [r.getMessage() for r in caplog.records if r.name == "voxd.call"]
     errors = [line for line in lines if "protocol error" in line]
     assert len(errors) == 1, lines
     assert problem in errors[0]
+    assert "\n" not in errors[0] and len(errors[0]) < 400
     summaries = [line for line in lines if line.startswith("call ended")]
     assert len(summaries) == 2  # the bad call and the good one, one line each
     assert sum("reason=protocol-error" in s for s in summaries) == 1

@@ -218,16 +218,21 @@ async def test_client_reports_the_status_of_a_refused_upgrade(nursery):
     assert refused.value.status == 401
 
 
+async def upgrade_request(stream: trio.SocketStream) -> WSConnection:
+    """A server side (wsproto) that has read the client's upgrade request from `stream`."""
+    conn = WSConnection(ConnectionType.SERVER)
+    while True:
+        conn.receive_data(await stream.receive_some(65536))
+        if any(isinstance(e, Request) for e in conn.events()):
+            return conn
+
+
 async def test_client_gets_frames_that_came_with_the_101_and_answers_their_pings(nursery):
     url_holder: dict = {}
     done = trio.Event()
 
     async def serve(stream: trio.SocketStream) -> None:
-        conn = WSConnection(ConnectionType.SERVER)
-        while True:
-            conn.receive_data(await stream.receive_some(65536))
-            if any(isinstance(e, Request) for e in conn.events()):
-                break
+        conn = await upgrade_request(stream)
         # the 101, a ping and a greeting in one write
         await stream.send_all(conn.send(AcceptConnection()) + conn.send(Ping(b"hi")) +
                               conn.send(TextMessage("welcome")))
@@ -468,11 +473,7 @@ def test_a_header_given_twice_counts_as_absent():
 
 async def test_a_flood_behind_the_101_does_not_hold_the_loop_either(nursery):
     async def serve(stream: trio.SocketStream) -> None:
-        conn = WSConnection(ConnectionType.SERVER)
-        while True:
-            conn.receive_data(await stream.receive_some(65536))
-            if any(isinstance(e, Request) for e in conn.events()):
-                break
+        conn = await upgrade_request(stream)
         # the 101, 30,000 empty pings (2 bytes each, unmasked) and a greeting in one write
         await stream.send_all(conn.send(AcceptConnection()) + b"\x89\x00" * 30_000
                               + conn.send(TextMessage("welcome")))

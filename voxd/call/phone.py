@@ -94,16 +94,13 @@ class PhoneLeg:
         stream closes); True if it was handed over (Twilio took the REST request, or the
         action request has it waiting)."""
         fallback = self.settings.config.call.fallback_twiml
-        if row.caller is Caller.DIAL and dial is None:  # pragma: no cover - set together
-            return False
         if self.control is not None:
             if not row.rest:
                 return False
             account, sid = call.account_sid, call.call_sid
             if row.caller is Caller.HANG_UP:
                 return await self.control.hang_up(account, sid)
-            if row.caller is Caller.DIAL:
-                assert dial is not None
+            if row.caller is Caller.DIAL and dial is not None:
                 return await self.control.redirect(account, sid, dial, "transfer the call")
             if row.caller is Caller.FALLBACK:
                 return await self.control.redirect(account, sid, twiml.verbs_only(fallback),
