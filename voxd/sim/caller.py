@@ -17,6 +17,11 @@ In-call control, as Twilio does it:
   and its `action` is requested too once the dialled leg ends (`dial_status`);
 - REST: linked to a `voxd.sim.rest.SimulatedRest` (`rest=`), the call obeys voxd's REST
   updates: a hang-up or a new TwiML sends `stop` and closes the stream.
+
+Outbound calls (`voxd.sim.callee`) use the same simulator for the answered leg: the call's own
+`call_sid`, `direction="outbound-api"` (the webhook then says `CallStatus=in-progress`), the
+webhook's `Method`, extra webhook fields (a synchronous AMD's `AnsweredBy`), or the create's
+`Twiml` in place of a webhook; `stream_started` tells when the callee's audio begins.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import math
 import secrets
 import wave
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -353,6 +358,28 @@ def _sid(prefix: str) -> str:
     return prefix + secrets.token_hex(16)
 
 
+def signature_headers(validator: RequestValidator | None, url: str,
+                      params: Mapping[str, str]) -> dict[str, str]:
+    """Twilio's `X-Twilio-Signature` of `url` and the POST `params` (none without a
+    validator: the request goes unsigned)."""
+    if validator is None:
+        return {}
+    return {"X-Twilio-Signature": validator.compute_signature(url, dict(params))}
+
+
+async def twilio_request(url: str, method: str, form: Mapping[str, str],
+                         validator: RequestValidator | None) -> httpx.Response:
+    """Request one of the application's URLs as Twilio does: POST the form, or GET with the
+    form merged into the query string; signed over the full URL (its query string included)
+    when given a validator. Raises httpx's errors."""
+    async with httpx.AsyncClient(timeout=CALLBACK_TIMEOUT) as client:
+        if method.upper() == "GET":
+            full = httpx.URL(url).copy_merge_params(dict(form))
+            return await client.get(full, headers=signature_headers(validator, str(full), {}))
+        return await client.post(url, data=dict(form),
+                                 headers=signature_headers(validator, url, form))
+
+
 def _checked_presses(dtmf: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
     presses = []
     for key, seconds in dtmf:
@@ -395,13 +422,25 @@ class TwilioSimulator:
     drive it: a hang-up or new TwiML sends `stop` and closes the stream. The call's account SID
     (`account_sid=`, sent as `AccountSid` and `start.accountSid`) then defaults to the REST
     API's, the account voxd must authenticate as; without either it is random.
-    `dial_status` is the DialCallStatus reported to a `<Dial action>` after a transfer."""
+    `dial_status` is the DialCallStatus reported to a `<Dial action>` after a transfer.
+
+    For an outbound call's answered leg (see the module docstring): `call_sid` (else a random
+    CA...), `direction` (Twilio's `Direction` field), `webhook_method` (POST or GET),
+    `webhook_form` (fields added to the webhook's form) and `twiml` (run instead of requesting
+    the webhook; relative URLs in it then resolve against `webhook_url`, which may be "")."""
 
     def __init__(self, webhook_url: str, *, auth_token: str | None = None,
                  from_number: str = "+15005550006", to_number: str = "+15005550001",
                  line_echo: tuple[float, float] | None = None, account_sid: str | None = None,
-                 rest: SimulatedRest | None = None, dial_status: str = "completed") -> None:
+                 rest: SimulatedRest | None = None, dial_status: str = "completed",
+                 call_sid: str | None = None, direction: str = "inbound",
+                 webhook_method: str = "POST", webhook_form: Mapping[str, str] | None = None,
+                 twiml: str | None = None) -> None:
         self.webhook_url = webhook_url
+        self.direction = direction
+        self.webhook_method = webhook_method.upper()
+        self.webhook_form = dict(webhook_form or {})
+        self.twiml = twiml
         self.line_echo = line_echo
         """(attenuation dB, delay ms): mix what the caller hears back into what it sends, as
         a phone line's echo does."""
@@ -410,30 +449,30 @@ class TwilioSimulator:
         self.to_number = to_number
         self.rest = rest
         self.dial_status = dial_status
-        self.call_sid = _sid("CA")
+        self.call_sid = call_sid or _sid("CA")
         self.account_sid = account_sid or (rest.account_sid if rest is not None else _sid("AC"))
         self.stream_sid = _sid("MZ")
+        self.stream_started = trio.Event()
+        """Set once the call's media stream has started (the caller's audio begins then)."""
         self._state: _CallState | None = None
-
-    def _signature(self, url: str, params: dict[str, str]) -> list[tuple[str, str]]:
-        if self.validator is None:
-            return []
-        return [("X-Twilio-Signature", self.validator.compute_signature(url, params))]
 
     def _form(self, status: str) -> dict[str, str]:
         """The fields Twilio puts in every request about the call."""
         return {"AccountSid": self.account_sid, "ApiVersion": API_VERSION,
-                "CallSid": self.call_sid, "CallStatus": status, "Direction": "inbound",
+                "CallSid": self.call_sid, "CallStatus": status, "Direction": self.direction,
                 "From": self.from_number, "To": self.to_number}
 
     async def request_stream(self) -> StreamInstruction:
-        """POST the voice webhook like Twilio and return the stream it asks for."""
-        form = {**self._form("ringing"), "Caller": self.from_number, "Called": self.to_number}
+        """Request the voice webhook like Twilio (or read the given `twiml`) and return the
+        stream it asks for."""
+        if self.twiml is not None:
+            return parse_twiml(self.twiml)
+        status = "ringing" if self.direction == "inbound" else "in-progress"
+        form = {**self._form(status), "Caller": self.from_number, "Called": self.to_number,
+                **self.webhook_form}
         try:
-            async with httpx.AsyncClient(timeout=CALLBACK_TIMEOUT) as client:
-                response = await client.post(self.webhook_url, data=form,
-                                             headers=dict(self._signature(self.webhook_url,
-                                                                          form)))
+            response = await twilio_request(self.webhook_url, self.webhook_method, form,
+                                            self.validator)
         except httpx.InvalidURL as exc:
             raise SimulatorError(f"not a usable webhook URL {self.webhook_url!r}: {exc}") \
                 from None
@@ -481,7 +520,8 @@ class TwilioSimulator:
     async def _stream(self, instruction: StreamInstruction, frames: list[bytes],
                       presses: list[tuple[str, float]], report: CallReport,
                       state: _CallState) -> None:
-        headers = [(k.encode(), v.encode()) for k, v in self._signature(instruction.url, {})]
+        headers = [(k.encode(), v.encode())
+                   for k, v in signature_headers(self.validator, instruction.url, {}).items()]
         try:
             async with trio_websocket.open_websocket_url(
                 instruction.url, extra_headers=headers, connect_timeout=10,
@@ -561,14 +601,7 @@ class TwilioSimulator:
         status = ", ".join(f"{k}={form[k]}" for k in ("CallStatus", "DialCallStatus")
                            if k in form)
         try:
-            async with httpx.AsyncClient(timeout=CALLBACK_TIMEOUT) as client:
-                if method == "GET":
-                    full = httpx.URL(url).copy_merge_params(form)
-                    response = await client.get(full, headers=dict(self._signature(str(full),
-                                                                                   {})))
-                else:
-                    response = await client.post(url, data=form,
-                                                 headers=dict(self._signature(url, form)))
+            response = await twilio_request(url, method, form, self.validator)
         except httpx.HTTPError as exc:
             state.note(f"{what}: {method} {url} failed")
             report.errors.append(f"{what}: cannot reach {url}: {exc}")
@@ -659,6 +692,7 @@ class _Stream:
         self.t0 = self.state.t0 = trio.current_time()
         self.state.phase = "streaming"
         self.report.events.append((0.0, "stream started"))
+        self.sim.stream_started.set()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.receive, nursery.cancel_scope)
             await self.pace()
