@@ -10,7 +10,7 @@
   Scripted faults: abrupt drop, clean end (status-update ended), garbage, silence (freeze).
   Scripted in-call control: client-side `tool-calls` (transfer, keys, end) and any other
   message (`transfer-update`) at given times; what voxd sends back (`add-message`, `end-call`)
-  is kept in `control_in`.
+  is kept in `control_in`. Optionally (`transcripts`) the transcripts of both sides.
 """
 
 from __future__ import annotations
@@ -69,6 +69,10 @@ class VapiScript:
     client-side function tools (`tool-calls`, as Vapi sends them to the client)."""
     messages_at: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     """(seconds, message): any other control message, e.g. a `transfer-update`."""
+    transcripts: bool = False
+    """Send `transcript` messages as Vapi does: for each caller utterance a partial then a
+    final one (role user, "caller utterance N"), and for each reply a final one (role
+    assistant, "reply N"); also one with a role that is neither."""
 
 
 @dataclass
@@ -249,6 +253,11 @@ class _Assistant:
         self.recent.append(frame)
         if edge is SpeechEdge.STOPPED:
             self.call.turn_ends.append(detector.speech_ended_at_frame or 0)
+            if self.script.transcripts:
+                said = f"caller utterance {len(self.call.turn_ends)}"
+                await self.send(transcript("user", said[:9], final=False))
+                await self.send(transcript("user", said, final=True))
+                await self.send(transcript("system", "not a party", final=True))
             hangover = detector.frames_seen - 1 - (detector.speech_ended_at_frame or 0)
             self.nursery.start_soon(self.reply, b"".join(self.utterance[:-hangover]))
 
@@ -262,6 +271,9 @@ class _Assistant:
             self.call.replies.append(audio)
             self.call.reply_started.append(trio.current_time())
             await self.send({"type": "speech-update", "status": "started", "role": "assistant"})
+            if self.script.transcripts:
+                await self.send(transcript("assistant", f"reply {len(self.call.replies)}",
+                                           final=True))
             size = self.call.frame_bytes
             start = trio.current_time()
             for i in range(0, len(audio), size):
@@ -305,6 +317,12 @@ class _Assistant:
                              "endedReason": "assistant-ended-call"})
             await self.ws.aclose()
             scope.cancel()
+
+
+def transcript(role: str, text: str, *, final: bool) -> dict[str, Any]:
+    """A `transcript` message as Vapi sends it to the client."""
+    return {"type": "transcript", "role": role,
+            "transcriptType": "final" if final else "partial", "transcript": text}
 
 
 def tool_calls_message(calls: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -17,8 +17,11 @@ from voxd.call.phone import Destination, TransferRefusal, destination
 from voxd.config import KeypadConfig, TransferConfig, parse_config
 from voxd.errors import ConfigError, ProtocolError
 from voxd.providers.base import (
+    MAX_TRANSCRIPT_CHARS,
+    AnsweredBy,
     DigitsRequested,
     KeypadEntry,
+    Transcript,
     Transferred,
     TransferRefused,
     TransferRequested,
@@ -41,7 +44,7 @@ def test_every_end_reason_has_its_own_row_and_every_row_is_used():
     assert kinds, "the pattern no longer finds the reasons"
     # reasons that end a call only where the session cannot be reached (a bug's own tasks)
     unreachable = {"feeder-ended", "playout-ended", "barge-in-watcher-ended", "keypad-ended",
-                   "assistant-side-ended"}
+                   "notices-ended", "assistant-side-ended"}
     assert kinds - unreachable <= set(POLICY), kinds - unreachable - set(POLICY)
     assert set(POLICY) <= kinds, set(POLICY) - kinds
 
@@ -230,6 +233,25 @@ def test_generic_assistants_are_told_in_the_documented_shapes():
         {"type": "transferred", "to": "sales"}
     assert json.loads(notice_message(TransferRefused("ceo", "not allowed"))) == \
         {"type": "transfer-refused", "to": "ceo", "reason": "not allowed"}
+    assert json.loads(notice_message(AnsweredBy("machine_end_beep"))) == \
+        {"type": "answered-by", "value": "machine_end_beep"}
+    assert json.loads(notice_message(AnsweredBy("nonsense"))) == \
+        {"type": "answered-by", "value": "unknown"}
+
+
+def test_generic_assistants_send_transcripts():
+    assert translate('{"type":"transcript","role":"assistant","text":"Hello there"}') == \
+        Transcript("assistant", "Hello there")
+    assert translate('{"type":"transcript","role":"user","text":"hi"}') == \
+        Transcript("user", "hi")
+    assert translate('{"type":"transcript","role":"user","text":""}') is None
+    long = translate(json.dumps({"type": "transcript", "role": "user", "text": "x" * 9000}))
+    assert long == Transcript("user", "x" * MAX_TRANSCRIPT_CHARS)  # cut, not refused
+    for bad in ('{"type":"transcript","role":"system","text":"x"}',
+                '{"type":"transcript","text":"x"}',
+                '{"type":"transcript","role":"user","text":5}'):
+        with pytest.raises(ProtocolError):
+            translate(bad)
 
 
 # -- where the action request finds what a call's end left -----------------------------------

@@ -342,3 +342,79 @@ def test_sweep_deletes_old_recordings_and_their_records(tmp_path, monkeypatch, c
         assert sweep(tmp_path, 30, now) == 0
     assert any("cannot delete" in r.getMessage() and sid[2] in r.getMessage()
                for r in caplog.records)
+
+
+# -- the call's record, written next to the audio ----------------------------------------------
+
+RECORD = b'{"event":"start","t":0.0,"call_sid":"CA","stream_sid":"MZ"}\n'
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000])
+async def test_the_record_lands_next_to_the_audio_for_voxd_alone(tmp_path, writer, umask):
+    old = os.umask(umask)
+    try:
+        recorder = CallRecorder(tmp_path, SID, "wav", writer=writer)
+        for _ in range(BATCH_SLOTS + 3):
+            recorder.caller(SILENCE)
+        assert await recorder.aclose(RECORD) == tmp_path / f"{SID}.wav"
+    finally:
+        os.umask(old)
+    path = tmp_path / f"{SID}.jsonl"
+    assert path.read_bytes() == RECORD  # written by the time aclose returns
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{SID}.jsonl", f"{SID}.wav"]
+    recorder.close(b"again")  # once only
+    await trio.to_thread.run_sync(writer.stop, 10)
+    assert path.read_bytes() == RECORD
+
+
+async def test_the_record_is_written_when_the_audio_stopped_early(tmp_path, writer, caplog):
+    recorder = CallRecorder(tmp_path, SID, "wav", max_backlog_seconds=1.0, writer=writer)
+    for slot in range(60):  # the audio stops: assistant audio piling up ahead
+        recorder.heard(SILENCE, slot)
+    assert not recorder.recording
+    assert await recorder.aclose(RECORD) is None
+    assert [p.name for p in tmp_path.iterdir()] == [f"{SID}.jsonl"]
+
+
+async def test_a_failing_disk_counts_once_for_audio_and_record(
+        tmp_path, writer, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    real_open = os.open
+
+    def full(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(recording.os, "open", full)
+    before = errors_counted()
+    recorder = CallRecorder(tmp_path, SID, "wav", writer=writer)
+    for _ in range(BATCH_SLOTS + 1):
+        recorder.caller(SILENCE)
+    assert await recorder.aclose(RECORD) is None
+    assert errors_counted() == before + 1
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "disk full" in warnings[0].getMessage()
+    assert any("record of call" in r.getMessage() and "disk full" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.INFO)
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_record_that_cannot_be_written_alone_is_reported(
+        tmp_path, writer, monkeypatch, caplog):
+    real_replace = os.replace
+
+    def no_jsonl(src, dst, *args, **kwargs):
+        if str(dst).endswith(".jsonl"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(recording.os, "replace", no_jsonl)
+    before = errors_counted()
+    recorder = CallRecorder(tmp_path, SID, "wav", writer=writer)
+    assert await recorder.aclose(RECORD) == tmp_path / f"{SID}.wav"  # the audio is fine
+    assert errors_counted() == before + 1
+    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert line.startswith(f"record of call {SID} not written: I/O error")
+    assert [p.name for p in tmp_path.iterdir()] == [f"{SID}.wav"]  # no temporary file left

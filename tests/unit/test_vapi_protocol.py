@@ -12,11 +12,15 @@ from hypothesis import strategies as st
 from voxd.config import KeypadConfig, VapiConfig
 from voxd.errors import ProtocolError
 from voxd.providers.base import (
+    ANSWERED_BY,
+    MAX_TRANSCRIPT_CHARS,
+    AnsweredBy,
     AssistantEnded,
     AssistantInterrupted,
     CallerSpeechStarted,
     DigitsRequested,
     KeypadEntry,
+    Transcript,
     Transferred,
     TransferRefused,
     TransferRequested,
@@ -27,6 +31,7 @@ from voxd.providers.vapi_protocol import (
     OtherMessage,
     SpeechUpdate,
     StatusUpdate,
+    TranscriptMessage,
     UserInterrupted,
     VapiCreateError,
     create_call_body,
@@ -87,7 +92,15 @@ def test_create_errors_are_classified(status, body, retryable, words):
     ('{"type":"status-update","status":"ended","endedReason":"customer-ended-call"}',
      StatusUpdate("ended", "customer-ended-call")),
     ('{"type":"hang"}', OtherMessage("hang")),
-    ('{"type":"transcript","role":"user","transcript":"hi"}', OtherMessage("transcript")),
+    ('{"type":"transcript","role":"user","transcript":"hi"}',
+     TranscriptMessage("user", "hi", final=False)),
+    ('{"type":"transcript","role":"assistant","transcriptType":"final","transcript":"Hello"}',
+     TranscriptMessage("assistant", "Hello", final=True)),
+    ('{"type":"transcript[transcriptType=\\"final\\"]","role":"user","transcript":"yes"}',
+     TranscriptMessage("user", "yes", final=True)),
+    ('{"type":"transcript","role":3,"transcriptType":"final","transcript":null}',
+     TranscriptMessage("", "", final=True)),
+    ('{"type":"model-output","output":"x"}', OtherMessage("model-output")),
 ])
 def test_control_messages(text, event):
     assert parse_control(text) == event
@@ -160,6 +173,38 @@ def test_what_voxd_acts_on():
         AssistantEnded("vapi:silence")
     assert translate('{"type":"status-update","status":"in-progress"}') is None
     assert translate('{"type":"hang"}') is None  # "hang" is a delay notice, not a hang-up
+
+
+def final(role: str, text: str, kind: str = "final") -> str:
+    return json.dumps({"type": "transcript", "role": role, "transcriptType": kind,
+                       "transcript": text})
+
+
+def test_final_transcripts_become_events_and_partial_ones_do_not():
+    assert translate(final("assistant", "How can I help?")) == \
+        Transcript("assistant", "How can I help?")
+    assert translate(final("user", "I need a plumber")) == Transcript("user", "I need a plumber")
+    assert translate(final("user", "I need a", kind="partial")) is None
+    assert translate(final("system", "you are a helpful")) is None  # not a party to the call
+    assert translate(final("tool", "x")) is None
+    assert translate(final("user", "")) is None
+    long = translate(final("assistant", "é" * (MAX_TRANSCRIPT_CHARS + 500)))
+    assert isinstance(long, Transcript) and len(long.text) == MAX_TRANSCRIPT_CHARS
+
+
+def test_who_answered_is_told_as_a_system_message():
+    beep = json.loads(MESSAGES.notice(AnsweredBy("machine_end_beep")) or "")
+    assert beep == {"type": "add-message", "triggerResponseEnabled": True,
+                    "message": {"role": "system", "content": "The call was answered by an "
+                                "answering machine; its greeting has ended (beep)."}}
+    person = json.loads(MESSAGES.notice(AnsweredBy("human")) or "")
+    assert person["message"]["content"] == "The call was answered by a person."
+    assert person["triggerResponseEnabled"] is False  # the assistant goes on as it was
+    for value in ANSWERED_BY:
+        assert json.loads(MESSAGES.notice(AnsweredBy(value)) or "")["type"] == "add-message"
+    odd = json.loads(MESSAGES.notice(AnsweredBy("robot\x1b[2J")) or "")
+    assert odd["message"]["content"] == \
+        "It is not known whether a person or a machine answered the call."
 
 
 @given(st.text(max_size=200))

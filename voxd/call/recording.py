@@ -42,6 +42,15 @@ heard; `wav` is PCM16, `flac` is FLAC (16 bit), `opus` is Ogg/Opus (libsndfile 1
 (`.<CallSid>.<random>.part`, created 0600 whatever the umask) and renamed into place once
 complete. `sweep` removes recordings and their `.jsonl` companions past their retention.
 
+The call's record. `close(record)` also hands the writer the call's record (`voxd.call_record`,
+JSON Lines, serialised on the event loop: a few kB, once per call), which it writes after the
+audio as `<CallSid>.jsonl`, the same way (hidden temporary name, 0600, fsync, rename). It is
+written even when the audio stopped early (a slow writer or a full disk may have recovered;
+the timeline is still worth having). A call's recording, audio and record, counts one
+failure at most: a record that cannot be written is one WARNING and one
+`voxd_recording_errors_total` unless the audio's failure was reported already (then one INFO
+line).
+
 Costs, measured on the project's 2-core machine (Python 3.11, libsndfile 1.2.2):
 - on the event loop, per 20 ms frame, with timeit (best of 7 runs of 50,000 frames, the
   once-a-second hand-off to a live writer thread included): `caller()` 0.09 us, `heard()`
@@ -223,6 +232,42 @@ class _Track:
                 self.state = _DONE
         return self.path
 
+    def write_record(self, data: bytes) -> Path | None:
+        """Write the call's record next to the audio (`<CallSid>.jsonl`) and rename it into
+        place; its path, or None when it failed (reported here: see the module docstring)."""
+        path = self.directory / f"{self.call_sid}.jsonl"
+        part = self.directory / f".{self.call_sid}.{secrets.token_hex(4)}.part"
+        fd: int | None = None
+        created = False
+        try:
+            self.directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+            fd = os.open(part, flags, _FILE_MODE)
+            created = True
+            os.fchmod(fd, _FILE_MODE)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            os.close(fd)
+            fd = None
+            os.replace(part, path)
+            return path
+        except OSError as exc:
+            problem = _describe(exc)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if created:
+                with contextlib.suppress(OSError):  # else `sweep` removes it a day later
+                    os.unlink(part)
+            if self.state == _FAILED:  # the call's recording failure was reported already
+                log.info("record of call %s not written either: %s", self.call_sid, problem)
+            else:
+                log.warning("record of call %s not written: %s", self.call_sid, problem)
+                RECORDING_ERRORS.inc()
+            return None
+
     def discard(self) -> None:
         """Close and delete the partial file (after a failure); never raises."""
         sound, self.sound = self.sound, None
@@ -291,6 +336,8 @@ class _Batch:
 class _Finish:
     track: _Track
     notify: Callable[[Path | None], None] | None
+    record: bytes | None = None
+    """The call's record, written after the audio (`<CallSid>.jsonl`)."""
 
 
 class RecordingWriter:
@@ -362,6 +409,8 @@ class RecordingWriter:
                 track.fail(track.describe(exc))
         if result is None:
             track.discard()
+        if item.record is not None:
+            track.write_record(item.record)
         if item.notify is not None:
             item.notify(result)
 
@@ -407,6 +456,7 @@ class CallRecorder:
         self._flushed = 0  # caller slots handed to the writer
         self._heard_floor = -1  # heard() accepts only slots above this
         self._stopped = False  # closed or failed: feeding does nothing
+        self._closed = False  # close() was called
 
     @property
     def slots(self) -> int:
@@ -456,16 +506,19 @@ class CallRecorder:
         self._heard_floor = max(min(self._heard_floor, from_slot - 1), self._flushed - 1)
         return removed
 
-    def close(self) -> None:
-        """Hand the rest to the writer and have it finish the file; returns at once."""
-        self._close(None)
+    def close(self, record: bytes | None = None) -> None:
+        """Hand the rest to the writer and have it finish the file, and write the call's
+        `record` (JSON Lines) next to it, even if the audio stopped early; returns at once.
+        Call it once: later calls do nothing."""
+        self._close(None, record)
 
-    async def aclose(self) -> Path | None:
-        """`close`, then wait for the writer (never blocking the event loop): the recording's
-        path once it is complete and in place, or None if it stopped early. The finish is
-        handed off before the first checkpoint, so bounding the wait (`trio.move_on_after`)
-        or cancelling it leaves the file to be completed all the same."""
-        if self._stopped:
+    async def aclose(self, record: bytes | None = None) -> Path | None:
+        """`close`, then wait for the writer (never blocking the event loop; the record, if
+        any, written too): the recording's path once it is complete and in place, or None if
+        it stopped early. The finish is handed off before the first checkpoint, so bounding
+        the wait (`trio.move_on_after`) or cancelling it leaves the file to be completed all
+        the same."""
+        if self._closed or (self._stopped and record is None):
             return None
         done = trio.Event()
         result: list[Path | None] = [None]
@@ -476,22 +529,25 @@ class CallRecorder:
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(done.set)
 
-        if not self._close(notify):
+        if not self._close(notify, record):
             return None
         await done.wait()
         return result[0]
 
-    def _close(self, notify: Callable[[Path | None], None] | None) -> bool:
-        """Hand off the rest and the finish; False if the recording had stopped already."""
-        if self._stopped:
+    def _close(self, notify: Callable[[Path | None], None] | None,
+               record: bytes | None = None) -> bool:
+        """Hand off the rest and the finish (with the record); False if there was nothing to
+        hand off: closed already, or the recording had stopped and there is no record."""
+        if self._closed:
             return False
-        if self._caller:
+        self._closed = True
+        if not self._stopped and self._caller:
             self._hand_off()
-        if self._stopped:  # that last hand-off found the recording failed
+        if self._stopped and record is None:  # stopped, or the last hand-off found it failed
             return False
         self._stopped = True
         self._heard.clear()  # beyond the caller's timeline: not recorded
-        self._writer.submit(_Finish(self._track, notify))
+        self._writer.submit(_Finish(self._track, notify, record))
         return True
 
     def _hand_off(self) -> None:

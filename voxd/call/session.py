@@ -14,11 +14,18 @@ assistant side's nursery nested in it):
       keep-alive      assistant.ping() every keepalive_interval, dead after keepalive_timeout
       barge-in watch  caller speech started (local VAD, when enabled) while audio plays -> clear
       keypad          the caller's key presses (from the inbound pump) -> the assistant
+      notices         what voxd learns about the phone call meanwhile (`answered_by`) -> the
+                      assistant
 
 The assistant may also ask for a transfer (the outbound pump lets its last words play, then
 moves the call: `call/phone.py`) or for keys to be pressed (DTMF tones, queued with its audio).
 How the call ends decides, through one table (`call/ending.py`), what the caller gets next,
 what the assistant is told and which outcome is counted.
+
+A recorded call also keeps its record (`voxd.call_record`): start, turns, barge-ins, keys,
+transfer, transcripts, who answered, end, each at its time on the recording's timeline
+(`_stream_time`). Events are appended where they happen (never per frame); the summary hands
+the record to the recording's writer thread with the end.
 
 Invariants:
 - Whichever task finishes first decides the end reason (`_end`) and cancels the rest; nothing
@@ -33,6 +40,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
 from collections.abc import Awaitable
@@ -52,6 +60,7 @@ from voxd.call.playback import FRAME_SECONDS, Direct, Playback
 from voxd.call.recording import CallRecorder, RecordingRefused
 from voxd.call.turns import TurnTimer
 from voxd.call.upstream_feed import UpstreamFeed
+from voxd.call_record import CallRecord
 from voxd.config import Settings
 from voxd.errors import CallerDisconnected, ProtocolError, UpstreamError, VoxdError
 from voxd.observability import metrics
@@ -59,14 +68,17 @@ from voxd.observability.logging import CallLogContext, bind_call
 from voxd.observability.untrusted import show
 from voxd.providers.base import (
     BYTES_PER_SECOND,
+    AnsweredBy,
     AssistantAudio,
     AssistantEnded,
     AssistantInterrupted,
     AssistantSession,
     CallerSpeechStarted,
     CallInfo,
+    CallNotice,
     DigitsRequested,
     Provider,
+    Transcript,
     Transferred,
     TransferRefused,
     TransferRequested,
@@ -89,6 +101,8 @@ REST_SECONDS = 10.0
 """Longest a REST call-control request (hang up, redirect) may hold the teardown."""
 METRICS_INTERVAL = 5.0
 """Seconds between additions of a live call's frame counts to the metrics."""
+NOTICES = 8
+"""Notices (`answered_by`) held for an assistant still connecting; more are dropped."""
 
 
 class Ending(NamedTuple):
@@ -155,6 +169,10 @@ class CallSession:
         """The phone leg took the transfer."""
         self._caller_released = False
         self.recorder: CallRecorder | None = None
+        self.record: CallRecord | None = None
+        """The call's record (only when it is recorded: it is written next to the audio)."""
+        self._transcripts = settings.config.recording.transcripts
+        self._notices_tx, self._notices_rx = trio.open_memory_channel[CallNotice](NOTICES)
         self._heard_slot = -1
         """The recording's slot of the last assistant frame sent."""
         local_vad = settings.config.barge_in.local_vad
@@ -268,6 +286,13 @@ class CallSession:
                  show(self.call.from_number or "-", 40), show(self.call.to_number or "-", 40),
                  self.provider.name, self.provider.audio, self.peer)
         self.recorder = self._recorder(start.call_sid)
+        if self.recorder is not None:
+            self.record = CallRecord()
+            self.record.started(
+                0.0, start.call_sid, start.stream_sid, from_number=self.call.from_number,
+                to_number=self.call.to_number, direction=params.get("direction", ""),
+                at=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+                assistant=self.provider.name)
         call = self.settings.config.call
         rate = BYTES_PER_SECOND[self.provider.audio]
         feed = UpstreamFeed(int(call.preconnect_buffer_seconds * rate),
@@ -295,8 +320,6 @@ class CallSession:
             self._cancel = None
             if self.end_reason is None:  # cancelled from outside: the server is stopping
                 self._end("server-shutdown")
-            if self.recorder is not None:
-                self.recorder.close()  # the writer thread finishes the file
             await self._release_caller()
             self.stats.frames_out = playback.frames_sent
             self.stats.frames_dropped_out = playback.dropped_frames
@@ -320,6 +343,21 @@ class CallSession:
         except RecordingRefused as exc:
             log.warning("this call is not recorded: %s", show(exc, 200))
             return None
+
+    def _stream_time(self, at: float) -> float:
+        """Seconds since the media stream started at time `at`, on the recording's timeline
+        (slot n starts at n * 20 ms; see `_slot`)."""
+        return self.stats.frames_in * FRAME_SECONDS + max(0.0, at - self._last_in)
+
+    def answered_by(self, value: str) -> None:
+        """Twilio's answering-machine detection says who answered (its AnsweredBy value):
+        into the record, and told to the assistant (once it is connected). Never waits."""
+        if self.record is not None:
+            self.record.answered_by(self._stream_time(trio.current_time()), value)
+        try:
+            self._notices_tx.send_nowait(AnsweredBy(value))
+        except trio.WouldBlock:
+            log.warning("too many notices for an assistant still connecting; dropped one")
 
     def _slot(self, at: float) -> int:
         """The caller's 20 ms slot (frames since the stream started) at time `at`."""
@@ -363,6 +401,7 @@ class CallSession:
                     nursery.start_soon(self._guard,
                                        self._barge_in_watcher(assistant, playback, speech))
                     nursery.start_soon(self._guard, self._keypad(assistant))
+                    nursery.start_soon(self._guard, self._notices(assistant))
             finally:
                 try:
                     await self._release_caller()  # the caller first: never a silent line
@@ -401,6 +440,8 @@ class CallSession:
                     await self.socket.close()
 
     def _count_transfer(self, name: str) -> None:
+        if self.record is not None:
+            self.record.transfer_result("placed" if self._moved else "failed")
         if self._moved:
             log.info("transferred the caller to %s", name)
             metrics.TRANSFERS.labels(result="placed").inc()
@@ -483,6 +524,9 @@ class CallSession:
                 mark_played(event.name)
             elif type(event) is Dtmf:
                 self.keypad.press(event.digit)
+                if self.record is not None:
+                    self.record.pressed(self._stream_time(now), event.digit
+                                        if self.keypad.config.log_digits else None)
             elif type(event) is StreamStop:
                 return Ending("caller-hangup")
 
@@ -493,6 +537,8 @@ class CallSession:
     async def _outbound(self, assistant: AssistantSession, playback: Playback,
                         turns: TurnTimer) -> Ending:
         transcode = (OutboundTranscoder().process if self.provider.audio == "pcm16" else None)
+        record = self.record
+        transcribed = record.transcript if record is not None and self._transcripts else None
         while True:
             event = await assistant.receive()
             if type(event) is AssistantAudio:
@@ -511,6 +557,8 @@ class CallSession:
                     return ending
             elif type(event) is DigitsRequested:
                 await self._press_keys(event.digits, playback)
+            elif type(event) is Transcript and transcribed is not None:
+                transcribed(self._stream_time(trio.current_time()), event.role, event.text)
 
     async def _last_words(self, playback: Playback) -> None:
         """Let the caller hear the assistant's last words before the call moves on."""
@@ -527,10 +575,15 @@ class CallSession:
         except TransferRefusal as exc:
             log.warning("transfer to %s refused: %s", show(request.to, 64) or "(default)", exc)
             metrics.TRANSFERS.labels(result="refused").inc()
+            if self.record is not None:
+                self.record.transfer(self._stream_time(trio.current_time()), request.to[:64],
+                                     "refused", str(exc))
             await assistant.tell(TransferRefused(request.to[:64], str(exc)))
             return None
         assert self.phone is not None  # the server always gives the call its phone leg
         self._transfer_to = (to.name, self.phone.dial_twiml(to, request.announce))
+        if self.record is not None:
+            self.record.transfer(self._stream_time(trio.current_time()), to.name, "decided")
         log.info("transferring the caller to %s", to.name)
         await self._last_words(playback)
         return Ending(f"transferred:{to.name}")
@@ -553,6 +606,12 @@ class CallSession:
         await self.keypad.run(assistant)
         return Ending("keypad-ended")  # pragma: no cover - runs for the life of the call
 
+    async def _notices(self, assistant: AssistantSession) -> Ending:
+        """Tell the assistant what voxd learnt about the phone call (`answered_by`)."""
+        async for notice in self._notices_rx:
+            await assistant.tell(notice)
+        return Ending("notices-ended")  # pragma: no cover - the channel stays open
+
     async def _playout(self, playback: Playback) -> Ending:
         await playback.run()
         return Ending("playout-ended")  # pragma: no cover - runs for the life of the call
@@ -566,6 +625,8 @@ class CallSession:
             return None
         metrics.TURN_LATENCY_SECONDS.observe(latency)
         turn = len(turns.latencies)
+        if self.record is not None:
+            self.record.turn(self._stream_time(at), turn, latency)
         log.debug("turn %d: response latency %.0f ms", turn, latency * 1000)
         return f"voxd:turn={turn};latency_ms={latency * 1000:.0f}"
 
@@ -650,6 +711,9 @@ class CallSession:
             self.recorder.unheard(self._heard_slot + 1)
         if dropped > 0.0:
             self.stats.barge_ins += 1
+            if self.record is not None:
+                self.record.barge_in(self._stream_time(trio.current_time()), source, heard,
+                                     dropped)
             metrics.BARGE_INS.labels(source=source).inc()
             log.info("barge-in (%s): caller heard %.0f ms of the assistant's turn; dropped "
                      "%.0f ms", source, heard * 1000, dropped * 1000)
@@ -673,6 +737,17 @@ class CallSession:
             duration, s.frames_in, s.frames_out, s.frames_dropped_in, s.frames_dropped_out,
             len(s.latencies), _ms(p50), _ms(p95), s.barge_ins, show(reason, 160),
         )
+        if self.recorder is not None:  # the writer thread finishes the file, writes the record
+            record = None
+            if self.record is not None:
+                self.record.ended(
+                    self._stream_time(trio.current_time()), reason, duration=duration,
+                    frames_in=s.frames_in, frames_out=s.frames_out,
+                    dropped_in=s.frames_dropped_in, dropped_out=s.frames_dropped_out,
+                    turns=len(s.latencies), latency_p50=p50, latency_p95=p95,
+                    barge_ins=s.barge_ins)
+                record = self.record.to_jsonl()
+            self.recorder.close(record)
 
 
 def _voxd_error(exc: BaseException) -> VoxdError | None:

@@ -70,8 +70,23 @@ class DigitsRequested(msgspec.Struct, frozen=True):
     digits: str
 
 
+MAX_TRANSCRIPT_CHARS = 2000
+"""Longest transcript text taken from an assistant; longer ones are cut to this."""
+TRANSCRIPT_ROLES = frozenset({"user", "assistant"})
+"""Who spoke, in a transcript: `user` is the caller."""
+
+
+class Transcript(msgspec.Struct, frozen=True):
+    """What was said, as the assistant's speech recognition or its model has it (final text
+    only, never partial guesses): `role` is "user" (the caller) or "assistant"; `text` is at
+    most MAX_TRANSCRIPT_CHARS. Untrusted: escape it before it goes near a log line."""
+
+    role: str
+    text: str
+
+
 AssistantEvent = (AssistantAudio | AssistantInterrupted | CallerSpeechStarted | AssistantEnded
-                  | TransferRequested | DigitsRequested)
+                  | TransferRequested | DigitsRequested | Transcript)
 
 
 class KeypadEntry(msgspec.Struct, frozen=True):
@@ -94,7 +109,24 @@ class TransferRefused(msgspec.Struct, frozen=True):
     reason: str
 
 
-CallNotice = KeypadEntry | Transferred | TransferRefused
+ANSWERED_BY = ("human", "machine_start", "machine_end_beep", "machine_end_silence",
+               "machine_end_other", "fax", "unknown")
+"""Twilio's AnsweredBy values (answering-machine detection of an outbound call)."""
+
+
+class AnsweredBy(msgspec.Struct, frozen=True):
+    """voxd -> assistant: who answered the outbound call, as Twilio's answering-machine
+    detection says (one of ANSWERED_BY; a value outside it is told as "unknown")."""
+
+    value: str
+
+    @property
+    def known(self) -> str:
+        """`value` if it is one of ANSWERED_BY, else "unknown"."""
+        return self.value if self.value in ANSWERED_BY else "unknown"
+
+
+CallNotice = KeypadEntry | Transferred | TransferRefused | AnsweredBy
 """What voxd tells an assistant about the phone call (each provider says it its own way)."""
 
 

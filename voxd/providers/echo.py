@@ -258,4 +258,5 @@ class EchoAssistant:
                 await self._events_tx.send(DigitsRequested(notice.digits))
         elif isinstance(notice, TransferRefused):
             log.info("echo: the transfer was refused (%s)", notice.reason)
+        # AnsweredBy: an echo says the same to a person and a machine
         await trio.lowlevel.checkpoint()

@@ -28,6 +28,9 @@ from voxd.errors import UpstreamError
 from voxd.net.websocket import WebSocket
 from voxd.observability.untrusted import show
 from voxd.providers.base import (
+    MAX_TRANSCRIPT_CHARS,
+    TRANSCRIPT_ROLES,
+    AnsweredBy,
     AssistantEnded,
     AssistantEvent,
     AssistantInterrupted,
@@ -38,6 +41,7 @@ from voxd.providers.base import (
     DigitsRequested,
     EarlyStarts,
     KeypadEntry,
+    Transcript,
     TransferRefused,
     TransferRequested,
 )
@@ -49,6 +53,7 @@ from voxd.providers.vapi_protocol import (
     StatusUpdate,
     ToolCall,
     ToolCalls,
+    TranscriptMessage,
     TransferUpdate,
     UserInterrupted,
     VapiCreateError,
@@ -109,12 +114,25 @@ class VapiMessages:
             return None
         if isinstance(event, ToolCalls):
             return tuple(e for e in map(self._tool, event.calls) if e is not None)
+        if isinstance(event, TranscriptMessage):
+            return self._transcript(event)
         if isinstance(event, TransferUpdate):
             if not event.destination:
                 return None  # to another assistant: Vapi's own business
             return TransferRequested(event.destination, event.message)
         log.debug("Vapi message %r (not acted on)", event.type)
         return None
+
+    @staticmethod
+    def _transcript(event: TranscriptMessage) -> Transcript | None:
+        """A final transcript as an event (cut to MAX_TRANSCRIPT_CHARS); partial ones, empty
+        ones and roles other than user/assistant are not."""
+        if not event.final or not event.text:
+            return None
+        if event.role not in TRANSCRIPT_ROLES:
+            log.debug("Vapi transcript with role %s (not taken)", show(event.role, 40))
+            return None
+        return Transcript(event.role, event.text[:MAX_TRANSCRIPT_CHARS])
 
     def _tool(self, call: ToolCall) -> AssistantEvent | None:
         """One client-side tool call as a voxd event (None: not one of voxd's tools)."""
@@ -137,7 +155,28 @@ class VapiMessages:
         if isinstance(notice, TransferRefused):
             return add_message(f"The transfer to {notice.to or 'a person'} was not made: "
                                f"{notice.reason}. Tell the caller, and carry on.")
+        if isinstance(notice, AnsweredBy):
+            value = notice.known
+            return add_message(ANSWERED_BY_SAID[value], respond=value.startswith("machine_end"))
         return None  # Transferred: end-call follows
+
+
+ANSWERED_BY_SAID = {
+    "human": "The call was answered by a person.",
+    "machine_start": "The call was answered by an answering machine; its greeting is still "
+                     "playing.",
+    "machine_end_beep": "The call was answered by an answering machine; its greeting has ended "
+                        "(beep).",
+    "machine_end_silence": "The call was answered by an answering machine; its greeting has "
+                           "ended (silence).",
+    "machine_end_other": "The call was answered by an answering machine; its greeting has "
+                         "ended.",
+    "fax": "The call was answered by a fax machine.",
+    "unknown": "It is not known whether a person or a machine answered the call.",
+}
+"""What Vapi's assistant is told for each of Twilio's AnsweredBy values. It is asked to answer
+at once only when a machine's greeting has ended (time to leave the message); for a person or
+a greeting still playing it is told, and goes on as it was."""
 
 
 def _text(arguments: dict[str, Any], name: str) -> str:

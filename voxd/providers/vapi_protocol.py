@@ -171,14 +171,27 @@ class TransferUpdate(msgspec.Struct, frozen=True):
     message: str = ""
 
 
+class TranscriptMessage(msgspec.Struct, frozen=True):
+    """`transcript`: what the caller (`role` user) or the assistant said, as Vapi heard it;
+    `final` is False for a partial guess that later messages revise. Untrusted text, any
+    length (the caller of `parse_control` bounds it)."""
+
+    role: str
+    text: str
+    final: bool
+
+
 class OtherMessage(msgspec.Struct, frozen=True):
-    """A message voxd does not act on (transcript, model-output, hang, unknown types...)."""
+    """A message voxd does not act on (model-output, hang, unknown types...)."""
 
     type: str
 
 
 VapiEvent = (SpeechUpdate | UserInterrupted | StatusUpdate | ToolCalls | TransferUpdate
-             | OtherMessage)
+             | TranscriptMessage | OtherMessage)
+
+TRANSCRIPT_TYPES = frozenset({"transcript", 'transcript[transcriptType="final"]'})
+"""The names Vapi gives its transcript messages (the second: a final-only subscription)."""
 
 
 def parse_control(text: str) -> VapiEvent:
@@ -196,6 +209,11 @@ def parse_control(text: str) -> VapiEvent:
         return StatusUpdate(str(message.get("status", "")), str(message.get("endedReason", "")))
     if kind == "tool-calls":
         return ToolCalls(_tool_calls(message))
+    if kind in TRANSCRIPT_TYPES:
+        role, said = message.get("role"), message.get("transcript")
+        final = kind != "transcript" or message.get("transcriptType") == "final"
+        return TranscriptMessage(role if isinstance(role, str) else "",
+                                 said if isinstance(said, str) else "", final)
     if kind == "transfer-update":
         destination = message.get("destination")
         if not isinstance(destination, dict):

@@ -11,11 +11,15 @@ The protocol (documented in README.md, "Generic WebSocket assistants"):
   caller started talking: an interruption if its speech is playing) and
   `{"type":"end","reason":"..."}` (end the call), `{"type":"transfer","to":NAME,
   "announce":"..."}` (hand the caller to the [transfer.to] entry NAME; "" or no `to` for
-  transfer.default) and `{"type":"send-dtmf","digits":"1w2#"}` (press keys; w = 500 ms pause).
-  Other types are ignored.
+  transfer.default), `{"type":"send-dtmf","digits":"1w2#"}` (press keys; w = 500 ms pause) and
+  `{"type":"transcript","role":"user"|"assistant","text":"..."}` (final text of what the caller
+  (`user`) or the assistant said: it goes into the call's record when recording.transcripts is
+  on; cut to 2,000 characters). Other types are ignored.
 - voxd tells the assistant `{"type":"dtmf","digits":"123#"}` (the caller pressed keys),
-  `{"type":"transferred","to":NAME}` (then `end`) and `{"type":"transfer-refused","to":NAME,
-  "reason":"..."}` (the call goes on).
+  `{"type":"transferred","to":NAME}` (then `end`), `{"type":"transfer-refused","to":NAME,
+  "reason":"..."}` (the call goes on) and, on an outbound call, `{"type":"answered-by",
+  "value":"machine_end_beep"}` (who answered, as Twilio's answering-machine detection says:
+  human, machine_start, machine_end_beep, machine_end_silence, machine_end_other, fax, unknown).
 - when voxd itself hears the caller talk over the assistant (barge_in.local_vad), it stops the
   assistant's audio, drops the rest of that turn, and sends
   `{"type":"barge-in","heard_ms":N}`: how much of the turn the caller heard.
@@ -32,6 +36,9 @@ import trio
 from voxd.config import Settings
 from voxd.errors import ProtocolError
 from voxd.providers.base import (
+    MAX_TRANSCRIPT_CHARS,
+    TRANSCRIPT_ROLES,
+    AnsweredBy,
     AssistantEnded,
     AssistantEvent,
     AssistantInterrupted,
@@ -41,6 +48,7 @@ from voxd.providers.base import (
     CallNotice,
     DigitsRequested,
     KeypadEntry,
+    Transcript,
     Transferred,
     TransferRefused,
     TransferRequested,
@@ -68,7 +76,22 @@ def translate(text: str) -> AssistantEvent | None:
         if not digits:
             raise ProtocolError("the assistant sent send-dtmf without digits")
         return DigitsRequested(digits)
+    if kind == "transcript":
+        return _transcript(message)
     return None
+
+
+def _transcript(message: dict[str, object]) -> Transcript | None:
+    """A `transcript` message as an event (None for empty text); ProtocolError for a role
+    other than user/assistant or a text that is not a string. Long text is cut, not refused:
+    a long answer is not the assistant's fault."""
+    role, text = message.get("role"), message.get("text")
+    if not isinstance(role, str) or role not in TRANSCRIPT_ROLES:
+        raise ProtocolError("the assistant sent a transcript whose 'role' is not \"user\" or "
+                            "\"assistant\"")
+    if not isinstance(text, str):
+        raise ProtocolError("the assistant sent a transcript whose 'text' is not a string")
+    return Transcript(role, text[:MAX_TRANSCRIPT_CHARS]) if text else None
 
 
 def notice_message(notice: CallNotice) -> str:
@@ -77,6 +100,8 @@ def notice_message(notice: CallNotice) -> str:
         return json.dumps({"type": "dtmf", "digits": notice.digits})
     if isinstance(notice, Transferred):
         return json.dumps({"type": "transferred", "to": notice.to})
+    if isinstance(notice, AnsweredBy):
+        return json.dumps({"type": "answered-by", "value": notice.known})
     assert isinstance(notice, TransferRefused)
     return json.dumps({"type": "transfer-refused", "to": notice.to, "reason": notice.reason})
 
