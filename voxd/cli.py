@@ -96,6 +96,32 @@ def _parser() -> argparse.ArgumentParser:
                       help="Twilio auth token to sign with, for a running voxd "
                            "(default: $VOXD_TWILIO_AUTH_TOKEN)")
 
+    dial = sub.add_parser(
+        "dial", help="place an outbound call through Twilio's REST API to this voxd's webhook",
+        description="Create the call with Twilio REST (needs twilio.account_sid, "
+                    "outbound.from_number or --from, and the auth token); Twilio then asks "
+                    "voxd's own voice webhook, and the assistant talks to whoever answers. "
+                    "Prints the CallSid.")
+    dial.add_argument("to", metavar="TO", help="the number to call, E.164 (+14155550100); must "
+                                               "match outbound.allowed_to")
+    dial.add_argument("--from", dest="from_number", metavar="NUMBER",
+                      help="caller id (default: outbound.from_number)")
+    dial.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                      help="a parameter for the assistant, as an inbound call's (repeatable)")
+    dial.add_argument("--wait", action="store_true",
+                      help="wait until the call is over and print how it ended (exit 1 unless "
+                           "it was answered)")
+    dial.add_argument("--config", metavar="PATH", help="voxd.toml to use")
+
+    show = sub.add_parser("show", help="a recorded call's timeline (and a picture of it)")
+    show.add_argument("call_sid", metavar="CALLSID", help="the call's SID (CA...)")
+    show.add_argument("--plot", metavar="OUT.png", type=Path,
+                      help="also draw both channels with turns, latencies and barge-ins marked "
+                           "(needs the plot extra: pip install 'voxd[plot]')")
+    show.add_argument("--directory", metavar="DIR", type=Path,
+                      help="where the recordings are (default: recording.directory)")
+    show.add_argument("--config", metavar="PATH", help="voxd.toml to use")
+
     echo = sub.add_parser("echo-upstream",
                           help="a fast echo assistant (generic WebSocket protocol) for loadtest")
     echo.add_argument("--listen", default="127.0.0.1:9100", metavar="HOST:PORT",
@@ -124,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
             return _loadtest(args)
         if args.command == "echo-upstream":
             return _echo_upstream(args)
+        if args.command == "dial":
+            from voxd.outbound import dial_command
+            return dial_command(args)
+        if args.command == "show":
+            from voxd.call_record import show_command
+            return show_command(args)
     except ConfigError as exc:
         for problem in exc.problems:
             _problem(f"voxd: {problem}")

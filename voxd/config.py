@@ -171,6 +171,31 @@ class RecordingConfig(_Section):
     """TwiML verbs played before the stream starts (e.g. a consent notice); "" for none."""
     keep_days: Annotated[float, Field(ge=0)] = 30.0
     """Recordings older than this are deleted by voxd (0: kept for ever)."""
+    transcripts: bool = True
+    """Put the assistant's transcripts (where its provider sends them) in the call's record."""
+
+
+class OutboundConfig(_Section):
+    """`[outbound]`: calls voxd places (`voxd dial`, `POST /calls`)."""
+
+    from_number: str = ""
+    """Caller id of outbound calls (a Twilio number of the account, E.164)."""
+    allowed_to: list[str] = []
+    """Shell-style patterns a destination must match, e.g. ["+1415555*"]; empty: none."""
+    calls_per_second: Annotated[float, Field(gt=0, le=100)] = 1.0
+    """Calls created per second by each voxd (shared out among server.workers); Twilio's
+    default limit is 1."""
+    queue_seconds: Annotated[float, Field(ge=0, le=60)] = 10.0
+    """How long a `POST /calls` beyond the rate waits for its turn before it is refused."""
+    machine_detection: bool = True
+    """Twilio's asynchronous answering-machine detection on every outbound call."""
+    on_machine: Literal["continue", "hangup", "message"] = "continue"
+    """When a machine answers: let the assistant go on (it is told), hang up, or play
+    `machine_message` after the greeting's beep and hang up."""
+    machine_message: str = ""
+    """TwiML verbs for on_machine = "message" (e.g. <Say>...</Say>)."""
+    ring_timeout: Annotated[int, Field(ge=5, le=600)] = 30
+    """Seconds Twilio lets the callee's phone ring."""
 
 
 class BargeInConfig(_Section):
@@ -216,6 +241,7 @@ class Config(_Section):
     transfer: TransferConfig = TransferConfig()
     keypad: KeypadConfig = KeypadConfig()
     recording: RecordingConfig = RecordingConfig()
+    outbound: OutboundConfig = OutboundConfig()
     drain: DrainConfig = DrainConfig()
     logging: LoggingConfig = LoggingConfig()
     state: StateConfig = StateConfig()
@@ -253,6 +279,8 @@ class Secrets:
     vapi_api_key: Secret | None = None
     websocket_auth: Secret | None = None
     redis_url: Secret | None = None
+    api_token: Secret | None = None
+    """voxd's own API token: `POST /calls` is served only when it is set."""
     stream_secret: Secret = field(default_factory=lambda: Secret(_random.token_urlsafe(32)))
     stream_secret_generated: bool = True
     """No stream secret was configured: this one was made at start (a reload keeps it, so the
@@ -269,6 +297,7 @@ class Secrets:
             vapi_api_key=self.vapi_api_key or before.vapi_api_key,
             websocket_auth=self.websocket_auth or before.websocket_auth,
             redis_url=self.redis_url or before.redis_url,
+            api_token=self.api_token or before.api_token,
             stream_secret=before.stream_secret if generated else self.stream_secret,
             stream_secret_generated=before.stream_secret_generated if generated else False,
         )
@@ -280,6 +309,7 @@ SECRET_SOURCES = {
     "websocket_auth": "VOXD_WEBSOCKET_AUTH",
     "stream_secret": "VOXD_STREAM_SECRET",
     "redis_url": "VOXD_REDIS_URL",
+    "api_token": "VOXD_API_TOKEN",
 }
 """systemd credential name -> environment variable."""
 
@@ -319,6 +349,7 @@ def load_secrets(environ: dict[str, str] | None = None) -> Secrets:
         vapi_api_key=read_secret("vapi_api_key", environ),
         websocket_auth=read_secret("websocket_auth", environ),
         redis_url=read_secret("redis_url", environ),
+        api_token=read_secret("api_token", environ),
     )
     if stream is None:
         return secrets
@@ -457,6 +488,7 @@ ACCOUNT_SID = re.compile(r"AC[0-9a-f]{32}")
 E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 SIP_URI = re.compile(r"sips?:[^\s<>\"'&@]+@[^\s<>\"'&@]+")
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+OUTBOUND_PATTERN = re.compile(r"\+[0-9*?\[\]!-]{1,40}")
 
 _TYPE_TAGS = {"bool", "int", "float", "str"}
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -545,6 +577,7 @@ def _check_values(config: Config) -> list[str]:
     if config.recording.enabled:
         problems += _check_verbs("recording.announce", config.recording.announce)
     problems += _check_keypad(config.keypad)
+    problems += _check_outbound(config.outbound)
     if urlsplit(config.twilio.api_base_url).scheme not in ("http", "https"):
         problems.append(f"twilio.api_base_url: must be an http(s) URL "
                         f"(got {config.twilio.api_base_url!r})")
@@ -585,6 +618,24 @@ def _check_verbs(key: str, verbs: str) -> list[str]:
     except ET.ParseError as exc:
         return [f"{key}: not valid TwiML verbs: {exc}"]
     return []
+
+
+def _check_outbound(outbound: OutboundConfig) -> list[str]:
+    problems: list[str] = []
+    if outbound.from_number and not E164.fullmatch(outbound.from_number):
+        problems.append("outbound.from_number: must be an E.164 number such as +14155550100 "
+                        f"(got {outbound.from_number!r})")
+    for pattern in outbound.allowed_to:
+        if not OUTBOUND_PATTERN.fullmatch(pattern):
+            problems.append("outbound.allowed_to: each pattern is + and digits with shell "
+                            f"wildcards (* ? [0-9]), such as \"+1415555*\" (got {pattern!r})")
+    if outbound.on_machine == "message":
+        if not outbound.machine_message.strip():
+            problems.append('outbound.machine_message: required when outbound.on_machine = '
+                            '"message"')
+        else:
+            problems += _check_verbs("outbound.machine_message", outbound.machine_message)
+    return problems
 
 
 def check_settings(config: Config, secrets: Secrets) -> list[str]:

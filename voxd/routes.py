@@ -1,5 +1,6 @@
-"""voxd's HTTP routes: Twilio's voice webhook, health, readiness and metrics (a Quart-Trio app
-served by Hypercorn on connections the front door hands it).
+"""voxd's HTTP routes: Twilio's voice webhook and callbacks, the outbound-call API, health,
+readiness and metrics (a Quart-Trio app served by Hypercorn on connections the front door
+hands it).
 
 WebSockets are not served here: the media stream has its own path (`voxd.media`), and a
 WebSocket that reaches the HTTP app anyway (an upgrade as a later request on a connection, or
@@ -8,24 +9,29 @@ a spelling of the path the front door does not route) is refused before it is ac
 
 from __future__ import annotations
 
+import hmac
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from voxd import outbound
 from voxd.call.phone import DIAL_ENDED_PATH, STREAM_ENDED_PATH
-from voxd.config import ACCOUNT_SID
+from voxd.config import ACCOUNT_SID, NAME
 from voxd.observability import metrics
 from voxd.observability.throttled import ThrottledLog
 from voxd.observability.untrusted import show
 from voxd.providers.base import CallInfo
 from voxd.runtime import Runtime
 from voxd.twilio import stream_token, twiml
+from voxd.twilio.rest import TwilioRefused
 
 log = logging.getLogger("voxd.routes")
 
@@ -38,6 +44,17 @@ SEND_SECONDS = 10.0
 
 
 VOICE_PATH = "/twilio/voice"
+CALLS_PATH = "/calls"
+MAX_API_BODY = 8 * 1024
+"""Largest `POST /calls` body (a request is a few hundred bytes)."""
+
+
+class CallRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """The body of `POST /calls` (types checked by `outbound.dial_request`)."""
+
+    to: object = None
+    from_: object = msgspec.field(default=None, name="from")
+    parameters: object = None
 
 
 @dataclass(frozen=True)
@@ -176,7 +193,10 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
             metrics.CALLS_REJECTED.labels(reason="capacity").inc()
             return xml(twiml.verbs_only(settings.config.call.fallback_twiml))
         # As Twilio will hand them back (cut to its <Parameter> limit): what the token binds.
-        parameters = twiml.fitted({"from": form.get("From", ""), "to": form.get("To", "")})
+        parameters = twiml.fitted({**url_parameters(), "from": form.get("From", ""),
+                                   "to": form.get("To", "")})
+        if form.get("Direction", "").startswith("outbound"):
+            parameters["direction"] = "outbound"
         runtime.provider.prepare(
             CallInfo(call_sid=call_sid, stream_sid="", account_sid=account_sid,
                      from_number=parameters["from"], to_number=parameters["to"],
@@ -195,6 +215,18 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
         log.info("call_sid=%s voice webhook: connecting the stream (from=%s to=%s)",
                  call_sid, show(parameters["from"] or "-", 40), show(parameters["to"] or "-", 40))
         return xml(body)
+
+    def url_parameters() -> dict[str, str]:
+        """Parameters the webhook URL's query string carries (an outbound call's, or ones an
+        operator put in a number's webhook URL): signed with it, bounded like the API's."""
+        if request.method != "POST":
+            return {}  # a GET webhook's query is Twilio's own form
+        parameters: dict[str, str] = {}
+        for name, value in request.args.items():
+            if len(parameters) < outbound.MAX_PARAMETERS and name not in outbound.RESERVED \
+                    and NAME.fullmatch(name):
+                parameters[name] = value[:outbound.MAX_VALUE_CHARS]
+        return parameters
 
     @http.post(STREAM_ENDED_PATH)
     async def stream_ended() -> Response | tuple[str, int]:
@@ -227,6 +259,124 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
                     "transfer.no_answer_twiml", call_sid, show(status or "no status", 20))
         metrics.TRANSFERS.labels(result="unanswered").inc()
         return xml(twiml.verbs_only(runtime.settings.config.transfer.no_answer_twiml))
+
+    @http.post(outbound.STATUS_PATH)
+    async def call_status() -> Response | tuple[str, int]:
+        """Twilio's status callback of an outbound call: logged and counted."""
+        twilio = await from_twilio(outbound.STATUS_PATH, "status callback")
+        if isinstance(twilio, tuple):
+            return twilio
+        form, call_sid = twilio.form, twilio.call_sid
+        status = form.get("CallStatus", "")
+        if status not in outbound.STATUSES:
+            refusals.warning("status", "call_sid=%s status callback with an unknown CallStatus "
+                             "%s", call_sid, show(status, 30))
+            return "unknown CallStatus\n", 400
+        metrics.OUTBOUND_CALLS.labels(status=status).inc()
+        detail = ""
+        if status in outbound.FINAL_STATUSES:
+            duration, answered = form.get("CallDuration", ""), form.get("AnsweredBy", "")
+            detail = "".join([f" after {show(duration, 10)} s" if duration else "",
+                              f", answered by {show(answered, 30)}" if answered else ""])
+        level = logging.WARNING if status == "failed" else logging.INFO
+        log.log(level, "call_sid=%s outbound call %s%s (to=%s)", call_sid, status, detail,
+                show(form.get("To", "") or "-", 40))
+        return "", 204
+
+    @http.post(outbound.AMD_PATH)
+    async def machine_detection() -> Response | tuple[str, int]:
+        """Twilio's asynchronous answering-machine verdict: to the call, wherever it runs."""
+        twilio = await from_twilio(outbound.AMD_PATH, "machine-detection callback")
+        if isinstance(twilio, tuple):
+            return twilio
+        runtime, form, call_sid = twilio.runtime, twilio.form, twilio.call_sid
+        answered_by = form.get("AnsweredBy", "")
+        if answered_by not in outbound.ANSWERED_BY:
+            refusals.warning("amd", "call_sid=%s machine-detection callback with an unknown "
+                             "AnsweredBy %s", call_sid, show(answered_by, 30))
+            return "unknown AnsweredBy\n", 400
+        metrics.MACHINE_DETECTION.labels(answered_by=answered_by).inc()
+        log.info("call_sid=%s answered by %s (detection took %s ms)", call_sid, answered_by,
+                 show(form.get("MachineDetectionDuration", "") or "?", 10))
+        session = runtime.live.session(call_sid)
+        if session is not None:
+            session.answered_by(answered_by)
+        else:  # its stream runs on another worker or host, or has not started yet
+            await runtime.live.answered.put(call_sid, answered_by, outbound.AMD_KEEP_SECONDS)
+        return "", 204
+
+    @http.post(CALLS_PATH)
+    async def create_call() -> Response | tuple[dict[str, Any], int, dict[str, str]]:
+        """`POST /calls`: place an outbound call (the API token's bearer only)."""
+        runtime = runtime_ref()
+        refused = api_refusal(runtime)
+        if refused is not None:
+            return refused
+        data = await request.get_data(cache=False)
+        try:
+            asked = msgspec.json.decode(data, type=CallRequest)
+            call = outbound.dial_request(runtime.settings.config.outbound, asked.to,
+                                         asked.from_, asked.parameters)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return api_error(422, "refused", f"the body must be JSON "
+                             f'{{"to", "from", "parameters"}}: {show(exc, 200)}')
+        except outbound.DialRefused as exc:
+            return api_error(422, "refused", exc.problem, exc.field)
+        if runtime.outbound is None:
+            field = ("twilio.account_sid" if runtime.settings.secrets.twilio_auth_token
+                     else "twilio auth token")
+            return api_error(503, "create-failed", "outbound calls need the Twilio auth token "
+                             "and twilio.account_sid", field)
+        limit = runtime.live.dial_rate
+        wait = limit.reserve(runtime.settings.config.outbound.calls_per_second
+                             / runtime.settings.config.server.workers,
+                             runtime.settings.config.outbound.queue_seconds)
+        if wait is None:
+            error, status, headers = api_error(429, "rate-limited",
+                                               "too many calls: outbound.calls_per_second")
+            return error, status, {**headers,
+                                   "Retry-After": str(math.ceil(limit.retry_after()))}
+        await trio.sleep(wait)
+        try:
+            sid = await outbound.place(runtime.outbound, runtime.settings, call)
+        except TwilioRefused as exc:
+            log.warning("outbound call to %s not created: %s", call.to, show(exc, 300))
+            return api_error(502, "create-failed", str(exc))
+        metrics.OUTBOUND_CALLS.labels(status="created").inc()
+        return ({"call_sid": sid, "to": call.to, "from": call.from_number, "status": "queued"},
+                201, {})
+
+    def api_refusal(runtime: Runtime) -> tuple[dict[str, Any], int, dict[str, str]] | None:
+        """The answer to a `POST /calls` that may not go on: the API off (no token), a
+        missing or wrong bearer token, too big a body, draining."""
+        token = runtime.settings.secrets.api_token
+        if token is None:
+            return api_error(404, "unauthorized", "the outbound API is off: set the api_token "
+                             "secret (VOXD_API_TOKEN) to turn it on")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            refusals.warning("api-auth", "POST /calls from %s refused: no bearer token",
+                             request.remote_addr)
+            body, status, _ = api_error(401, "unauthorized",
+                                        "Authorization: Bearer <api token> required")
+            return body, status, {"WWW-Authenticate": 'Bearer realm="voxd"'}
+        if not hmac.compare_digest(given.strip().encode(), token.reveal().encode()):
+            refusals.warning("api-auth", "POST /calls from %s refused: wrong API token",
+                             request.remote_addr)
+            return api_error(403, "unauthorized", "wrong API token")
+        if (request.content_length or 0) > MAX_API_BODY:
+            return api_error(413, "refused", f"the body is larger than {MAX_API_BODY} bytes")
+        if runtime.live.draining:
+            return api_error(503, "refused", "voxd is draining: place the call elsewhere")
+        return None
+
+    def api_error(status: int, counted: str, message: str,
+                  field: str | None = None) -> tuple[dict[str, Any], int, dict[str, str]]:
+        metrics.OUTBOUND_CALLS.labels(status=counted).inc()
+        body: dict[str, Any] = {"error": message}
+        if field is not None:
+            body["field"] = field
+        return body, status, {}
 
     http.add_url_rule("/healthz", "healthz", healthz)
 

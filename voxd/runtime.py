@@ -20,10 +20,11 @@ from twilio.request_validator import RequestValidator
 from voxd.background import Background
 from voxd.call.phone import PhoneLeg
 from voxd.config import Settings
+from voxd.outbound import RateLimit
 from voxd.providers import build_provider
 from voxd.providers.base import EarlyStarts, Provider
 from voxd.shared_state import AfterStream, LocalAfterStream, LocalTokens, RedisState, TokenLedger
-from voxd.twilio.rest import CallControl
+from voxd.twilio.rest import CallControl, Calls
 
 if TYPE_CHECKING:
     from voxd.call.session import CallSession
@@ -40,7 +41,8 @@ class LiveCalls:
 
     def __init__(self, on_change: Callable[[LiveCalls], None] | None = None,
                  used_tokens: TokenLedger | None = None,
-                 shared: RedisState | None = None, after: AfterStream | None = None) -> None:
+                 shared: RedisState | None = None, after: AfterStream | None = None,
+                 answered: AfterStream | None = None) -> None:
         self.sessions: set[CallSession] = set()
         self.draining = False
         self.last_ended = float("-inf")
@@ -52,6 +54,10 @@ class LiveCalls:
         self.early = EarlyStarts(remote=shared)
         self.after: AfterStream = after or LocalAfterStream()
         """What each call's `<Connect action>` request is answered (see `call.phone`)."""
+        self.answered: AfterStream = answered or LocalAfterStream()
+        """Outbound calls' answering-machine results not yet taken by their call."""
+        self.dial_rate = RateLimit()
+        """Outbound calls created by this process (`POST /calls`), across reloads."""
         self.on_change = on_change
         self._idle = trio.Event()
         self._idle.set()
@@ -66,6 +72,13 @@ class LiveCalls:
             self._idle = trio.Event()
         if self.on_change is not None:
             self.on_change(self)
+
+    def session(self, call_sid: str) -> CallSession | None:
+        """The call in progress in this process with this CallSid, if any."""
+        for session in self.sessions:
+            if session.call is not None and session.call.call_sid == call_sid:
+                return session
+        return None
 
     def discard(self, session: CallSession) -> None:
         """Count a call out."""
@@ -90,6 +103,8 @@ class Runtime:
     background: Background
     validator: RequestValidator | None = None
     phone: PhoneLeg | None = None
+    outbound: Calls | None = None
+    """Creates outbound calls (with the auth token and twilio.account_sid)."""
     live: LiveCalls = field(default_factory=LiveCalls)
     users: int = 0
     """Calls and background tasks using this runtime."""
@@ -150,11 +165,14 @@ class Runtime:
         token = settings.secrets.twilio_auth_token
         validate = settings.config.twilio.validate_signatures and token is not None
         rest = settings.config.twilio.rest_call_control and token is not None
+        control = CallControl(settings) if token is not None else None
         return cls(
             settings=settings,
             provider=build_provider(settings, live.early),
             background=background,
             validator=RequestValidator(token.reveal()) if validate and token else None,
-            phone=PhoneLeg(settings, CallControl(settings) if rest else None, live.after),
+            phone=PhoneLeg(settings, control if rest else None, live.after, live.answered),
+            outbound=(Calls(settings, control) if control is not None
+                      and settings.config.twilio.account_sid else None),
             live=live,
         )

@@ -26,7 +26,7 @@ from voxd.observability.systemd import Notifier
 from voxd.observability.throttled import throttle_logger
 from voxd.routes import create_app, create_metrics_app
 from voxd.runtime import LiveCalls, Runtime
-from voxd.shared_state import RedisState, after_stream_store, token_ledger
+from voxd.shared_state import RedisState, after_stream_store, answered_by_store, token_ledger
 from voxd.worker_env import METRICS_FD_ENV, inherited_listener, shared_tokens_directory
 
 SWEEP_SECONDS = 3600.0
@@ -126,7 +126,8 @@ class Server:
         directory = shared_tokens_directory()
         self.live = LiveCalls(on_change=self._calls_changed, shared=self.shared,
                               used_tokens=token_ledger(self.shared, directory),
-                              after=after_stream_store(self.shared, directory))
+                              after=after_stream_store(self.shared, directory),
+                              answered=answered_by_store(self.shared, directory))
         self.background = Background()
         self.runtime = Runtime.from_settings(settings, self.live, self.background)
         self._runtimes = [self.runtime]

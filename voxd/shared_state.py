@@ -106,7 +106,8 @@ class DirectoryTokens:
 
 
 class AfterStream(Protocol):
-    """What each call's `<Connect action>` request is answered, kept a short while."""
+    """A short-lived word per call: what its `<Connect action>` request is answered (and, by
+    the same means, an outbound call's answering-machine result)."""
 
     async def put(self, call_sid: str, twiml: str, seconds: float) -> bool:
         """Answer `twiml` to the action request of `call_sid` within `seconds`; False (after
@@ -155,18 +156,20 @@ class LocalAfterStream:
 
 
 class DirectoryAfterStream:
-    """After-stream TwiML for any worker of this host: one file per call (`after-CA...`) in
-    the workers' shared directory, its modification time its expiry (pruned with the tokens)."""
+    """After-stream TwiML (or another `kind` of word per call) for any worker of this host:
+    one file per call (`after-CA...`) in the workers' shared directory, its modification time
+    its expiry (pruned with the tokens)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, kind: str = "after") -> None:
         self.directory = directory
+        self.kind = kind
 
     async def put(self, call_sid: str, twiml: str, seconds: float) -> bool:
         """Answer `twiml` to the action request of `call_sid` within `seconds`."""
         await trio.lowlevel.checkpoint()
         if not CALL_SID.fullmatch(call_sid):
             return False
-        path = self.directory / f"after-{call_sid}"
+        path = self.directory / f"{self.kind}-{call_sid}"
         partial = path.with_suffix(f".{os.getpid()}")
         try:
             partial.write_text(twiml, encoding="utf-8")
@@ -185,7 +188,7 @@ class DirectoryAfterStream:
         await trio.lowlevel.checkpoint()
         if not CALL_SID.fullmatch(call_sid):
             return None
-        path = self.directory / f"after-{call_sid}"
+        path = self.directory / f"{self.kind}-{call_sid}"
         try:
             expired = path.stat().st_mtime < time.time()
             twiml = path.read_text(encoding="utf-8")
@@ -218,7 +221,7 @@ class RedisState:
                                             socket_connect_timeout=REDIS_TIMEOUT,
                                             decode_responses=True)
         self._fallback = fallback or LocalTokens()
-        self._after = LocalAfterStream()
+        self._after = RedisMessages(self, "after", "what follows a call's stream")
         self._errors = ThrottledLog(log)
 
     async def _run(self, what: str, command: str, *args: Any, **kwargs: Any) -> Any:
@@ -299,26 +302,49 @@ class RedisState:
     async def put(self, call_sid: str, twiml: str, seconds: float) -> bool:
         """Answer `twiml` to the action request of `call_sid`, on whichever host it lands
         (on this one at least, when Redis does not answer)."""
-        try:
-            await self._run("keeping what follows a call's stream", "set",
-                            f"{KEY_PREFIX}after:{call_sid}", twiml, ex=max(1, int(seconds)))
-        except _Unavailable:
-            self._after.put_now(call_sid, twiml, seconds)
-        return True
+        return await self._after.put(call_sid, twiml, seconds)
 
     async def take(self, call_sid: str) -> str | None:
         """The TwiML put for `call_sid` by any host (once), or None."""
-        local = self._after.take_now(call_sid)  # kept here while Redis did not answer
-        try:
-            shared = await self._run("reading what follows a call's stream", "getdel",
-                                     f"{KEY_PREFIX}after:{call_sid}")
-        except _Unavailable:
-            return local
-        return shared if isinstance(shared, str) else local
+        return await self._after.take(call_sid)
+
+    def messages(self, kind: str, what: str) -> RedisMessages:
+        """Another kind of word per call kept here (`what` names it in error lines)."""
+        return RedisMessages(self, kind, what)
 
     async def aclose(self) -> None:
         """Close the connection pool."""
         await trio.to_thread.run_sync(self._client.close)
+
+
+class RedisMessages:
+    """One kind of short-lived word per call (`voxd:{kind}:{CallSid}`) in the shared Redis;
+    kept in this process while Redis does not answer."""
+
+    def __init__(self, redis: RedisState, kind: str, what: str) -> None:
+        self._redis = redis
+        self._key = f"{KEY_PREFIX}{kind}:"
+        self._what = what
+        self._local = LocalAfterStream()
+
+    async def put(self, call_sid: str, text: str, seconds: float) -> bool:
+        """Keep `text` for `call_sid` for `seconds`, for whichever host takes it."""
+        try:
+            await self._redis._run(f"keeping {self._what}", "set", self._key + call_sid,
+                                   text, ex=max(1, int(seconds)))
+        except _Unavailable:
+            self._local.put_now(call_sid, text, seconds)
+        return True
+
+    async def take(self, call_sid: str) -> str | None:
+        """What any host put for `call_sid` (once), or None."""
+        local = self._local.take_now(call_sid)  # kept here while Redis did not answer
+        try:
+            shared = await self._redis._run(f"reading {self._what}", "getdel",
+                                            self._key + call_sid)
+        except _Unavailable:
+            return local
+        return shared if isinstance(shared, str) else local
 
 
 class _Unavailable(Exception):
@@ -342,4 +368,14 @@ def after_stream_store(redis: RedisState | None, directory: str | None) -> After
         return redis
     if directory:
         return DirectoryAfterStream(Path(directory))
+    return LocalAfterStream()
+
+
+def answered_by_store(redis: RedisState | None, directory: str | None) -> AfterStream:
+    """Where outbound calls' answering-machine results wait for their call (the callback may
+    land on another worker or host than the call's stream, or before it starts)."""
+    if redis is not None:
+        return redis.messages("amd", "an answering-machine result")
+    if directory:
+        return DirectoryAfterStream(Path(directory), "amd")
     return LocalAfterStream()

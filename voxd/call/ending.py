@@ -5,8 +5,9 @@ An end reason is `kind` or `kind:detail` (`assistant-ended:vapi:customer-ended-c
 `transferred:sales`). Its row says:
 - outcome      the `voxd_calls_total{outcome}` label;
 - caller       what the caller gets once the stream is over: NOTHING (gone already, or the
-               call was moved on during it), HANG_UP, FALLBACK (call.fallback_twiml) or DIAL
-               (the transfer's <Dial>);
+               call was moved on during it), HANG_UP, FALLBACK (call.fallback_twiml), DIAL
+               (the transfer's <Dial>) or MESSAGE (outbound.machine_message, then hang up:
+               an answering machine took the call);
 - rest         whether voxd makes that happen with a REST request at teardown (REST mode).
                Always for HANG_UP and DIAL; for FALLBACK when voxd's close of the stream may
                not reach Twilio (its socket is suspect) or voxd itself failed; not when Twilio
@@ -38,6 +39,7 @@ class Caller(enum.Enum):
     HANG_UP = "hang-up"
     FALLBACK = "fallback"
     DIAL = "dial"
+    MESSAGE = "message"
 
 
 class Tell(enum.Enum):
@@ -87,6 +89,8 @@ POLICY: dict[str, EndPolicy] = {
     # voxd's side
     "transferred": EndPolicy("transferred", Caller.DIAL, True, Tell.TRANSFERRED, "voxd"),
     "max-duration": EndPolicy("completed", Caller.HANG_UP, True, Tell.END, "voxd"),
+    "machine-hangup": EndPolicy("machine", Caller.HANG_UP, True, Tell.END, "voxd"),
+    "machine-message": EndPolicy("machine", Caller.MESSAGE, True, Tell.END, "voxd"),
     "drain-timeout": EndPolicy("completed", Caller.FALLBACK, False, Tell.END, "voxd",
                                _WARNING),
     "server-shutdown": EndPolicy("error", Caller.FALLBACK, False, Tell.END, "voxd", _WARNING),

@@ -70,10 +70,12 @@ class PhoneLeg:
     """Moves a live call on (REST) or leaves word for Twilio's action request."""
 
     def __init__(self, settings: Settings, control: CallControl | None,
-                 after: AfterStream) -> None:
+                 after: AfterStream, answered: AfterStream | None = None) -> None:
         self.settings = settings
         self.control = control
         self.after = after
+        self.answered = answered
+        """Answering-machine verdicts waiting for their (outbound) call."""
         self.dial_action = settings.public_origin + DIAL_ENDED_PATH
         self.stream_action = settings.public_origin + STREAM_ENDED_PATH
 
@@ -81,6 +83,10 @@ class PhoneLeg:
     def rest(self) -> bool:
         """voxd moves calls with REST requests (else through the stream's action)."""
         return self.control is not None
+
+    def machine_message(self) -> str:
+        """What an answering machine is left: outbound.machine_message, then hang up."""
+        return twiml.then_hang_up(self.settings.config.outbound.machine_message)
 
     def dial_twiml(self, to: Destination, announce: str) -> str:
         """The TwiML of a cold transfer to `to`."""
@@ -105,11 +111,16 @@ class PhoneLeg:
             if row.caller is Caller.FALLBACK:
                 return await self.control.redirect(account, sid, twiml.verbs_only(fallback),
                                                    "redirect to the fallback")
+            if row.caller is Caller.MESSAGE:
+                return await self.control.redirect(account, sid, self.machine_message(),
+                                                   "leave the message on the machine")
             return False
         if row.caller is Caller.HANG_UP:
             answer = twiml.hang_up()
         elif row.caller is Caller.DIAL and dial is not None:
             answer = dial
+        elif row.caller is Caller.MESSAGE:
+            answer = self.machine_message()
         else:
             return False  # the action request answers the fallback when nothing was left
         return await self.after.put(call.call_sid, answer, AFTER_STREAM_SECONDS)

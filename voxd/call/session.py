@@ -8,6 +8,8 @@ assistant side's nursery nested in it):
                     when the socket takes it at once, else queued: the pump never waits)
     watchdog        Twilio silent, Twilio not reading, assistant not reading, max duration
     playout         queued assistant audio -> Twilio, paced
+    machines        (outbound calls with answering-machine detection) Twilio's verdict ->
+                    go on, hang up, or leave outbound.machine_message (`outbound.on_machine`)
     assistant side  connect the assistant, then run:
       feeder          held and queued caller audio -> the assistant, in order
       outbound pump   assistant event -> (transcode) -> Playback -> Twilio
@@ -66,6 +68,7 @@ from voxd.errors import CallerDisconnected, ProtocolError, UpstreamError, VoxdEr
 from voxd.observability import metrics
 from voxd.observability.logging import CallLogContext, bind_call
 from voxd.observability.untrusted import show
+from voxd.outbound import ANSWERED_BY, MACHINE
 from voxd.providers.base import (
     BYTES_PER_SECOND,
     AnsweredBy,
@@ -101,6 +104,11 @@ REST_SECONDS = 10.0
 """Longest a REST call-control request (hang up, redirect) may hold the teardown."""
 METRICS_INTERVAL = 5.0
 """Seconds between additions of a live call's frame counts to the metrics."""
+MACHINE_VERDICT_SECONDS = 60.0
+"""How long an outbound call waits for Twilio's answering-machine verdict (Twilio gives up
+after its MachineDetectionTimeout, 30 s by default)."""
+MACHINE_POLL_SECONDS = 0.5
+"""How often a verdict left in the shared state is looked for."""
 NOTICES = 8
 """Notices (`answered_by`) held for an assistant still connecting; more are dropped."""
 
@@ -173,6 +181,9 @@ class CallSession:
         """The call's record (only when it is recorded: it is written next to the audio)."""
         self._transcripts = settings.config.recording.transcripts
         self._notices_tx, self._notices_rx = trio.open_memory_channel[CallNotice](NOTICES)
+        self._answered_by: str | None = None
+        self._verdict = trio.Event()
+        """Set when the answering-machine verdict arrived (`answered_by`)."""
         self._heard_slot = -1
         """The recording's slot of the last assistant frame sent."""
         local_vad = settings.config.barge_in.local_vad
@@ -314,6 +325,8 @@ class CallSession:
                 nursery.start_soon(self._guard, self._inbound(feed, turns, playback, speech_tx))
                 nursery.start_soon(self._guard, self._watchdog(playback, feed))
                 nursery.start_soon(self._guard, self._playout(playback))
+                if self._detects_machines():
+                    nursery.start_soon(self._guard, self._machine_detection())
                 nursery.start_soon(self._guard,
                                    self._assistant_side(feed, playback, turns, speech_rx))
         finally:
@@ -351,7 +364,13 @@ class CallSession:
 
     def answered_by(self, value: str) -> None:
         """Twilio's answering-machine detection says who answered (its AnsweredBy value):
-        into the record, and told to the assistant (once it is connected). Never waits."""
+        into the record, and told to the assistant (once it is connected); the machine
+        detection task acts on it (`outbound.on_machine`). Never waits; the first verdict
+        counts."""
+        if self._answered_by is not None:
+            return
+        self._answered_by = value
+        self._verdict.set()
         if self.record is not None:
             self.record.answered_by(self._stream_time(trio.current_time()), value)
         try:
@@ -611,6 +630,37 @@ class CallSession:
         async for notice in self._notices_rx:
             await assistant.tell(notice)
         return Ending("notices-ended")  # pragma: no cover - the channel stays open
+
+    def _detects_machines(self) -> bool:
+        """An outbound call placed with answering-machine detection (its verdict comes as a
+        callback, to this process or to the shared state)."""
+        return (self.call is not None and self.call.parameters.get("direction") == "outbound"
+                and self.settings.config.outbound.machine_detection)
+
+    async def _machine_detection(self) -> Ending:
+        """Wait for the answering-machine verdict (handed to `answered_by` here, or left in
+        the shared state by another worker or host, or before the stream started), then act
+        as `outbound.on_machine` says: go on, hang up, or leave the message."""
+        assert self.call is not None
+        store = self.phone.answered if self.phone is not None else None
+        with trio.move_on_after(MACHINE_VERDICT_SECONDS):
+            while not self._verdict.is_set():
+                value = await store.take(self.call.call_sid) if store is not None else None
+                if value in ANSWERED_BY:
+                    self.answered_by(value)
+                    break
+                with trio.move_on_after(MACHINE_POLL_SECONDS):
+                    await self._verdict.wait()
+        value = self._answered_by
+        if value is None:
+            log.info("no answering-machine verdict within %.0f s; the call goes on",
+                     MACHINE_VERDICT_SECONDS)
+        elif value in MACHINE and self.settings.config.outbound.on_machine == "hangup":
+            return Ending(f"machine-hangup:{value}")
+        elif value in MACHINE and self.settings.config.outbound.on_machine == "message":
+            return Ending(f"machine-message:{value}")
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _playout(self, playback: Playback) -> Ending:
         await playback.run()

@@ -62,6 +62,16 @@ TRANSFERS = Counter(
     "voxd_transfers_total", "Transfers an assistant asked for, by result (completed, refused, "
     "failed)", ["result"], registry=REGISTRY,
 )
+OUTBOUND_CALLS = Counter(
+    "voxd_outbound_calls_total", "Outbound calls: requests voxd refused (unauthorized, "
+    "refused, rate-limited), creations (created, create-failed), and every status Twilio "
+    "reported (initiated, ringing, in-progress, completed, busy, no-answer, failed, canceled)",
+    ["status"], registry=REGISTRY,
+)
+MACHINE_DETECTION = Counter(
+    "voxd_machine_detection_total", "Answering-machine detection results, by Twilio's "
+    "AnsweredBy", ["answered_by"], registry=REGISTRY,
+)
 KEYPAD = Counter(
     "voxd_keypad_presses_total", "Keypad keys, by direction (in: the caller pressed; out: "
     "played for the assistant)", ["direction"], registry=REGISTRY,

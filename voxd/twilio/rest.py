@@ -1,5 +1,6 @@
-"""Live-call control over Twilio's REST API: hang up a call, or replace its TwiML (the fallback
-after a failure, a `<Dial>` for a transfer).
+"""Twilio's REST API, the calls resource: hang up a live call, or replace its TwiML (the
+fallback after a failure, a `<Dial>` for a transfer); create an outbound call and read how it
+went.
 
 Used whenever voxd has the Twilio auth token (and `twilio.rest_call_control` is not false).
 The account named in each request is `twilio.account_sid`, or else the call's own (Twilio
@@ -12,16 +13,22 @@ event loop never waits on the network.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
+from twilio.base.exceptions import TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
 from voxd.config import ACCOUNT_SID, Settings
+from voxd.errors import VoxdError
 from voxd.observability.untrusted import show
 from voxd.twilio.stream_token import CALL_SID
 
 log = logging.getLogger("voxd.twilio.rest")
+T = TypeVar("T")
 
 REQUEST_TIMEOUT = 3.0
 MAX_ACCOUNTS = 8
@@ -81,6 +88,73 @@ class CallControl:
             return False
         log.info("Twilio REST: %s done", what)
         return True
+
+
+class TwilioRefused(VoxdError):
+    """Twilio did not create the call (its own message, code and HTTP status, when it
+    answered), or could not be reached."""
+
+    def __init__(self, message: str, code: int | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+@dataclass(frozen=True)
+class CallState:
+    """An outbound call as Twilio's calls resource reports it."""
+
+    status: str
+    answered_by: str
+    duration: str
+
+
+def _account(settings: Settings) -> str:
+    account = settings.config.twilio.account_sid
+    if not account:
+        raise TwilioRefused("twilio.account_sid: required for outbound calls (the account that "
+                            "places them)")
+    return account
+
+
+class Calls:
+    """Creates outbound calls (and reads their state) for `twilio.account_sid`."""
+
+    def __init__(self, settings: Settings, control: CallControl) -> None:
+        self._account = _account(settings)
+        self._client = control._client(self._account)
+
+    async def create(self, **fields: object) -> str:
+        """Create a call (`fields` as the twilio library's `calls.create` takes them); its
+        CallSid, or TwilioRefused."""
+        def create() -> str:
+            return str(self._client.api.v2010.accounts(self._account).calls.create(**fields).sid)
+
+        sid = await self._request(create, "create the call")
+        if not CALL_SID.fullmatch(sid):
+            raise TwilioRefused(f"Twilio answered a CallSid not of its form: {show(sid, 40)}")
+        return sid
+
+    async def state(self, call_sid: str) -> CallState:
+        """How the call stands now; TwilioRefused if Twilio cannot say."""
+        def fetch() -> CallState:
+            call = self._client.api.v2010.accounts(self._account).calls(call_sid).fetch()
+            return CallState(str(call.status or ""), str(call.answered_by or ""),
+                             str(call.duration or ""))
+
+        return await self._request(fetch, "read the call")
+
+    async def _request(self, request: Callable[[], T], what: str) -> T:
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT + 0.5):
+                return await trio.to_thread.run_sync(request, abandon_on_cancel=True)
+        except TwilioRestException as exc:
+            message = show(str(exc.msg or "").strip().splitlines()[0] if exc.msg else "", 300)
+            raise TwilioRefused(f"Twilio refused to {what}: {message or 'no reason given'}"
+                                + (f" (code {exc.code})" if exc.code else ""),
+                                exc.code, exc.status) from None
+        except Exception as exc:  # the boundary: the network, a timeout, an odd answer
+            raise TwilioRefused(f"could not {what}: {_short(exc)}") from None
 
 
 def _short(exc: BaseException) -> str:

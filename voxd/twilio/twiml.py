@@ -68,6 +68,11 @@ def hang_up() -> str:
     return str(response)
 
 
+def then_hang_up(verbs: str) -> str:
+    """The given verbs (validated at config load), then hang up."""
+    return _with_verbs(VoiceResponse(), verbs + "<Hangup/>")
+
+
 def verbs_only(verbs: str) -> str:
     """A response made of the given verbs alone (e.g. the fallback when no stream can start)."""
     return _with_verbs(VoiceResponse(), verbs)
