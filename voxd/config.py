@@ -185,8 +185,9 @@ class OutboundConfig(_Section):
     calls_per_second: Annotated[float, Field(gt=0, le=100)] = 1.0
     """Calls created per second by each voxd (shared out among server.workers); Twilio's
     default limit is 1."""
-    queue_seconds: Annotated[float, Field(ge=0, le=60)] = 10.0
-    """How long a `POST /calls` beyond the rate waits for its turn before it is refused."""
+    queue_seconds: Annotated[float, Field(ge=0, le=20)] = 10.0
+    """How long a `POST /calls` beyond the rate waits for its turn before it is refused (at
+    most 20: the front door gives an HTTP connection 30 s in all)."""
     machine_detection: bool = True
     """Twilio's asynchronous answering-machine detection on every outbound call."""
     on_machine: Literal["continue", "hangup", "message"] = "continue"

@@ -13,7 +13,7 @@ reports (ringing, answered, busy, no-answer, failed, completed) comes to `/twili
 `Enable` answers fastest (enough to hang up on a machine); `DetectMessageEnd` waits for the
 greeting's end, the moment to leave a message or let the assistant speak after the beep.
 
-Nothing here opens a file or a socket except through `voxd.twilio.rest.Calls`.
+Twilio is reached only through `voxd.twilio.rest.Calls`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import trio
 from voxd.config import E164, NAME, OutboundConfig, Settings, load_settings, resolve_config_path
 from voxd.errors import VoxdError
 from voxd.observability.untrusted import show
-from voxd.twilio.rest import CallControl, Calls, TwilioRefused
+from voxd.twilio.rest import CallControl, Calls, CallState, TwilioRefused
+from voxd.twilio.twiml import NOT_XML
 
 log = logging.getLogger("voxd.outbound")
 
@@ -41,17 +42,14 @@ STATUS_EVENTS = ("initiated", "ringing", "answered", "completed")
 FINAL_STATUSES = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
 STATUSES = FINAL_STATUSES | {"queued", "initiated", "ringing", "in-progress"}
 """Twilio's CallStatus values."""
-ANSWERED_BY = frozenset({"human", "machine_start", "machine_end_beep", "machine_end_silence",
-                         "machine_end_other", "fax", "unknown"})
-"""Twilio's AnsweredBy values."""
-MACHINE = frozenset({"machine_start", "machine_end_beep", "machine_end_silence",
-                     "machine_end_other", "fax"})
 RESERVED = frozenset({"from", "to", "direction"})
 """Parameter names voxd sets itself."""
 MAX_PARAMETERS = 16
 MAX_VALUE_CHARS = 256
-_PRINTABLE = re.compile(r"[^\x00-\x1f\x7f]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 WAIT_POLL_SECONDS = 1.0
+WAIT_PATIENCE_SECONDS = 30.0
+"""How long `voxd dial --wait` keeps asking a Twilio that does not answer."""
 AMD_KEEP_SECONDS = 120.0
 """How long a machine-detection result waits for its call to take it."""
 
@@ -102,19 +100,25 @@ def _parameters(parameters: object) -> dict[str, str]:
         raise DialRefused("parameters", "must be an object of names to strings")
     if len(parameters) > MAX_PARAMETERS:
         raise DialRefused("parameters", f"at most {MAX_PARAMETERS} (got {len(parameters)})")
-    checked: dict[str, str] = {}
     for name, value in parameters.items():
-        if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise DialRefused("parameters", f"name {show(str(name), 70)} must be 1-64 letters, "
-                                            "digits, _ or -")
-        if name in RESERVED:
-            raise DialRefused("parameters", f"{name!r} is set by voxd")
-        if (not isinstance(value, str) or len(value) > MAX_VALUE_CHARS
-                or not _PRINTABLE.fullmatch(value)):
-            raise DialRefused("parameters", f"{name}: the value must be a string of at most "
-                                            f"{MAX_VALUE_CHARS} printable characters")
-        checked[name] = value
-    return checked
+        problem = parameter_problem(name, value)
+        if problem is not None:
+            raise DialRefused("parameters", problem)
+    return dict(parameters)
+
+
+def parameter_problem(name: object, value: object) -> str | None:
+    """What is wrong with one parameter for the assistant (None: nothing). The same rules
+    hold for the API, the CLI and a webhook URL's query string."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        return f"name {show(str(name), 70)} must be 1-64 letters, digits, _ or -"
+    if name in RESERVED:
+        return f"{name!r} is set by voxd"
+    if (not isinstance(value, str) or len(value) > MAX_VALUE_CHARS or _CONTROL.search(value)
+            or NOT_XML.search(value)):
+        return (f"{name}: the value must be a string of at most {MAX_VALUE_CHARS} printable "
+                "characters")
+    return None
 
 
 def parse_params(pairs: list[str]) -> dict[str, str]:
@@ -157,15 +161,23 @@ def create_fields(settings: Settings, request: DialRequest) -> dict[str, object]
     return fields
 
 
-def calls_api(settings: Settings, control: CallControl | None) -> Calls:
-    """The REST client outbound calls are created with; DialRefused naming what is missing."""
+def unavailable(settings: Settings) -> DialRefused | None:
+    """Why these settings cannot place calls (None: they can)."""
     if settings.secrets.twilio_auth_token is None:
-        raise DialRefused("twilio auth token", "outbound calls need it (set "
-                                               "VOXD_TWILIO_AUTH_TOKEN or the systemd "
-                                               "credential twilio_auth_token)")
+        return DialRefused("twilio auth token", "outbound calls need it (set "
+                                                "VOXD_TWILIO_AUTH_TOKEN or the systemd "
+                                                "credential twilio_auth_token)")
     if not settings.config.twilio.account_sid:
-        raise DialRefused("twilio.account_sid", "required for outbound calls (the account "
-                                                "that places them)")
+        return DialRefused("twilio.account_sid", "required for outbound calls (the account "
+                                                 "that places them)")
+    return None
+
+
+def calls_api(settings: Settings, control: CallControl | None = None) -> Calls:
+    """The REST client outbound calls are created with; DialRefused naming what is missing."""
+    problem = unavailable(settings)
+    if problem is not None:
+        raise problem
     return Calls(settings, control or CallControl(settings))
 
 
@@ -196,18 +208,25 @@ class RateLimit:
         self._next = turn + 1.0 / rate
         return turn - now
 
+    def give_back(self, rate: float) -> None:
+        """A request gave up its turn before using it (its client left): when it was the
+        last one taken, the next request may have it."""
+        self._next = max(trio.current_time(), self._next - 1.0 / rate)
+
     def retry_after(self) -> float:
         """Seconds until a turn is free again."""
         return max(0.0, self._next - trio.current_time())
 
 
 def dial_command(args: argparse.Namespace) -> int:
-    """`voxd dial`: create the call, print its CallSid; with --wait, follow it to its end."""
+    """`voxd dial`: create the call, print its CallSid; with --wait, follow it to its end.
+    Exit 0 (placed; with --wait: answered and completed), 1 (Twilio refused, or the call
+    ended otherwise), 2 (refused here: the message names the field or key)."""
     settings = load_settings(resolve_config_path(args.config))
     try:
         request = dial_request(settings.config.outbound, args.to, args.from_number,
                                parse_params(args.param))
-        calls = calls_api(settings, None)
+        calls = calls_api(settings)
     except DialRefused as exc:
         print(f"voxd: dial refused: {exc}", file=sys.stderr)
         return 2
@@ -218,21 +237,29 @@ def dial_command(args: argparse.Namespace) -> int:
         if not args.wait:
             return 0
         status = ""
-        while True:
-            state = await calls.state(sid)
+        while status not in FINAL_STATUSES:
+            state = await _state(calls, sid)
             if state.status != status:
                 status = state.status
-                print(f"{sid} {status}", file=sys.stderr, flush=True)
-            if status in FINAL_STATUSES:
-                break
-            await trio.sleep(WAIT_POLL_SECONDS)
-        answered = f", answered by {state.answered_by}" if state.answered_by else ""
-        took = f", {state.duration} s" if state.duration else ""
-        print(f"{sid} {status}{answered}{took}", flush=True)
+                print(f"{sid} {show(status, 30)}", file=sys.stderr, flush=True)
+            await trio.sleep(0 if status in FINAL_STATUSES else WAIT_POLL_SECONDS)
+        answered = f", answered by {show(state.answered_by, 30)}" if state.answered_by else ""
+        took = f", {show(state.duration, 10)} s" if state.duration else ""
+        print(f"{sid} {show(status, 30)}{answered}{took}", flush=True)
         return 0 if status == "completed" else 1
 
-    try:
-        return trio.run(run)
-    except TwilioRefused as exc:
-        print(f"voxd: {exc}", file=sys.stderr)
-        return 1
+    return trio.run(run)
+
+
+async def _state(calls: Calls, sid: str) -> CallState:
+    """The call's state, asking again while Twilio is unavailable (up to
+    WAIT_PATIENCE_SECONDS); TwilioRefused after that or for a refusal."""
+    deadline = trio.current_time() + WAIT_PATIENCE_SECONDS
+    while True:
+        try:
+            return await calls.state(sid)
+        except TwilioRefused as exc:
+            if not exc.transient or trio.current_time() > deadline:
+                raise TwilioRefused(f"lost track of {sid} (it may still be in progress): "
+                                    f"{exc}") from None
+            await trio.sleep(WAIT_POLL_SECONDS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -24,11 +25,11 @@ from quart_trio import QuartTrio
 
 from voxd import outbound
 from voxd.call.phone import DIAL_ENDED_PATH, STREAM_ENDED_PATH
-from voxd.config import ACCOUNT_SID, NAME
+from voxd.config import ACCOUNT_SID
 from voxd.observability import metrics
 from voxd.observability.throttled import ThrottledLog
 from voxd.observability.untrusted import show
-from voxd.providers.base import CallInfo
+from voxd.providers.base import ANSWERED_BY, CallInfo
 from voxd.runtime import Runtime
 from voxd.twilio import stream_token, twiml
 from voxd.twilio.rest import TwilioRefused
@@ -45,16 +46,18 @@ SEND_SECONDS = 10.0
 
 VOICE_PATH = "/twilio/voice"
 CALLS_PATH = "/calls"
+JSON_FIELD = re.compile(r"at `\$\.(to|from|parameters)\b")
+"""The field msgspec names in a validation error."""
 MAX_API_BODY = 8 * 1024
 """Largest `POST /calls` body (a request is a few hundred bytes)."""
 
 
 class CallRequest(msgspec.Struct, forbid_unknown_fields=True):
-    """The body of `POST /calls` (types checked by `outbound.dial_request`)."""
+    """The body of `POST /calls` (values checked by `outbound.dial_request`)."""
 
-    to: object = None
-    from_: object = msgspec.field(default=None, name="from")
-    parameters: object = None
+    to: str | None = None
+    from_: str | None = msgspec.field(default=None, name="from")
+    parameters: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,7 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
         # As Twilio will hand them back (cut to its <Parameter> limit): what the token binds.
         parameters = twiml.fitted({**url_parameters(), "from": form.get("From", ""),
                                    "to": form.get("To", "")})
-        if form.get("Direction", "").startswith("outbound"):
+        if form.get("Direction", "") == "outbound-api":  # a call voxd (or the API) placed
             parameters["direction"] = "outbound"
         runtime.provider.prepare(
             CallInfo(call_sid=call_sid, stream_sid="", account_sid=account_sid,
@@ -223,9 +226,9 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
             return {}  # a GET webhook's query is Twilio's own form
         parameters: dict[str, str] = {}
         for name, value in request.args.items():
-            if len(parameters) < outbound.MAX_PARAMETERS and name not in outbound.RESERVED \
-                    and NAME.fullmatch(name):
-                parameters[name] = value[:outbound.MAX_VALUE_CHARS]
+            if len(parameters) < outbound.MAX_PARAMETERS \
+                    and outbound.parameter_problem(name, value) is None:
+                parameters[name] = value
         return parameters
 
     @http.post(STREAM_ENDED_PATH)
@@ -263,7 +266,7 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
     @http.post(outbound.STATUS_PATH)
     async def call_status() -> Response | tuple[str, int]:
         """Twilio's status callback of an outbound call: logged and counted."""
-        twilio = await from_twilio(outbound.STATUS_PATH, "status callback")
+        twilio = await outbound_callback(outbound.STATUS_PATH, "status callback")
         if isinstance(twilio, tuple):
             return twilio
         form, call_sid = twilio.form, twilio.call_sid
@@ -286,12 +289,12 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
     @http.post(outbound.AMD_PATH)
     async def machine_detection() -> Response | tuple[str, int]:
         """Twilio's asynchronous answering-machine verdict: to the call, wherever it runs."""
-        twilio = await from_twilio(outbound.AMD_PATH, "machine-detection callback")
+        twilio = await outbound_callback(outbound.AMD_PATH, "machine-detection callback")
         if isinstance(twilio, tuple):
             return twilio
         runtime, form, call_sid = twilio.runtime, twilio.form, twilio.call_sid
         answered_by = form.get("AnsweredBy", "")
-        if answered_by not in outbound.ANSWERED_BY:
+        if answered_by not in ANSWERED_BY:
             refusals.warning("amd", "call_sid=%s machine-detection callback with an unknown "
                              "AnsweredBy %s", call_sid, show(answered_by, 30))
             return "unknown AnsweredBy\n", 400
@@ -304,6 +307,14 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
         else:  # its stream runs on another worker or host, or has not started yet
             await runtime.live.answered.put(call_sid, answered_by, outbound.AMD_KEEP_SECONDS)
         return "", 204
+
+    async def outbound_callback(path: str, what: str) -> TwilioRequest | tuple[str, int]:
+        """A callback about an outbound call: only where this voxd can place them (else
+        404: nothing of voxd's could have asked for it), signed like every request of
+        Twilio's."""
+        if outbound.unavailable(runtime_ref().settings) is not None:
+            return "not found\n", 404
+        return await from_twilio(path, what)
 
     @http.post(CALLS_PATH)
     async def create_call() -> Response | tuple[dict[str, Any], int, dict[str, str]]:
@@ -318,30 +329,37 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
             call = outbound.dial_request(runtime.settings.config.outbound, asked.to,
                                          asked.from_, asked.parameters)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            at = JSON_FIELD.search(str(exc))
             return api_error(422, "refused", f"the body must be JSON "
-                             f'{{"to", "from", "parameters"}}: {show(exc, 200)}')
+                             f'{{"to", "from", "parameters"}}: {show(exc, 200)}',
+                             at.group(1) if at else None)
         except outbound.DialRefused as exc:
             return api_error(422, "refused", exc.problem, exc.field)
-        if runtime.outbound is None:
-            field = ("twilio.account_sid" if runtime.settings.secrets.twilio_auth_token
-                     else "twilio auth token")
+        unavailable = outbound.unavailable(runtime.settings)
+        if unavailable is not None or runtime.outbound is None:
+            field = unavailable.field if unavailable is not None else "twilio"
             return api_error(503, "create-failed", "outbound calls need the Twilio auth token "
                              "and twilio.account_sid", field)
+        config = runtime.settings.config
+        rate = config.outbound.calls_per_second / config.server.workers
         limit = runtime.live.dial_rate
-        wait = limit.reserve(runtime.settings.config.outbound.calls_per_second
-                             / runtime.settings.config.server.workers,
-                             runtime.settings.config.outbound.queue_seconds)
+        wait = limit.reserve(rate, config.outbound.queue_seconds)
         if wait is None:
             error, status, headers = api_error(429, "rate-limited",
                                                "too many calls: outbound.calls_per_second")
             return error, status, {**headers,
                                    "Retry-After": str(math.ceil(limit.retry_after()))}
-        await trio.sleep(wait)
+        try:
+            await trio.sleep(wait)
+        except trio.Cancelled:  # the client left while waiting for its turn
+            limit.give_back(rate)
+            raise
+        if runtime.live.draining:
+            return api_error(503, "refused", "voxd is draining: place the call elsewhere")
         try:
             sid = await outbound.place(runtime.outbound, runtime.settings, call)
         except TwilioRefused as exc:
-            log.warning("outbound call to %s not created: %s", call.to, show(exc, 300))
-            return api_error(502, "create-failed", str(exc))
+            return refused_by_twilio(call, exc)
         metrics.OUTBOUND_CALLS.labels(status="created").inc()
         return ({"call_sid": sid, "to": call.to, "from": call.from_number, "status": "queued"},
                 201, {})
@@ -369,6 +387,21 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
         if runtime.live.draining:
             return api_error(503, "refused", "voxd is draining: place the call elsewhere")
         return None
+
+    def refused_by_twilio(call: outbound.DialRequest, exc: TwilioRefused
+                          ) -> tuple[dict[str, Any], int, dict[str, str]]:
+        """Twilio's no, as the API's answer: 422 for a request Twilio found wrong (a number
+        it cannot call), 429 when it is over its rate, 504 when it is unknown whether the
+        call was created, else 502 (voxd's credentials or Twilio failing)."""
+        log.warning("outbound call to %s not created: %s", call.to, show(exc, 300))
+        if exc.uncertain:
+            return api_error(504, "create-failed", f"{exc}: look before trying again")
+        if exc.status == 429:
+            error, status, headers = api_error(429, "rate-limited", str(exc))
+            return error, status, {**headers, "Retry-After": "1"}
+        if exc.status == 400:
+            return api_error(422, "create-failed", str(exc))
+        return api_error(502, "create-failed", str(exc))
 
     def api_error(status: int, counted: str, message: str,
                   field: str | None = None) -> tuple[dict[str, Any], int, dict[str, str]]:

@@ -20,7 +20,7 @@ from twilio.request_validator import RequestValidator
 from voxd.background import Background
 from voxd.call.phone import PhoneLeg
 from voxd.config import Settings
-from voxd.outbound import RateLimit
+from voxd.outbound import RateLimit, calls_api, unavailable
 from voxd.providers import build_provider
 from voxd.providers.base import EarlyStarts, Provider
 from voxd.shared_state import AfterStream, LocalAfterStream, LocalTokens, RedisState, TokenLedger
@@ -172,7 +172,6 @@ class Runtime:
             background=background,
             validator=RequestValidator(token.reveal()) if validate and token else None,
             phone=PhoneLeg(settings, control if rest else None, live.after, live.answered),
-            outbound=(Calls(settings, control) if control is not None
-                      and settings.config.twilio.account_sid else None),
+            outbound=calls_api(settings, control) if unavailable(settings) is None else None,
             live=live,
         )

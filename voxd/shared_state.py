@@ -106,35 +106,36 @@ class DirectoryTokens:
 
 
 class AfterStream(Protocol):
-    """A short-lived word per call: what its `<Connect action>` request is answered (and, by
-    the same means, an outbound call's answering-machine result)."""
+    """A short-lived word per call, put by one process and taken once by whichever takes it:
+    what a call's `<Connect action>` request is answered, or an outbound call's
+    answering-machine verdict."""
 
-    async def put(self, call_sid: str, twiml: str, seconds: float) -> bool:
-        """Answer `twiml` to the action request of `call_sid` within `seconds`; False (after
-        one line and a count) if it could not be kept: the action then answers the fallback."""
+    async def put(self, call_sid: str, text: str, seconds: float) -> bool:
+        """Keep `text` for `call_sid` for `seconds`; False (after one line and a count) if it
+        could not be kept."""
         ...
 
     async def take(self, call_sid: str) -> str | None:
-        """The TwiML put for `call_sid` (once), or None."""
+        """What was put for `call_sid` (once), or None."""
         ...
 
 
 class LocalAfterStream:
-    """After-stream TwiML of this process's calls, in memory."""
+    """Words per call of this process, in memory (at most MAX_ENTRIES: the oldest go)."""
 
     MAX_ENTRIES: Final = 10_000
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[float, str]] = {}
 
-    def put_now(self, call_sid: str, twiml: str, seconds: float) -> None:
+    def put_now(self, call_sid: str, text: str, seconds: float) -> None:
         """`put` without waiting."""
         now = trio.current_time()
         if len(self._entries) >= self.MAX_ENTRIES:
             self._entries = {k: v for k, v in self._entries.items() if v[0] >= now}
             while len(self._entries) >= self.MAX_ENTRIES:
                 del self._entries[next(iter(self._entries))]
-        self._entries[call_sid] = (now + seconds, twiml)
+        self._entries[call_sid] = (now + seconds, text)
 
     def take_now(self, call_sid: str) -> str | None:
         """`take` without waiting."""
@@ -143,64 +144,81 @@ class LocalAfterStream:
             return None
         return entry[1]
 
-    async def put(self, call_sid: str, twiml: str, seconds: float) -> bool:
-        """Answer `twiml` to the action request of `call_sid` within `seconds`."""
-        self.put_now(call_sid, twiml, seconds)
+    async def put(self, call_sid: str, text: str, seconds: float) -> bool:
+        """Keep `text` for `call_sid` for `seconds`."""
+        self.put_now(call_sid, text, seconds)
         await trio.lowlevel.checkpoint()
         return True
 
     async def take(self, call_sid: str) -> str | None:
-        """The TwiML put for `call_sid` (once), or None."""
+        """What was put for `call_sid` (once), or None."""
         await trio.lowlevel.checkpoint()
         return self.take_now(call_sid)
 
 
 class DirectoryAfterStream:
-    """After-stream TwiML (or another `kind` of word per call) for any worker of this host:
-    one file per call (`after-CA...`) in the workers' shared directory, its modification time
-    its expiry (pruned with the tokens)."""
+    """Words per call for any worker of this host: one file per call (`{kind}-CA...`) in the
+    workers' shared directory, its modification time its expiry. Expired files of this kind
+    are removed every PRUNE_EVERY puts (and with the tokens), so the directory stays bounded
+    whatever is put."""
 
-    def __init__(self, directory: Path, kind: str = "after") -> None:
+    PRUNE_EVERY: Final = 200
+
+    def __init__(self, directory: Path, kind: str = "after",
+                 what: str = "what follows the call's stream") -> None:
         self.directory = directory
         self.kind = kind
+        self.what = what
+        self._puts = 0
 
-    async def put(self, call_sid: str, twiml: str, seconds: float) -> bool:
-        """Answer `twiml` to the action request of `call_sid` within `seconds`."""
+    async def put(self, call_sid: str, text: str, seconds: float) -> bool:
+        """Keep `text` for `call_sid` for `seconds`."""
         await trio.lowlevel.checkpoint()
         if not CALL_SID.fullmatch(call_sid):
             return False
         path = self.directory / f"{self.kind}-{call_sid}"
         partial = path.with_suffix(f".{os.getpid()}")
         try:
-            partial.write_text(twiml, encoding="utf-8")
+            self._puts += 1
+            if self._puts % self.PRUNE_EVERY == 0:
+                self._prune(time.time())
+            partial.write_text(text, encoding="utf-8")
             expiry = time.time() + seconds
             os.utime(partial, (expiry, expiry))
             os.replace(partial, path)
         except OSError as exc:
             metrics.ERRORS.labels(kind="state").inc()
-            log.error("cannot keep what follows the call's stream in %s: %s (the caller will "
-                      "hear the fallback)", self.directory, exc.strerror or exc)
+            log.error("cannot keep %s in %s: %s", self.what, self.directory,
+                      exc.strerror or exc)
             return False
         return True
 
+    def _prune(self, now: float) -> None:
+        prefix = self.kind + "-"
+        for entry in os.scandir(self.directory):
+            if entry.name.startswith(prefix):
+                with contextlib.suppress(FileNotFoundError):  # another worker took it
+                    if entry.stat().st_mtime < now:
+                        os.unlink(entry.path)
+
     async def take(self, call_sid: str) -> str | None:
-        """The TwiML put for `call_sid` (once), or None."""
+        """What was put for `call_sid` (once), or None."""
         await trio.lowlevel.checkpoint()
         if not CALL_SID.fullmatch(call_sid):
             return None
         path = self.directory / f"{self.kind}-{call_sid}"
         try:
             expired = path.stat().st_mtime < time.time()
-            twiml = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8")
             path.unlink()
         except FileNotFoundError:
             return None
         except OSError as exc:
             metrics.ERRORS.labels(kind="state").inc()
-            log.error("cannot read what follows the call's stream in %s: %s",
-                      self.directory, exc.strerror or exc)
+            log.error("cannot read %s in %s: %s", self.what, self.directory,
+                      exc.strerror or exc)
             return None
-        return None if expired else twiml
+        return None if expired else text
 
 
 @dataclass(frozen=True)
@@ -375,7 +393,7 @@ def answered_by_store(redis: RedisState | None, directory: str | None) -> AfterS
     """Where outbound calls' answering-machine results wait for their call (the callback may
     land on another worker or host than the call's stream, or before it starts)."""
     if redis is not None:
-        return redis.messages("amd", "an answering-machine result")
+        return redis.messages("amd", "an answering-machine verdict")
     if directory:
-        return DirectoryAfterStream(Path(directory), "amd")
+        return DirectoryAfterStream(Path(directory), "amd", "an answering-machine verdict")
     return LocalAfterStream()

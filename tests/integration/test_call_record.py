@@ -151,7 +151,8 @@ async def test_a_generic_assistant_transcribes_and_hears_who_answered(start_voxd
     await nursery.start(fake.serve)
     voxd = await start_voxd(assistant={"provider": "websocket", "audio": "mulaw"},
                             websocket={"url": fake.url}, recording=recording(tmp_path))
-    simulator = TwilioSimulator(voxd.webhook, auth_token=voxd.token)
+    # an outbound call (only those hear answering-machine verdicts)
+    simulator = TwilioSimulator(voxd.webhook, auth_token=voxd.token, direction="outbound-api")
     async with trio.open_nursery() as calls:
         calls.start_soon(simulator.call, silence(1.5))
         for _ in range(250):  # until the stream has started (the record with it)

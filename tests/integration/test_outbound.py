@@ -25,6 +25,8 @@ from voxd.sim.rest import SimulatedRest
 API_TOKEN = "voxd-api-token-0123456789abcdef"
 OUTBOUND = {"from_number": "+14155550199", "allowed_to": ["+1415555*"]}
 CALL_SID = "CA" + "1" * 32
+PLACES_CALLS = {"account_sid": "AC" + "0" * 32}
+"""[twilio] of a voxd that can place calls (so it takes their callbacks)."""
 
 
 def counted(status: str) -> float:
@@ -115,7 +117,7 @@ async def test_without_the_twilio_account_no_call_is_created(start_voxd) -> None
 @pytest.mark.parametrize("status", ["initiated", "ringing", "in-progress", "completed", "busy",
                                     "no-answer", "failed"])
 async def test_status_callbacks_are_logged_and_counted(start_voxd, caplog, status: str) -> None:
-    voxd = await start_voxd()
+    voxd = await start_voxd(twilio=PLACES_CALLS)
     before = counted(status)
     caplog.set_level(logging.INFO)
     form = {"CallSid": CALL_SID, "CallStatus": status, "To": "+14155550100",
@@ -132,7 +134,7 @@ async def test_status_callbacks_are_logged_and_counted(start_voxd, caplog, statu
 
 @pytest.mark.parametrize("path", ["/twilio/status", "/twilio/amd"])
 async def test_callbacks_must_be_signed_and_well_formed(start_voxd, path: str) -> None:
-    voxd = await start_voxd()
+    voxd = await start_voxd(twilio=PLACES_CALLS)
     form = {"CallSid": CALL_SID, "CallStatus": "ringing", "AnsweredBy": "human"}
     assert (await post_signed(voxd, path, form, signature="forged")).status_code == 403
     bad_sid = {**form, "CallSid": "../../etc"}
@@ -143,7 +145,7 @@ async def test_callbacks_must_be_signed_and_well_formed(start_voxd, path: str) -
 
 async def test_a_machine_result_waits_for_its_call(start_voxd, caplog) -> None:
     """A verdict for a call not (yet) in this process is kept for the call to take."""
-    voxd = await start_voxd()
+    voxd = await start_voxd(twilio=PLACES_CALLS)
     before = metrics.MACHINE_DETECTION.labels(answered_by="machine_end_beep")._value.get()
     caplog.set_level(logging.INFO)
     form = {"CallSid": CALL_SID, "AnsweredBy": "machine_end_beep",
@@ -414,3 +416,45 @@ async def test_a_verdict_left_in_the_shared_state_reaches_the_call(start_voxd, n
     call = await place_and_wait(voxd, rest)
     assert call.report.closed_by == "rest"
     assert "reason=machine-hangup:machine_start" in summary_line(caplog)
+
+
+@pytest.mark.parametrize(("body", "field", "words"), [
+    ({"to": 14155550100}, "to", "Expected `str | null`"),
+    ({"to": "+14155550100", "parameters": {"k": 5}}, "parameters", "Expected `str`"),
+    ({"to": "+14155550100", "parameters": {"k": "a\ufffeb"}}, "parameters", "printable"),
+    ({"to": "+14155550100", "parameters": {"k": [[[[1]]]]}}, "parameters", "Expected"),
+])
+async def test_wrong_types_and_characters_are_refused(start_voxd, body: Any, field: str,
+                                                      words: str) -> None:
+    voxd = await start_voxd(outbound=OUTBOUND, secrets={"api_token": API_TOKEN})
+    response = await post_calls(voxd, body)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field and words in response.json()["error"]
+
+
+async def test_deeply_nested_json_is_a_422_not_a_crash(start_voxd, caplog) -> None:
+    voxd = await start_voxd(outbound=OUTBOUND, secrets={"api_token": API_TOKEN})
+    for depth in (1000, 3900):
+        raw = b'{"to": "+14155550100", "parameters": {"k": ' + b"[" * depth + b"]" * depth \
+            + b"}}"
+        response = await post_calls(voxd, raw=raw)
+        assert response.status_code == 422, response.text
+    assert "Traceback" not in caplog.text
+
+
+async def test_callbacks_are_not_served_where_no_call_can_be_placed(start_voxd) -> None:
+    """Without the Twilio account (or token), nothing of voxd's asked for a callback: nothing
+    is stored for a forged one."""
+    voxd = await start_voxd(signed=False)
+    async with httpx.AsyncClient() as client:
+        for path in ("/twilio/status", "/twilio/amd"):
+            response = await client.post(voxd.origin + path, data={
+                "CallSid": CALL_SID, "CallStatus": "ringing", "AnsweredBy": "human"})
+            assert response.status_code == 404
+    assert await voxd.runtime.live.answered.take(CALL_SID) is None
+
+
+def test_a_query_parameter_xml_cannot_carry_is_dropped() -> None:
+    from voxd.twilio import twiml
+
+    assert twiml.fitted({"note": "a\x01b\ufffec"}) == {"note": "abc"}

@@ -12,11 +12,13 @@ from voxd.config import OutboundConfig, Secret, Secrets, Settings, parse_config
 from voxd.outbound import (
     DialRefused,
     RateLimit,
+    _state,
     create_fields,
     dial_request,
     machine_detection_mode,
     parse_params,
 )
+from voxd.twilio.rest import CallState, TwilioRefused
 
 ALLOWED = OutboundConfig(from_number="+14155550199", allowed_to=["+1415555*", "+4930[12]*"])
 
@@ -121,3 +123,55 @@ async def test_rate_limit_spaces_turns_and_bounds_the_queue(
     assert limit.retry_after() == pytest.approx(1.5)
     await trio.sleep(1.5)
     assert limit.reserve(2.0, 1.0) == 0.0
+
+
+async def test_a_turn_given_back_goes_to_the_next_request(
+        autojump_clock: trio.testing.MockClock) -> None:
+    limit = RateLimit()
+    assert limit.reserve(1.0, 5.0) == 0.0
+    assert limit.reserve(1.0, 5.0) == 1.0
+    limit.give_back(1.0)  # the second request's client left while waiting
+    assert limit.reserve(1.0, 5.0) == 1.0  # not 2.0
+
+
+class FlakyCalls:
+    """Twilio's calls resource answering `failures` first, then the call's state."""
+
+    def __init__(self, failures: list[TwilioRefused]) -> None:
+        self.failures = failures
+        self.asked = 0
+
+    async def state(self, sid: str) -> CallState:
+        self.asked += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return CallState("completed", "human", "12")
+
+
+async def test_waiting_survives_twilio_being_briefly_unavailable(
+        autojump_clock: trio.testing.MockClock) -> None:
+    calls = FlakyCalls([TwilioRefused("Service Unavailable", 20500, 503),
+                        TwilioRefused("could not read the call: ConnectError")])
+    state = await _state(calls, "CA" + "1" * 32)  # type: ignore[arg-type]
+    assert state.status == "completed" and calls.asked == 3
+
+
+async def test_waiting_gives_up_on_a_refusal_or_a_long_outage(
+        autojump_clock: trio.testing.MockClock) -> None:
+    with pytest.raises(TwilioRefused, match=r"lost track of CA1+ .*may still be in progress"):
+        await _state(FlakyCalls([TwilioRefused("Authenticate", 20003, 401)]),  # type: ignore[arg-type]
+                     "CA" + "1" * 32)
+    outage = FlakyCalls([TwilioRefused("down", 20500, 503)] * 100)
+    with pytest.raises(TwilioRefused, match="lost track"):
+        await _state(outage, "CA" + "1" * 32)  # type: ignore[arg-type]
+    assert 25 <= outage.asked <= 40  # about WAIT_PATIENCE_SECONDS of asking once a second
+
+
+def test_a_parameter_never_hides_voxds_facts_from_vapi() -> None:
+    from voxd.providers.vapi_protocol import create_call_body
+
+    body = create_call_body(audio="pcm16", assistant_id="a", call_sid="CA" + "1" * 32,
+                            from_number="+14155550100", to_number="+14155550199",
+                            parameters={"callSid": "CAforged", "lead": "42"})
+    variables = body["assistantOverrides"]["variableValues"]
+    assert variables["callSid"] == "CA" + "1" * 32 and variables["lead"] == "42"

@@ -68,9 +68,10 @@ from voxd.errors import CallerDisconnected, ProtocolError, UpstreamError, VoxdEr
 from voxd.observability import metrics
 from voxd.observability.logging import CallLogContext, bind_call
 from voxd.observability.untrusted import show
-from voxd.outbound import ANSWERED_BY, MACHINE
 from voxd.providers.base import (
+    ANSWERED_BY,
     BYTES_PER_SECOND,
+    MACHINE,
     AnsweredBy,
     AssistantAudio,
     AssistantEnded,
@@ -182,6 +183,8 @@ class CallSession:
         self._transcripts = settings.config.recording.transcripts
         self._notices_tx, self._notices_rx = trio.open_memory_channel[CallNotice](NOTICES)
         self._answered_by: str | None = None
+        self._ended_at: float | None = None
+        """When the end reason was decided (trio's clock)."""
         self._verdict = trio.Event()
         """Set when the answering-machine verdict arrived (`answered_by`)."""
         self._heard_slot = -1
@@ -242,6 +245,7 @@ class CallSession:
             if self._transfer_to is not None and policy(reason).side == "assistant":
                 reason = f"transferred:{self._transfer_to[0]}"
             self.end_reason = reason
+            self._ended_at = trio.current_time()
         if self._cancel is not None:
             self._cancel.cancel()
 
@@ -367,7 +371,7 @@ class CallSession:
         into the record, and told to the assistant (once it is connected); the machine
         detection task acts on it (`outbound.on_machine`). Never waits; the first verdict
         counts."""
-        if self._answered_by is not None:
+        if self._answered_by is not None or not self._detects_machines():
             return
         self._answered_by = value
         self._verdict.set()
@@ -789,15 +793,17 @@ class CallSession:
         )
         if self.recorder is not None:  # the writer thread finishes the file, writes the record
             record = None
-            if self.record is not None:
-                self.record.ended(
-                    self._stream_time(trio.current_time()), reason, duration=duration,
-                    frames_in=s.frames_in, frames_out=s.frames_out,
-                    dropped_in=s.frames_dropped_in, dropped_out=s.frames_dropped_out,
-                    turns=len(s.latencies), latency_p50=p50, latency_p95=p95,
-                    barge_ins=s.barge_ins)
-                record = self.record.to_jsonl()
-            self.recorder.close(record)
+            try:
+                if self.record is not None:
+                    self.record.ended(
+                        self._stream_time(self._ended_at or trio.current_time()), reason,
+                        duration=duration, frames_in=s.frames_in, frames_out=s.frames_out,
+                        dropped_in=s.frames_dropped_in, dropped_out=s.frames_dropped_out,
+                        turns=len(s.latencies), latency_p50=p50, latency_p95=p95,
+                        barge_ins=s.barge_ins)
+                    record = self.record.to_jsonl()
+            finally:
+                self.recorder.close(record)
 
 
 def _voxd_error(exc: BaseException) -> VoxdError | None:

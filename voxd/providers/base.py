@@ -112,6 +112,9 @@ class TransferRefused(msgspec.Struct, frozen=True):
 ANSWERED_BY = ("human", "machine_start", "machine_end_beep", "machine_end_silence",
                "machine_end_other", "fax", "unknown")
 """Twilio's AnsweredBy values (answering-machine detection of an outbound call)."""
+MACHINE = frozenset({"machine_start", "machine_end_beep", "machine_end_silence",
+                     "machine_end_other", "fax"})
+"""The AnsweredBy values that are not a person (or unknown)."""
 
 
 class AnsweredBy(msgspec.Struct, frozen=True):

@@ -52,7 +52,7 @@ def create_call_body(
     (usable in prompts as {{callSid}}, {{from}}, {{to}}, ...) and as `metadata` (echoed back in
     Vapi's server events and call logs)."""
     facts = {"callSid": call_sid, "from": from_number, "to": to_number}
-    variables = {**facts, **(parameters or {})}
+    variables = {**(parameters or {}), **facts}  # a parameter never hides voxd's facts
     body: dict[str, Any] = {
         "transport": {"provider": "vapi.websocket", "audioFormat": AUDIO_FORMATS[audio]},
         "assistantOverrides": {"variableValues": variables},

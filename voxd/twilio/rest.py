@@ -91,13 +91,22 @@ class CallControl:
 
 
 class TwilioRefused(VoxdError):
-    """Twilio did not create the call (its own message, code and HTTP status, when it
-    answered), or could not be reached."""
+    """A calls-resource request did not go through: Twilio refused it (its message, code and
+    HTTP status), did not answer in time, or could not be reached (`status` None)."""
 
-    def __init__(self, message: str, code: int | None = None, status: int | None = None) -> None:
+    def __init__(self, message: str, code: int | None = None, status: int | None = None,
+                 *, uncertain: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.status = status
+        self.uncertain = uncertain
+        """The request may have been carried out (no answer came): a create may have
+        placed the call."""
+
+    @property
+    def transient(self) -> bool:
+        """Asking again later may work (Twilio unreachable, overloaded or failing)."""
+        return self.status is None or self.status == 429 or self.status >= 500
 
 
 @dataclass(frozen=True)
@@ -145,16 +154,22 @@ class Calls:
         return await self._request(fetch, "read the call")
 
     async def _request(self, request: Callable[[], T], what: str) -> T:
+        """Run the request in a worker thread, shielded (a client that leaves must not lose
+        the answer of a create that Twilio carries out anyway) within its deadline."""
         try:
-            with trio.fail_after(REQUEST_TIMEOUT + 0.5):
-                return await trio.to_thread.run_sync(request, abandon_on_cancel=True)
+            with trio.CancelScope(shield=True), trio.fail_after(REQUEST_TIMEOUT + 0.5):
+                answer = await trio.to_thread.run_sync(request, abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise TwilioRefused(f"no answer from Twilio within {REQUEST_TIMEOUT + 0.5:g} s "
+                                f"to {what}: it may have been done", uncertain=True) from None
         except TwilioRestException as exc:
             message = show(str(exc.msg or "").strip().splitlines()[0] if exc.msg else "", 300)
             raise TwilioRefused(f"Twilio refused to {what}: {message or 'no reason given'}"
                                 + (f" (code {exc.code})" if exc.code else ""),
                                 exc.code, exc.status) from None
-        except Exception as exc:  # the boundary: the network, a timeout, an odd answer
+        except Exception as exc:  # the boundary: the network, an odd answer
             raise TwilioRefused(f"could not {what}: {_short(exc)}") from None
+        return answer
 
 
 def _short(exc: BaseException) -> str:

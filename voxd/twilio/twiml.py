@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from twilio.twiml.voice_response import Connect, Dial, VoiceResponse
 
-_NOT_XML = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+NOT_XML = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 """Characters XML 1.0 cannot carry (control characters, lone surrogates): dropped from text
 an assistant gives (an announcement), so the TwiML stays well-formed."""
 MAX_PARAMETER_CHARS = 500
@@ -15,8 +15,9 @@ MAX_PARAMETER_CHARS = 500
 
 
 def fitted(parameters: Mapping[str, str]) -> dict[str, str]:
-    """The parameters cut to Twilio's <Parameter> limit, as the stream will carry them."""
-    return {name: value[: max(0, MAX_PARAMETER_CHARS - len(name) - 1)]
+    """The parameters as the stream will carry them: without characters XML cannot carry,
+    cut to Twilio's <Parameter> limit."""
+    return {name: NOT_XML.sub("", value)[: max(0, MAX_PARAMETER_CHARS - len(name) - 1)]
             for name, value in parameters.items()}
 
 
@@ -44,7 +45,7 @@ def dial(address: str, *, announce: str = "", caller_id: str = "", timeout: int 
     """A cold transfer: optionally say `announce`, then dial `address` (a +E164 number or a
     sip: URI); `action` is asked what follows when the dialled leg ends."""
     response = VoiceResponse()
-    announce = _NOT_XML.sub("", announce)
+    announce = NOT_XML.sub("", announce)
     if announce:
         response.say(announce)
     attributes: dict[str, str | int] = {"timeout": timeout}
