@@ -62,6 +62,7 @@ __all__ = [
     "Event",
     "Pressed",
     "RecordError",
+    "Stage",
     "Started",
     "Transcribed",
     "Transfer",
@@ -157,6 +158,14 @@ class Transcribed(_Event, tag="transcript", frozen=True):
     text: str
 
 
+class Stage(_Event, tag="stage", frozen=True):
+    """How long a stage of the assistant's turn took, as its platform reported it (stage:
+    transcript, first_token, first_audio, total)."""
+
+    stage: str
+    ms: int
+
+
 class AnsweredByEvent(_Event, tag="answered-by", frozen=True):
     """Who answered an outbound call (Twilio's AnsweredBy: human, machine_end_beep, ...)."""
 
@@ -182,7 +191,8 @@ class Ended(_Event, tag="end", frozen=True):
     """Texts cut to MAX_TEXT characters."""
 
 
-Event = Started | Turn | BargeIn | Pressed | Transfer | Transcribed | AnsweredByEvent | Ended
+Event = (Started | Turn | BargeIn | Pressed | Transfer | Transcribed | Stage | AnsweredByEvent
+         | Ended)
 
 
 def _ms(seconds: float) -> int:
@@ -270,6 +280,11 @@ class CallRecord:
         said; another role is not kept."""
         if role in _WHO and self._room():
             self.events.append(Transcribed(_t(t), cast(Role, role), self._text(text)))
+
+    def stage(self, t: float, stage: str, seconds: float) -> None:
+        """A stage of the assistant's turn took `seconds` (its platform's own figure)."""
+        if self._room():
+            self.events.append(Stage(_t(t), self._text(stage), _ms(seconds)))
 
     def answered_by(self, t: float, value: str) -> None:
         """Who answered the call (Twilio's AnsweredBy)."""
@@ -371,6 +386,8 @@ def describe(event: Event) -> str:
         return f"{_WHO[event.role]}: \"{show(event.text, MAX_TEXT)}\""
     if isinstance(event, AnsweredByEvent):
         return f"answered by: {show(event.value, 40)}"
+    if isinstance(event, Stage):
+        return f"assistant {show(event.stage, 20)}: {event.ms} ms"
     return f"call ended: {show(event.reason, 160)}"
 
 

@@ -65,7 +65,7 @@ class TwilioConfig(_Section):
 class AssistantConfig(_Section):
     """`[assistant]`: which assistant answers, and the audio format spoken to it."""
 
-    provider: Literal["echo", "vapi", "websocket"] = "echo"
+    provider: Literal["echo", "vapi", "websocket", "openai", "elevenlabs", "deepgram"] = "echo"
     audio: Literal["pcm16", "mulaw"] = "pcm16"
     max_message_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     """Largest message accepted from the assistant's socket. Assistants may send a whole
@@ -82,8 +82,6 @@ class VapiConfig(_Section):
     early_start: bool = True
     create_timeout: Annotated[float, Field(gt=0)] = 8.0
     create_attempts: Annotated[int, Field(ge=1, le=10)] = 3
-
-
     transfer_tool: str = "transfer_call"
     """Name of the assistant's client-side function tool that transfers the call (its
     `destination` argument names a [transfer.to] entry; "" = none)."""
@@ -91,6 +89,57 @@ class VapiConfig(_Section):
     """Name of the client-side tool that presses keys (argument `digits`; "" = none)."""
     end_call_tool: str = "end_call"
     """Name of a client-side tool that ends the call (Vapi's own endCall tool works too)."""
+
+
+class ToolNames(_Section):
+    """The function tools through which a real-time model uses voxd's call control (a name
+    "" leaves that tool out)."""
+
+    transfer_tool: str = "transfer_call"
+    """Hand the caller to a person: argument `destination` (a [transfer.to] name), optional
+    `announce`."""
+    dtmf_tool: str = "send_dtmf"
+    """Press keys on the call: argument `digits` (0-9 * # A-D, w = 500 ms pause)."""
+    end_call_tool: str = "end_call"
+    """End the call (after the last words play)."""
+
+
+class OpenAIConfig(ToolNames):
+    """`[openai]`: OpenAI Realtime over WebSocket."""
+
+    base_url: str = "wss://api.openai.com"
+    model: str = "gpt-realtime"
+    voice: str = "alloy"
+    instructions: str = "You are a helpful assistant on a phone call. Keep answers short."
+    turn_detection: dict[str, Any] = {"type": "server_vad"}
+    """The session's `turn_detection` object (server_vad or semantic_vad and their options)."""
+    tools: list[dict[str, Any]] = []
+    """More function tools for the model (voxd's own are added unless named "" above)."""
+    greeting: bool = True
+    """Ask the model to speak first (a `response.create` once the session is set up)."""
+
+
+class ElevenLabsConfig(ToolNames):
+    """`[elevenlabs]`: an ElevenLabs Agents (Conversational AI) agent over WebSocket."""
+
+    base_url: str = "wss://api.elevenlabs.io"
+    agent_id: str = ""
+    signed_url: bool = False
+    """Private agent: fetch a signed URL with the API key (else a public agent by id)."""
+    api_base_url: str = "https://api.elevenlabs.io"
+    """The HTTP API the signed URL comes from."""
+    conversation_config_override: dict[str, Any] = {}
+
+
+class DeepgramConfig(ToolNames):
+    """`[deepgram]`: Deepgram Voice Agent over WebSocket."""
+
+    base_url: str = "wss://agent.deepgram.com"
+    settings: dict[str, Any] = {}
+    """The `Settings` message's body (agent: listen/think/speak providers, prompt, greeting,
+    functions); voxd fills in `audio` and adds its client-side call-control functions."""
+    keepalive_interval: Annotated[float, Field(gt=0, le=60)] = 5.0
+    """Seconds between `KeepAlive` messages (Deepgram closes an idle agent after ~10 s)."""
 
 
 class WebsocketConfig(_Section):
@@ -237,6 +286,9 @@ class Config(_Section):
     assistant: AssistantConfig = AssistantConfig()
     vapi: VapiConfig = VapiConfig()
     websocket: WebsocketConfig = WebsocketConfig()
+    openai: OpenAIConfig = OpenAIConfig()
+    elevenlabs: ElevenLabsConfig = ElevenLabsConfig()
+    deepgram: DeepgramConfig = DeepgramConfig()
     call: CallConfig = CallConfig()
     barge_in: BargeInConfig = BargeInConfig()
     transfer: TransferConfig = TransferConfig()
@@ -282,6 +334,9 @@ class Secrets:
     redis_url: Secret | None = None
     api_token: Secret | None = None
     """voxd's own API token: `POST /calls` is served only when it is set."""
+    openai_api_key: Secret | None = None
+    elevenlabs_api_key: Secret | None = None
+    deepgram_api_key: Secret | None = None
     stream_secret: Secret = field(default_factory=lambda: Secret(_random.token_urlsafe(32)))
     stream_secret_generated: bool = True
     """No stream secret was configured: this one was made at start (a reload keeps it, so the
@@ -299,6 +354,9 @@ class Secrets:
             websocket_auth=self.websocket_auth or before.websocket_auth,
             redis_url=self.redis_url or before.redis_url,
             api_token=self.api_token or before.api_token,
+            openai_api_key=self.openai_api_key or before.openai_api_key,
+            elevenlabs_api_key=self.elevenlabs_api_key or before.elevenlabs_api_key,
+            deepgram_api_key=self.deepgram_api_key or before.deepgram_api_key,
             stream_secret=before.stream_secret if generated else self.stream_secret,
             stream_secret_generated=before.stream_secret_generated if generated else False,
         )
@@ -311,6 +369,9 @@ SECRET_SOURCES = {
     "stream_secret": "VOXD_STREAM_SECRET",
     "redis_url": "VOXD_REDIS_URL",
     "api_token": "VOXD_API_TOKEN",
+    "openai_api_key": "OPENAI_API_KEY",
+    "elevenlabs_api_key": "ELEVENLABS_API_KEY",
+    "deepgram_api_key": "DEEPGRAM_API_KEY",
 }
 """systemd credential name -> environment variable."""
 
@@ -351,6 +412,9 @@ def load_secrets(environ: dict[str, str] | None = None) -> Secrets:
         websocket_auth=read_secret("websocket_auth", environ),
         redis_url=read_secret("redis_url", environ),
         api_token=read_secret("api_token", environ),
+        openai_api_key=read_secret("openai_api_key", environ),
+        elevenlabs_api_key=read_secret("elevenlabs_api_key", environ),
+        deepgram_api_key=read_secret("deepgram_api_key", environ),
     )
     if stream is None:
         return secrets
@@ -564,6 +628,13 @@ def _check_values(config: Config) -> list[str]:
                             "[vapi.assistant], not both")
         if urlsplit(config.vapi.base_url).scheme not in ("http", "https"):
             problems.append(f"vapi.base_url: must be an http(s) URL (got {config.vapi.base_url!r})")
+    if config.assistant.provider == "elevenlabs" and not config.elevenlabs.agent_id:
+        problems.append('elevenlabs.agent_id: required when assistant.provider = "elevenlabs"')
+    for section, url in (("openai", config.openai.base_url),
+                         ("elevenlabs", config.elevenlabs.base_url),
+                         ("deepgram", config.deepgram.base_url)):
+        if config.assistant.provider == section and urlsplit(url).scheme not in ("ws", "wss"):
+            problems.append(f"{section}.base_url: must be a ws:// or wss:// origin (got {url!r})")
     if config.assistant.provider == "websocket":
         if not config.websocket.url:
             problems.append('websocket.url: required when assistant.provider = "websocket"')
@@ -657,6 +728,16 @@ def check_settings(config: Config, secrets: Secrets) -> list[str]:
             'assistant.provider: "vapi" needs the Vapi private API key '
             "(set VAPI_API_KEY or the systemd credential vapi_api_key)"
         )
+    if config.assistant.provider == "openai" and secrets.openai_api_key is None:
+        problems.append('assistant.provider: "openai" needs the OpenAI API key (set '
+                        "OPENAI_API_KEY or the systemd credential openai_api_key)")
+    if config.assistant.provider == "deepgram" and secrets.deepgram_api_key is None:
+        problems.append('assistant.provider: "deepgram" needs the Deepgram API key (set '
+                        "DEEPGRAM_API_KEY or the systemd credential deepgram_api_key)")
+    if (config.assistant.provider == "elevenlabs" and config.elevenlabs.signed_url
+            and secrets.elevenlabs_api_key is None):
+        problems.append("elevenlabs.signed_url: true needs the ElevenLabs API key (set "
+                        "ELEVENLABS_API_KEY or the systemd credential elevenlabs_api_key)")
     return problems
 
 

@@ -358,3 +358,71 @@ def reset(ws: trio_websocket.WebSocketConnection) -> None:
     sock = ws._stream.socket  # trio-websocket keeps its stream private
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+class ConformantVapi:
+    """FakeVapi driven by the conformance suite's `Script` (tests/fakes/script.py), in Vapi's
+    words: echo = its turn-taking reply with the caller's own words, reply = the first message
+    (at once), tool calls = `tool-calls`, end = `status-update` ended, refuse / fail_first =
+    the answers to `POST /call`, drop, garbage."""
+
+    def __init__(self) -> None:
+        from tests.fakes.script import Script
+
+        self.script = Script()
+        self.fake = FakeVapi()
+        self.secrets = {"vapi_api_key": self.fake.script.api_key}
+        self.audio_format = "pcm16"
+        self.tool_results: dict[str, str] = {}
+        self.heard: list[float] = []
+
+    def sections(self) -> dict[str, dict[str, Any]]:
+        return {"vapi": {"base_url": self.fake.base_url, "assistant_id": "asst-conformance",
+                         "early_start": False}}
+
+    async def serve(self, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        self._apply()
+        await self.fake.serve(task_status)
+
+    def _apply(self) -> None:
+        """The Script as a VapiScript (re-read at each call: `script` is a property below)."""
+        s = self._script
+        v = self.fake.script
+        v.response_delay = 0.1 if s.echo else 3600.0
+        v.first_message = s.reply
+        v.tool_calls_at = [(at, [(name, args)]) for at, name, args in s.tool_calls]
+        v.end_after = s.end_at
+        v.drop_after = s.drop_after
+        v.garbage = s.garbage_at is not None
+        v.create_statuses = ([s.refuse_with] * 5 if s.refuse_with is not None
+                             else [503] * s.fail_first)
+
+    @property
+    def script(self) -> Any:
+        return self._script
+
+    @script.setter
+    def script(self, value: Any) -> None:
+        self._script = value
+        if hasattr(self, "fake"):
+            self._apply()
+
+    def _call(self) -> FakeCall | None:
+        return self.fake.last_call if self.fake.calls else None
+
+    @property
+    def audio_in(self) -> bytearray:
+        call = self._call()
+        return call.audio_in if call is not None else bytearray()
+
+    @property
+    def control_in(self) -> list[dict[str, Any]]:
+        """voxd's JSON messages, after a placeholder for the session's opening message that
+        other vendors have (Vapi's call is set up by `POST /call` instead)."""
+        call = self._call()
+        return [{}, *call.control_in] if call is not None else []
+
+    @property
+    def closed(self) -> trio.Event:
+        call = self._call()
+        return call.closed if call is not None else trio.Event()

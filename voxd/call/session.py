@@ -72,6 +72,7 @@ from voxd.providers.base import (
     ANSWERED_BY,
     BYTES_PER_SECOND,
     MACHINE,
+    STAGES,
     AnsweredBy,
     AssistantAudio,
     AssistantEnded,
@@ -82,6 +83,7 @@ from voxd.providers.base import (
     CallNotice,
     DigitsRequested,
     Provider,
+    StageLatency,
     Transcript,
     Transferred,
     TransferRefused,
@@ -110,6 +112,8 @@ MACHINE_VERDICT_SECONDS = 60.0
 after its MachineDetectionTimeout, 30 s by default)."""
 MACHINE_POLL_SECONDS = 0.5
 """How often a verdict left in the shared state is looked for."""
+MAX_STAGE_SAMPLES = 1000
+"""A stage's durations kept per call for the summary line (one a turn)."""
 NOTICES = 8
 """Notices (`answered_by`) held for an assistant still connecting; more are dropped."""
 
@@ -149,6 +153,8 @@ class CallStats:
     frames_dropped_out: int = 0
     barge_ins: int = 0
     latencies: list[float] = field(default_factory=list)
+    stages: dict[str, list[float]] = field(default_factory=dict)
+    """Each stage's durations as the assistant reported them (see StageLatency)."""
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -566,11 +572,11 @@ class CallSession:
             event = await assistant.receive()
             if type(event) is AssistantAudio:
                 await playback.enqueue(transcode(event.data) if transcode else event.data)
-            elif type(event) is AssistantInterrupted:
-                self._barge_in(playback, "assistant")
-            elif type(event) is CallerSpeechStarted:
-                if playback.playing:
-                    self._barge_in(playback, "assistant")
+            elif type(event) is AssistantInterrupted or (
+                    type(event) is CallerSpeechStarted and playback.playing):
+                # what the caller heard of the cut turn: a model that keeps a transcript of
+                # its own speech (OpenAI's truncate) must not think more was heard
+                await assistant.barge_in(self._barge_in(playback, "assistant"))
             elif type(event) is AssistantEnded:
                 await self._last_words(playback)
                 return Ending(f"assistant-ended:{event.reason}")
@@ -582,6 +588,20 @@ class CallSession:
                 await self._press_keys(event.digits, playback)
             elif type(event) is Transcript and transcribed is not None:
                 transcribed(self._stream_time(trio.current_time()), event.role, event.text)
+            elif type(event) is StageLatency:
+                self._stage(event)
+
+    def _stage(self, event: StageLatency) -> None:
+        """A stage of the assistant's turn: exported, kept for the summary and the record."""
+        if event.stage not in STAGES or not 0 <= event.seconds < 3600:
+            return
+        metrics.ASSISTANT_STAGE_SECONDS.labels(stage=event.stage).observe(event.seconds)
+        samples = self.stats.stages.setdefault(event.stage, [])
+        if len(samples) < MAX_STAGE_SAMPLES:
+            samples.append(event.seconds)
+        if self.record is not None:
+            self.record.stage(self._stream_time(trio.current_time()), event.stage,
+                              event.seconds)
 
     async def _last_words(self, playback: Playback) -> None:
         """Let the caller hear the assistant's last words before the call moves on."""
@@ -784,12 +804,14 @@ class CallSession:
         row = policy(reason)
         metrics.CALLS_TOTAL.labels(outcome=row.outcome).inc()
         self._report_frames(s.frames_out)
+        stages = "".join(f" assistant_{stage}_p50={_ms(percentile(s.stages[stage], 50))}"
+                         for stage in STAGES if s.stages.get(stage))
         log.log(
             row.level,
             "call ended: duration=%.1fs frames_in=%d frames_out=%d dropped_in=%d "
-            "dropped_out=%d turns=%d latency_p50=%s latency_p95=%s barge_ins=%d reason=%s",
+            "dropped_out=%d turns=%d latency_p50=%s latency_p95=%s barge_ins=%d%s reason=%s",
             duration, s.frames_in, s.frames_out, s.frames_dropped_in, s.frames_dropped_out,
-            len(s.latencies), _ms(p50), _ms(p95), s.barge_ins, show(reason, 160),
+            len(s.latencies), _ms(p50), _ms(p95), s.barge_ins, stages, show(reason, 160),
         )
         if self.recorder is not None:  # the writer thread finishes the file, writes the record
             record = None

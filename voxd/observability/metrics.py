@@ -68,6 +68,11 @@ OUTBOUND_CALLS = Counter(
     "reported (initiated, ringing, in-progress, completed, busy, no-answer, failed, canceled)",
     ["status"], registry=REGISTRY,
 )
+ASSISTANT_STAGE_SECONDS = Histogram(
+    "voxd_assistant_stage_seconds", "Stages of the assistant's turns, as its platform reports "
+    "them or voxd times them from its events (transcript, first_token, first_audio, total)",
+    ["stage"], buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5), registry=REGISTRY,
+)
 MACHINE_DETECTION = Counter(
     "voxd_machine_detection_total", "Answering-machine detection results, by Twilio's "
     "AnsweredBy", ["answered_by"], registry=REGISTRY,

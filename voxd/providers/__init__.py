@@ -29,4 +29,16 @@ def build_provider(settings: Settings, early: EarlyStarts | None = None) -> Prov
         from voxd.providers.websocket import WebSocketProvider
 
         return WebSocketProvider(settings)
+    if name == "openai":
+        from voxd.providers.openai import OpenAIProvider
+
+        return OpenAIProvider(settings)
+    if name == "elevenlabs":
+        from voxd.providers.elevenlabs import ElevenLabsProvider
+
+        return ElevenLabsProvider(settings)
+    if name == "deepgram":
+        from voxd.providers.deepgram import DeepgramProvider
+
+        return DeepgramProvider(settings)
     raise ConfigError([f'assistant.provider: "{name}" is not available in this version'])

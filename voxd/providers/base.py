@@ -85,8 +85,22 @@ class Transcript(msgspec.Struct, frozen=True):
     text: str
 
 
+STAGES = ("transcript", "first_token", "first_audio", "total")
+"""Stages of a turn an assistant may report or let voxd time: the caller's speech end ->
+the final transcript, the transcript -> the model's first token, -> the first audio
+(speech synthesis), and the whole: the caller's speech end -> the first audio."""
+
+
+class StageLatency(msgspec.Struct, frozen=True):
+    """How long one stage of the current turn took (`stage` one of STAGES), as the
+    assistant's platform reports it or its adapter timed it from the platform's events."""
+
+    stage: str
+    seconds: float
+
+
 AssistantEvent = (AssistantAudio | AssistantInterrupted | CallerSpeechStarted | AssistantEnded
-                  | TransferRequested | DigitsRequested | Transcript)
+                  | TransferRequested | DigitsRequested | Transcript | StageLatency)
 
 
 class KeypadEntry(msgspec.Struct, frozen=True):
