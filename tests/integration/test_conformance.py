@@ -54,6 +54,13 @@ PROVIDERS: dict[str, Row] = {
         "barge-in": "the Vapi fake interrupts itself on the caller's speech (its VAD), not "
                     "on a script: tests/integration/test_vapi.py covers it",
         "heard": "Vapi's transport has no message for what the caller heard"}),
+    "elevenlabs": Row("tests.fakes.elevenlabs:FakeElevenLabs", fake_options={"signed": True},
+                      cannot={"heard": "no ElevenLabs message says what the caller heard"}),
+    "deepgram": Row("tests.fakes.deepgram:FakeDeepgram", cannot={
+        "heard": "no Deepgram message says what the caller heard",
+        "http": "no HTTP request before the socket"}),
+    "openai": Row("tests.fakes.openai:FakeOpenAI",
+                  cannot={"http": "no HTTP request before the socket"}),
 }
 
 CASES = [(provider, audio) for provider, row in PROVIDERS.items() for audio in row.audio]
