@@ -1,5 +1,7 @@
-"""The generic WebSocket assistant protocol's conformant fake: a `Script` (tests/fakes/script.py)
-said in the generic protocol's words (README "Generic WebSocket assistants")."""
+"""A simulated assistant speaking voxd's generic WebSocket protocol (README "Generic WebSocket
+assistants"), playing a `Script` (voxd/sim/vendors/script.py) in that protocol's words: for
+`voxd demo --provider websocket` and the conformance suite (the daemon never uses it; the load
+tests' lean echo is voxd/sim/echo_upstream.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ from typing import Any
 import trio
 import trio_websocket
 
-from tests.fakes.script import Script
-from tests.fakes.vapi import reset
+from voxd.sim.vendors.script import Script
+from voxd.sim.vendors.vapi import reset
+
+__all__ = ["TOOL_MESSAGES", "GenericFake"]
 
 TOOL_MESSAGES = {
     "transfer_call": lambda args: {"type": "transfer", "to": args.get("destination", ""),

@@ -1,4 +1,6 @@
-"""A fake Vapi that follows the documented WebSocket transport (shared/reference/...).
+"""A simulated Vapi that follows its documented WebSocket transport (shared/reference/...):
+a stand-in for the vendor, for `voxd demo --provider vapi`, the benchmarks and the tests (the
+daemon never uses it).
 
 - `POST /call` (HTTP, Quart-Trio on Hypercorn): checks `Authorization: Bearer`, validates the
   body the way Vapi documents it, answers `{"id", "status", "transport": {"provider",
@@ -30,13 +32,25 @@ from hypercorn.config import Config as HypercornConfig
 from quart import request
 from quart_trio import QuartTrio
 
-from tests.fakes.proxy import FreezableProxy
 from voxd.audio.vad import (
     SpeechDetector,
     SpeechEdge,
     frame_energy_dbfs_pcm16,
     frame_energy_dbfs_ulaw,
 )
+from voxd.sim.vendors.proxy import FreezableProxy
+from voxd.sim.vendors.script import Script
+
+__all__ = [
+    "FORMATS",
+    "ConformantVapi",
+    "FakeCall",
+    "FakeVapi",
+    "VapiScript",
+    "reset",
+    "tool_calls_message",
+    "transcript",
+]
 
 FORMATS = {("pcm_s16le", 16000): 640, ("mulaw", 8000): 160}
 """(format, sampleRate) Vapi accepts -> bytes per 20 ms frame."""
@@ -361,14 +375,12 @@ def reset(ws: trio_websocket.WebSocketConnection) -> None:
 
 
 class ConformantVapi:
-    """FakeVapi driven by the conformance suite's `Script` (tests/fakes/script.py), in Vapi's
+    """FakeVapi driven by the conformance suite's `Script` (voxd/sim/vendors/script.py), in Vapi's
     words: echo = its turn-taking reply with the caller's own words, reply = the first message
     (at once), tool calls = `tool-calls`, end = `status-update` ended, refuse / fail_first =
     the answers to `POST /call`, drop, garbage."""
 
     def __init__(self) -> None:
-        from tests.fakes.script import Script
-
         self.script = Script()
         self.fake = FakeVapi()
         self.secrets = {"vapi_api_key": self.fake.script.api_key}

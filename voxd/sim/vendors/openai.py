@@ -1,5 +1,7 @@
-"""A fake OpenAI Realtime server that follows the documented WebSocket protocol (GA shape),
-scripted by the common `Script` (tests/fakes/script.py) so the conformance suite can drive it.
+"""A simulated OpenAI Realtime server that follows the documented WebSocket protocol (GA
+shape), scripted by the common `Script` (voxd/sim/vendors/script.py): a stand-in for the vendor,
+for `voxd demo --provider openai`, the benchmarks and the conformance suite (the daemon never
+uses it).
 
 What it checks, as the real server would:
 - the upgrade: path /v1/realtime with a `model` query parameter (400 without), the
@@ -45,8 +47,10 @@ import soxr
 import trio
 import trio_websocket
 
-from tests.fakes.script import Script
-from tests.fakes.vapi import reset
+from voxd.sim.vendors.script import Script
+from voxd.sim.vendors.vapi import reset
+
+__all__ = ["API_KEY", "BAD_KEY_BODY", "FRAME_BYTES", "PCMU", "FakeOpenAI"]
 
 API_KEY = "sk-test-openai-key"
 PCMU = {"type": "audio/pcmu"}

@@ -1,5 +1,7 @@
-"""A fake Deepgram Voice Agent that follows the documented protocol
-(developers.deepgram.com/reference/voice-agent/voice-agent and the /docs/voice-agent-* pages):
+"""A simulated Deepgram Voice Agent that follows the documented protocol
+(developers.deepgram.com/reference/voice-agent/voice-agent and the /docs/voice-agent-* pages): a
+stand-in for the vendor, for `voxd demo --provider deepgram`, the benchmarks and the tests (the
+daemon never uses it).
 
 - `wss://…/v1/agent/converse` with `Authorization: Token <key>` (or `Bearer <token>`): a
   missing or wrong one is refused with HTTP 401, another path with 404;
@@ -14,7 +16,7 @@
   `InjectUserMessage`, `UpdatePrompt` (-> `PromptUpdated`), `KeepAlive` from the client
   (anything else: `Error` UNPARSABLE_CLIENT_MESSAGE, as Deepgram does).
 
-What it does on a call comes from a `tests.fakes.script.Script` (it is a `ConformantFake`);
+What it does on a call comes from a `voxd.sim.vendors.script.Script` (it is a `ConformantFake`);
 the Deepgram-specific knobs (a Settings error, transcripts, latency reports, any message at a
 time) are attributes of the fake.
 """
@@ -29,8 +31,10 @@ from typing import Any
 import trio
 import trio_websocket
 
-from tests.fakes.proxy import FreezableProxy
-from tests.fakes.script import Script
+from voxd.sim.vendors.proxy import FreezableProxy
+from voxd.sim.vendors.script import Script
+
+__all__ = ["FORMATS", "LATENCY", "PATH", "FakeDeepgram"]
 
 PATH = "/v1/agent/converse"
 INPUT_ENCODINGS = {"linear16", "linear32", "flac", "alaw", "mulaw", "amr-nb", "amr-wb", "opus",

@@ -1,7 +1,8 @@
-"""A fake ElevenLabs Agents platform that follows the documented WebSocket protocol
+"""A simulated ElevenLabs Agents platform that follows the documented WebSocket protocol
 (elevenlabs.io/docs/agents-platform/api-reference/agents-platform/websocket, the AsyncAPI file
 of elevenlabs-docs, the official Python SDK), driven by the common `Script`
-(tests/fakes/script.py): a `ConformantFake`.
+(voxd/sim/vendors/script.py): a `ConformantFake`. A stand-in for the vendor, for `voxd demo
+--provider elevenlabs`, the benchmarks and the tests (the daemon never uses it).
 
 - `GET /v1/convai/conversation/get-signed-url?agent_id=ID` (Quart-Trio on Hypercorn): checks the
   `xi-api-key` header (401 otherwise, with ElevenLabs' `{"detail": {...}}` body), answers
@@ -45,9 +46,20 @@ from hypercorn.config import Config as HypercornConfig
 from quart import request
 from quart_trio import QuartTrio
 
-from tests.fakes.proxy import FreezableProxy
-from tests.fakes.script import Script
 from voxd.audio.g711 import DECODE_TABLE, ENCODE_TABLE
+from voxd.sim.vendors.proxy import FreezableProxy
+from voxd.sim.vendors.script import Script
+
+__all__ = [
+    "CONVERSATION_PATH",
+    "ELEVENLABS_NAMES",
+    "FORMATS",
+    "VOXD_NAMES",
+    "Converter",
+    "FakeElevenLabs",
+    "bytes_per_20ms",
+    "convert",
+]
 
 FORMATS = {"ulaw_8000": ("ulaw", 8000), "pcm_8000": ("pcm", 8000),
            "pcm_16000": ("pcm", 16000), "pcm_22050": ("pcm", 22050),

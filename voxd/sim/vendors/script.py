@@ -1,8 +1,9 @@
-"""One script for every vendor fake, so one conformance suite can drive them all.
+"""One script for every vendor simulator, so one conformance suite can drive them all.
 
-A fake (tests/fakes/<vendor>.py) follows its vendor's documented protocol; what it does on a
-call comes from a `Script`, said in the vendor's own words (OpenAI's
-`input_audio_buffer.speech_started`, ElevenLabs' `interruption`, Deepgram's
+A simulator ("fake", voxd/sim/vendors/<vendor>.py) follows its vendor's documented protocol, as
+a stand-in for the vendor in `voxd demo --provider`, the benchmarks and the tests (the daemon
+never uses one); what it does on a call comes from a `Script`, said in the vendor's own words
+(OpenAI's `input_audio_buffer.speech_started`, ElevenLabs' `interruption`, Deepgram's
 `UserStartedSpeaking`, ...). Times are seconds since the fake accepted the call's session (its
 first message from voxd: a session update, an initiation message, Settings, or the socket's
 opening where the protocol starts with the server).
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
+
+__all__ = ["ConformantFake", "Script"]
 
 
 @dataclass

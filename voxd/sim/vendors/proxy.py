@@ -1,4 +1,5 @@
-"""A loopback TCP proxy that can go silent: the network fault a keep-alive must detect.
+"""A loopback TCP proxy that can go silent: the network fault a keep-alive must detect (the
+vendor simulators sit behind one, for their scripts' `silent_after`).
 
 `freeze()` stops forwarding in both directions without closing anything, so the far end looks
 alive to the kernel (no RST, no FIN) but answers nothing: not data, not WebSocket pings.
@@ -7,6 +8,8 @@ alive to the kernel (no RST, no FIN) but answers nothing: not data, not WebSocke
 from __future__ import annotations
 
 import trio
+
+__all__ = ["FreezableProxy"]
 
 
 class FreezableProxy:
