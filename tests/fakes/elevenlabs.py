@@ -1,0 +1,5 @@
+"""Moved to voxd/sim/vendors/elevenlabs.py (the vendor simulators ship with voxd for `voxd demo
+--provider` and the benchmarks); re-exported here so the tests' imports keep working."""
+
+from voxd.sim.vendors.elevenlabs import *  # noqa: F403
+from voxd.sim.vendors.elevenlabs import __all__  # noqa: F401

@@ -1,0 +1,5 @@
+"""Moved to voxd/sim/vendors/script.py (the vendor simulators ship with voxd for `voxd demo
+--provider` and the benchmarks); re-exported here so the tests' imports keep working."""
+
+from voxd.sim.vendors.script import *  # noqa: F403
+from voxd.sim.vendors.script import __all__  # noqa: F401
