@@ -36,7 +36,6 @@ from voxd.providers.elevenlabs_protocol import (
     Metadata,
     OtherMessage,
     Ping,
-    RationalResampler,
     SignedUrlError,
     ToolCall,
     UserTranscript,
@@ -369,20 +368,3 @@ def test_msgspec_is_the_decoder():
     """The module keeps to msgspec (no json.loads per audio message)."""
     assert isinstance(parse_server_message(msgspec.json.encode(
         {"type": "audio", "audio_event": {"audio_base_64": "AAA=", "event_id": 1}})), Audio)
-
-
-@pytest.mark.parametrize("source, target", [(24000, 8000), (22050, 16000), (8000, 24000),
-                                            (44100, 16000)])
-def test_the_rational_resampler_is_steady_and_chunking_does_not_matter(source, target):
-    """Every 20 ms chunk gives out (almost) 20 ms at once, never a burst after nothing; the
-    stream is bit-identical to converting all of it at once."""
-    signal = tone(source, 1.0)
-    resampler = RationalResampler(source, target)
-    step = source // 50
-    outs = [resampler.process(signal[i:i + step]) for i in range(0, len(signal), step)]
-    assert min(len(o) for o in outs[1:]) >= target // 50 - 1
-    streamed = np.concatenate(outs)
-    whole = RationalResampler(source, target).process(signal)
-    assert np.array_equal(streamed, whole[:len(streamed)])
-    # held back: the filter's half-length (in input samples), no more
-    assert len(streamed) >= target - resampler.half * target / source - 1

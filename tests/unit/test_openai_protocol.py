@@ -8,7 +8,6 @@ import contextlib
 import json
 
 import msgspec
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,7 +22,6 @@ from voxd.providers.openai_protocol import (
     AudioDelta,
     FunctionCall,
     Other,
-    Resampler,
     ResponseCreated,
     ResponseDone,
     ServerError,
@@ -289,46 +287,6 @@ def test_items_remembered_are_bounded():
     for i in range(200):
         spoken.audio(f"i{i}", 8, now=float(i))
     assert len(spoken.received_ms) <= Spoken.MAX_ITEMS
-
-
-# -- 16 kHz <-> 24 kHz --
-
-
-def tone(rate: int, seconds: float, hz: float = 440.0) -> np.ndarray:
-    t = np.arange(int(rate * seconds)) / rate
-    return np.round(8000 * np.sin(2 * np.pi * hz * t)).astype(np.int16)
-
-
-@pytest.mark.parametrize(("up", "down", "rate_in", "rate_out", "chunk"),
-                         [(3, 2, 16000, 24000, 320), (2, 3, 24000, 16000, 960),
-                          (2, 3, 24000, 16000, 777)])
-def test_resampling_keeps_a_tone_and_streams_like_one_shot(up, down, rate_in, rate_out, chunk):
-    signal = tone(rate_in, 1.0, 1000.0)
-    streamed = Resampler(up, down)
-    pieces = [streamed.process(signal[i:i + chunk]) for i in range(0, len(signal), chunk)]
-    out = np.concatenate(pieces)
-    whole = Resampler(up, down).process(signal)
-    assert np.array_equal(out, whole)  # chunking never changes the output
-    assert len(out) == pytest.approx(len(signal) * up / down, abs=1)
-    # the filter's delay: (taps - 1) / 2 samples at the high rate (about 1 ms)
-    delay = (Resampler.TAPS_PER_PHASE * up - 1) / 2 / (rate_in * up)
-    n = np.arange(len(out))
-    reference = 8000 * np.sin(2 * np.pi * 1000.0 * (n / rate_out - delay))
-    steady = slice(rate_out // 100, len(out) - rate_out // 100)
-    noise = out[steady] - reference[steady]
-    assert 10 * np.log10(np.sum(reference[steady] ** 2) / np.sum(noise**2)) > 40
-
-
-def test_resampling_removes_what_the_lower_rate_cannot_carry():
-    out = Resampler(2, 3).process(tone(24000, 0.5, 10000.0))  # above 8 kHz
-    assert np.max(np.abs(out[200:])) < 8000 * 0.01
-
-
-def test_resampling_bytes_carries_an_odd_byte():
-    resampler = Resampler(2, 3)
-    data = tone(24000, 0.1).astype("<i2").tobytes()
-    out = resampler.process_bytes(data[:101]) + resampler.process_bytes(data[101:])
-    assert out == Resampler(2, 3).process_bytes(data)
 
 
 def test_decoding_is_typed_not_dicts():

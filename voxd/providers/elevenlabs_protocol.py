@@ -29,17 +29,13 @@ what the protocol says is a ProtocolError naming what is wrong, never more.
 from __future__ import annotations
 
 import binascii
-from collections.abc import Callable, Mapping
-from math import gcd
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import msgspec
-import numpy as np
 
 from voxd.audio import dtmf
-from voxd.audio.g711 import DECODE_TABLE, ENCODE_TABLE
-from voxd.audio.resample import Downsampler2x, Upsampler2x
-from voxd.audio.transcode import InboundTranscoder, OutboundTranscoder
+from voxd.audio.convert import AudioConverter, Format
 from voxd.errors import ProtocolError, UpstreamError
 from voxd.observability.untrusted import show
 from voxd.providers.base import (
@@ -61,7 +57,7 @@ SENDER = "ElevenLabs"
 
 # -- audio formats ---------------------------------------------------------------------------
 
-FORMATS: dict[str, tuple[str, int]] = {
+FORMATS: dict[str, Format] = {
     "ulaw_8000": ("ulaw", 8000),
     "pcm_8000": ("pcm", 8000),
     "pcm_16000": ("pcm", 16000),
@@ -88,140 +84,19 @@ def check_format(name: str) -> str:
     return name
 
 
-class AudioConverter:
-    """A stateful converter of a stream of audio chunks between two of FORMATS (any chunk
-    length; output lags the input by the resampler's delay, a few ms). The common pairs use
-    voxd's own live-path transcoders (~2 ms delay, bit-exact G.711); other rates go through
-    RationalResampler."""
+class FormatConverter(AudioConverter):
+    """voxd's AudioConverter between two of FORMATS, named as ElevenLabs names them."""
 
     def __init__(self, source: str, target: str) -> None:
-        self.source = source
-        self.target = target
-        self._carry = b""  # an odd byte of s16le input, until its sample is complete
-        self.process: Callable[[bytes], bytes] = self._pick()
-
-    @property
-    def description(self) -> str:
+        super().__init__(FORMATS[source], FORMATS[target])
+        self.description = f"{source} -> {target}"
         """What it does, for the log line."""
-        return f"{self.source} -> {self.target}"
-
-    def _pick(self) -> Callable[[bytes], bytes]:
-        pair = (self.source, self.target)
-        if pair == ("ulaw_8000", "pcm_16000"):
-            return InboundTranscoder().process
-        if pair == ("pcm_16000", "ulaw_8000"):
-            return OutboundTranscoder().process
-        if pair == ("ulaw_8000", "pcm_8000"):
-            return lambda data: DECODE_TABLE.take(np.frombuffer(data, np.uint8)).astype(
-                "<i2").tobytes()
-        src_encoding, src_rate = FORMATS[self.source]
-        dst_encoding, dst_rate = FORMATS[self.target]
-        resample: Callable[[np.ndarray], np.ndarray]
-        if src_rate == dst_rate:
-            resample = _same
-        elif (src_rate, dst_rate) == (8000, 16000):
-            resample = _float_stage(Upsampler2x().process)
-        elif (src_rate, dst_rate) == (16000, 8000):
-            resample = _float_stage(Downsampler2x().process)
-        else:
-            resample = RationalResampler(src_rate, dst_rate).process
-        decode = self._decode_ulaw if src_encoding == "ulaw" else self._decode_pcm
-        encode = _encode_ulaw if dst_encoding == "ulaw" else _encode_pcm
-
-        def convert(data: bytes) -> bytes:
-            samples = decode(data)
-            return encode(resample(samples)) if samples.size else b""
-
-        return convert
-
-    @staticmethod
-    def _decode_ulaw(data: bytes) -> np.ndarray:
-        return DECODE_TABLE.take(np.frombuffer(data, np.uint8))
-
-    def _decode_pcm(self, data: bytes) -> np.ndarray:
-        if self._carry:
-            data, self._carry = self._carry + data, b""
-        if len(data) & 1:
-            data, self._carry = data[:-1], data[-1:]
-        return np.frombuffer(data, "<i2").astype(np.int16)
 
 
-def _same(samples: np.ndarray) -> np.ndarray:
-    return samples
-
-
-def _float_stage(process: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray],
-                                                                           np.ndarray]:
-    """A float32 resampler stage as int16 in, int16 out (rounded, clipped)."""
-
-    def stage(samples: np.ndarray) -> np.ndarray:
-        y = process(samples.astype(np.float32))
-        return np.clip(np.rint(y), -32768, 32767).astype(np.int16)
-
-    return stage
-
-
-def _encode_ulaw(samples: np.ndarray) -> bytes:
-    return ENCODE_TABLE.take(samples.astype(np.int16).view(np.uint16)).tobytes()
-
-
-def _encode_pcm(samples: np.ndarray) -> bytes:
-    return samples.astype("<i2").tobytes()
-
-
-class RationalResampler:
-    """Streaming resampler by a rational factor (any two of FORMATS' rates), int16 in and
-    out: a Kaiser-windowed sinc evaluated in L polyphase rows, applied with one gather and one
-    multiply-sum per chunk. Unlike soxr's stream (which releases 20 ms chunks in bursts and
-    holds back 40-75 ms), every chunk gives out all it can at once: the delay is the filter's
-    half-length, ZERO_CROSSINGS / (2 * cutoff) input samples (~1-3 ms here); pass band to 90%
-    of the lower Nyquist frequency."""
-
-    ZERO_CROSSINGS = 12
-    BETA = 8.0
-    ROLLOFF = 0.9
-
-    def __init__(self, source_rate: int, target_rate: int) -> None:
-        g = gcd(source_rate, target_rate)
-        self.up, self.down = target_rate // g, source_rate // g  # out n at input n*down/up
-        cutoff = 0.5 * min(1.0, self.up / self.down) * self.ROLLOFF  # cycles per input sample
-        half = int(np.ceil(self.ZERO_CROSSINGS / (2 * cutoff)))
-        self.half = half
-        offsets = np.arange(-half + 1, half + 1)  # input k = base + offset
-        phases = np.arange(self.up)[:, None] / self.up  # fractional position of each output
-        tau = phases - offsets[None, :]  # output time minus input time, in input samples
-        taps = 2 * cutoff * np.sinc(2 * cutoff * tau) * np.kaiser(2 * half, self.BETA)[None, :]
-        self._table = (taps / taps.sum(axis=1, keepdims=True)).astype(np.float32)
-        self._span = np.arange(2 * half)
-        self._history = np.zeros(half, np.float32)  # inputs before the stream are zeros
-        self._first = -half  # the absolute index of _history[0]
-        self._next = 0  # the next output's index
-
-    def process(self, samples: np.ndarray) -> np.ndarray:
-        """Resample one chunk; returns every output sample its input now determines."""
-        buf = np.concatenate((self._history, samples.astype(np.float32)))
-        last = self._first + len(buf) - 1  # the newest input's absolute index
-        # Output n needs inputs up to floor(n * down / up) + half.
-        stop = ((last - self.half + 1) * self.up + self.down - 1) // self.down
-        n = np.arange(self._next, max(stop, self._next))
-        if n.size:
-            position = n * self.down
-            base = position // self.up - self.half + 1 - self._first
-            windows = buf[base[:, None] + self._span[None, :]]
-            y = np.einsum("ij,ij->i", windows, self._table[position % self.up])
-            self._next = int(n[-1]) + 1
-        else:
-            y = np.empty(0, np.float32)
-        keep_from = (self._next * self.down) // self.up - self.half + 1 - self._first
-        self._history = buf[keep_from:]
-        self._first += keep_from
-        return np.clip(np.rint(y), -32768, 32767).astype(np.int16)
-
-
-def converter(source: str, target: str) -> AudioConverter | None:
+def converter(source: str, target: str) -> FormatConverter | None:
     """The converter from `source` to `target` (both in FORMATS), or None when they are the
     same (the bytes pass through untouched)."""
-    return None if source == target else AudioConverter(source, target)
+    return None if source == target else FormatConverter(source, target)
 
 
 # -- client -> ElevenLabs --------------------------------------------------------------------

@@ -37,9 +37,9 @@ from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import msgspec
-import numpy as np
 import trio
 
+from voxd.audio.rational import RationalResampler
 from voxd.config import Settings
 from voxd.errors import UpstreamError
 from voxd.net.websocket import WebSocket
@@ -70,7 +70,6 @@ from voxd.providers.openai_protocol import (
     AssistantTranscript,
     AudioDelta,
     FunctionCall,
-    Resampler,
     ResponseCreated,
     ResponseDone,
     ServerError,
@@ -119,8 +118,8 @@ class OpenAISession(WebSocketAssistant):
         self._template = provider.keypad_template
         self._interrupts = provider.interrupts
         self._pcm = provider.audio == "pcm16"
-        self._up = Resampler(3, 2) if self._pcm else None
-        self._down = Resampler(2, 3) if self._pcm else None
+        self._up = RationalResampler(16000, 24000) if self._pcm else None
+        self._down = RationalResampler(24000, 16000) if self._pcm else None
         self.spoken = Spoken(VENDOR_BYTES_PER_MS[provider.audio])
         self._truncated: dict[str, int] = {}
         """item id -> where it was truncated (a later truncate may only shorten it)."""
@@ -142,7 +141,7 @@ class OpenAISession(WebSocketAssistant):
 
     def _append(self, chunk: bytes) -> str:
         if self._up is not None:
-            chunk = self._up.process(np.frombuffer(chunk, dtype="<i2")).astype("<i2").tobytes()
+            chunk = self._up.process_bytes(chunk)
         return append_audio(chunk)
 
     async def send_audio(self, chunk: bytes) -> None:  # type: ignore[override]

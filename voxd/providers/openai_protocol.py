@@ -8,7 +8,8 @@ The socket carries JSON text frames only; audio travels base64-encoded inside th
 `response.audio.delta` is read too). With `assistant.audio = "mulaw"` both directions are
 G.711 mu-law 8 kHz (`audio/pcmu`), Twilio's own bytes, untouched. OpenAI's PCM is 24 kHz only
 (`audio/pcm`, rate 24000), so with `assistant.audio = "pcm16"` voxd's 16 kHz s16le is
-resampled 3:2 both ways (`Resampler`, below): mulaw is the cheaper and better path.
+resampled 3:2 both ways (by `voxd.audio.rational`, in the adapter): mulaw is the cheaper and
+better path.
 
 Every server event is one flat msgspec decode (`_Event`: the fields voxd reads, all optional,
 everything else skipped), then checked for what its type needs. Unknown types are `Other`
@@ -35,8 +36,6 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 import msgspec
-import numpy as np
-import numpy.typing as npt
 
 from voxd.errors import ProtocolError
 from voxd.providers.base import MAX_TRANSCRIPT_CHARS
@@ -456,66 +455,3 @@ class Spoken:
         """What was queued is gone: the next audio starts a new turn (the interrupted one is
         kept until then, so a later report of what was heard can still be located in it)."""
         self.play_end = now - BURST_GAP
-
-
-# -- 16 kHz <-> 24 kHz -------------------------------------------------------------------
-
-
-class Resampler:
-    """Stateful rational resampler (up/down, e.g. 3/2 for 16 -> 24 kHz) for s16le streams:
-    a Kaiser-windowed sinc low-pass at the higher rate, in polyphase form (only the outputs
-    are computed). Cut-off 0.9 x the lower Nyquist (7.2 kHz between 16 and 24 kHz), ~1 ms
-    delay, no output held back: every input sample yields its outputs at once."""
-
-    TAPS_PER_PHASE = 32
-
-    def __init__(self, up: int, down: int) -> None:
-        self.up, self.down = up, down
-        taps = self.TAPS_PER_PHASE * up
-        fc = 0.45 / max(up, down)  # cycles per sample at the high rate
-        n = np.arange(taps) - (taps - 1) / 2
-        h = 2 * fc * np.sinc(2 * fc * n) * np.kaiser(taps, 8.0)
-        h *= up / h.sum()
-        # phase p's taps, reversed so a forward window of input dots with them
-        self._phases = np.stack([h[p::up][::-1] for p in range(up)]).astype(np.float32)
-        self._width = self.TAPS_PER_PHASE
-        self._history = np.zeros(self._width - 1, dtype=np.float32)
-        self._next = 0  # position of the next output, in high-rate samples from the chunk
-        self._plans: dict[tuple[int, int], tuple[npt.NDArray[np.intp], npt.NDArray[np.float32],
-                                                 int]] = {}
-        self._odd = b""
-
-    def _plan(self, n: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float32], int]:
-        key = (n, self._next)
-        plan = self._plans.get(key)
-        if plan is None:
-            positions = np.arange(self._next, self.up * n, self.down)
-            first = positions // self.up  # the newest input sample each output needs
-            windows = first[:, None] + np.arange(self._width)[None, :]
-            taps = self._phases[positions % self.up]
-            after = int(positions[-1]) + self.down - self.up * n if len(positions) else \
-                self._next - self.up * n
-            plan = (windows, taps, after)
-            if len(self._plans) < 16:
-                self._plans[key] = plan
-        return plan
-
-    def process(self, samples: npt.NDArray[np.int16]) -> npt.NDArray[np.int16]:
-        """Resample one chunk of int16 samples (any length)."""
-        n = len(samples)
-        if n == 0:
-            return np.zeros(0, dtype=np.int16)
-        buffer = np.concatenate((self._history, samples.astype(np.float32)))
-        windows, taps, after = self._plan(n)
-        out = np.einsum("kt,kt->k", buffer[windows], taps)
-        self._history = buffer[n:]
-        self._next = after
-        return np.clip(np.rint(out), -32768, 32767).astype(np.int16)
-
-    def process_bytes(self, data: bytes) -> bytes:
-        """Resample s16le bytes (an odd trailing byte waits for the next call)."""
-        if self._odd:
-            data = self._odd + data
-        cut = len(data) & ~1
-        self._odd = data[cut:]
-        return self.process(np.frombuffer(data[:cut], dtype="<i2")).astype("<i2").tobytes()
