@@ -32,3 +32,18 @@ def test_any_nesting_gives_a_message_or_a_protocol_error(depth, cut):
     except ProtocolError:
         return
     assert kind == "x" and isinstance(message, dict)
+
+
+def test_tool_arguments_keypad_and_refusal_texts_shared_by_the_providers():
+    from voxd.providers.control import (
+        MAX_TEXT_FIELD,
+        keypad_text,
+        tool_argument,
+        transfer_refused_text,
+    )
+
+    assert tool_argument({"to": "x" * 5000}, "to") == "x" * MAX_TEXT_FIELD
+    assert tool_argument({"to": 3}, "to") == tool_argument({}, "to") == ""
+    assert keypad_text("The caller pressed {digits}.", "12#") == "The caller pressed 1 2 #."
+    assert transfer_refused_text("", "busy") == ("The transfer to a person was not made: busy. "
+                                                 "Tell the caller, and carry on.")

@@ -41,3 +41,21 @@ def text_field(message: dict[str, Any], name: str, kind: str, sender: str) -> st
         raise ProtocolError(f"{sender} sent {kind} with a '{name}' over {MAX_TEXT_FIELD} "
                             "characters")
     return value
+
+
+def tool_argument(arguments: dict[str, Any], name: str) -> str:
+    """A tool call's argument as a string (bounded to MAX_TEXT_FIELD; "" when absent or not a
+    string): the model's JSON, taken as leniently as its vendor's tools are."""
+    value = arguments.get(name)
+    return value[:MAX_TEXT_FIELD] if isinstance(value, str) else ""
+
+
+def keypad_text(template: str, digits: str) -> str:
+    """What an assistant is told when the caller pressed `digits` (keypad.template)."""
+    return template.replace("{digits}", " ".join(digits))
+
+
+def transfer_refused_text(to: str, reason: str) -> str:
+    """What an assistant is told when the transfer it asked for was not made."""
+    return (f"The transfer to {to or 'a person'} was not made: {reason}. "
+            "Tell the caller, and carry on.")

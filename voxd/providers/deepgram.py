@@ -55,7 +55,7 @@ from voxd.providers.base import (
     TransferRefused,
     TransferRequested,
 )
-from voxd.providers.control import MAX_TEXT_FIELD
+from voxd.providers.control import keypad_text, tool_argument, transfer_refused_text
 from voxd.providers.deepgram_protocol import (
     KEEP_ALIVE,
     MAX_FUNCTION_CALLS,
@@ -293,10 +293,10 @@ class DeepgramAssistant(WebSocketAssistant):
             self._transfers.append(call)
             while len(self._transfers) > MAX_PENDING_TRANSFERS:
                 self._answer(self._transfers.popleft(), "Superseded by a later transfer.")
-            return TransferRequested(_text(call.arguments, "destination"),
-                                     _text(call.arguments, "announce"))
+            return TransferRequested(tool_argument(call.arguments, "destination"),
+                                     tool_argument(call.arguments, "announce"))
         if call.name and call.name == config.dtmf_tool:
-            digits = _text(call.arguments, "digits")
+            digits = tool_argument(call.arguments, "digits")
             if not digits:
                 self._answer(call, "Error: no digits given.")
                 return None
@@ -326,10 +326,9 @@ class DeepgramAssistant(WebSocketAssistant):
         """The Deepgram messages that say `notice` (none: nothing to say)."""
         if isinstance(notice, KeypadEntry):
             return [inject_user_message(
-                self._template.replace("{digits}", " ".join(notice.digits)))]
+                keypad_text(self._template, notice.digits))]
         if isinstance(notice, TransferRefused):
-            said = (f"The transfer to {notice.to or 'a person'} was not made: {notice.reason}. "
-                    "Tell the caller, and carry on.")
+            said = transfer_refused_text(notice.to, notice.reason)
             call = self._pending_transfer(notice.to)
             return [function_call_response(call.id, call.name, said) if call is not None
                     else update_prompt(said)]
@@ -348,16 +347,10 @@ class DeepgramAssistant(WebSocketAssistant):
     def _pending_transfer(self, to: str) -> FunctionCall | None:
         """The oldest transfer call awaiting its outcome, the one to `to` if there is one."""
         for call in self._transfers:
-            if _text(call.arguments, "destination")[:64] == to:
+            if tool_argument(call.arguments, "destination")[:64] == to:
                 self._transfers.remove(call)
                 return call
         return self._transfers.popleft() if self._transfers else None
-
-
-def _text(arguments: dict[str, Any], name: str) -> str:
-    """A function argument as a string (bounded; "" when absent or not a string)."""
-    value = arguments.get(name)
-    return value[:MAX_TEXT_FIELD] if isinstance(value, str) else ""
 
 
 class DeepgramProvider:
@@ -418,4 +411,3 @@ def _with_hint(exc: UpstreamError) -> UpstreamError:
         return UpstreamError(f"{text}: check DEEPGRAM_API_KEY or the deepgram_api_key "
                              "credential")
     return exc
-

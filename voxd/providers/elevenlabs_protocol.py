@@ -51,7 +51,12 @@ from voxd.providers.base import (
     TransferRefused,
     TransferRequested,
 )
-from voxd.providers.control import MAX_TEXT_FIELD
+from voxd.providers.control import (
+    MAX_TEXT_FIELD,
+    keypad_text,
+    tool_argument,
+    transfer_refused_text,
+)
 
 SENDER = "ElevenLabs"
 
@@ -472,10 +477,10 @@ class ElevenLabsMessages:
         """One client tool call (a name "" is no tool: never matched)."""
         name, parameters = call.name, call.parameters
         if name == self.transfer_tool and name:
-            return ToolAnswer(TransferRequested(_text(parameters, "destination"),
-                                                _text(parameters, "announce")), None)
+            return ToolAnswer(TransferRequested(tool_argument(parameters, "destination"),
+                                                tool_argument(parameters, "announce")), None)
         if name == self.dtmf_tool and name:
-            digits = _text(parameters, "digits")
+            digits = tool_argument(parameters, "digits")
             problem = dtmf.problem(digits)
             if problem is not None:  # voxd refuses them too (and logs it): say why here
                 return ToolAnswer(DigitsRequested(digits), f"The keys were not pressed: "
@@ -490,14 +495,13 @@ class ElevenLabsMessages:
     def transfer_outcome(notice: Transferred | TransferRefused) -> tuple[str, bool]:
         """The result of a transfer tool call, once voxd knows it: (text, is_error)."""
         if isinstance(notice, TransferRefused):
-            return (f"The transfer to {notice.to or 'a person'} was not made: {notice.reason}. "
-                    "Tell the caller, and carry on.", True)
+            return transfer_refused_text(notice.to, notice.reason), True
         return f"The caller was transferred to {notice.to}.", False
 
     def notice(self, notice: CallNotice) -> str | None:
         """What ElevenLabs is told about the phone call (None: nothing)."""
         if isinstance(notice, KeypadEntry):
-            return user_message(self.template.replace("{digits}", " ".join(notice.digits)))
+            return user_message(keypad_text(self.template, notice.digits))
         if isinstance(notice, TransferRefused):
             text, _ = self.transfer_outcome(notice)
             return contextual_update(text)
@@ -520,9 +524,3 @@ ANSWERED_BY_SAID = {
     "unknown": "It is not known whether a person or a machine answered the call.",
 }
 """What the agent is told (a contextual update) for each of Twilio's AnsweredBy values."""
-
-
-def _text(parameters: dict[str, Any], name: str) -> str:
-    """A tool parameter as a string (bounded; "" when absent or not a string)."""
-    value = parameters.get(name)
-    return value[:MAX_TEXT_FIELD] if isinstance(value, str) else ""

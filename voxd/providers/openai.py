@@ -34,7 +34,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import cast
 
 import msgspec
 import trio
@@ -62,7 +62,7 @@ from voxd.providers.base import (
     TransferRefused,
     TransferRequested,
 )
-from voxd.providers.control import MAX_TEXT_FIELD
+from voxd.providers.control import keypad_text, tool_argument, transfer_refused_text
 from voxd.providers.openai_protocol import (
     RESPONSE_CANCEL,
     RESPONSE_CREATE,
@@ -267,10 +267,10 @@ class OpenAISession(WebSocketAssistant):
         tools, arguments = self._tools, call.arguments
         if tools.transfer and call.name == tools.transfer:
             self._pending_transfer = call.call_id
-            return TransferRequested(_text(arguments, "destination"),
-                                     _text(arguments, "announce"))
+            return TransferRequested(tool_argument(arguments, "destination"),
+                                     tool_argument(arguments, "announce"))
         if tools.dtmf and call.name == tools.dtmf:
-            digits = _text(arguments, "digits")
+            digits = tool_argument(arguments, "digits")
             if digits:
                 # The other side answers the keys (a phone menu speaks): no new response.
                 self._outbox.append(function_call_output(
@@ -300,7 +300,7 @@ class OpenAISession(WebSocketAssistant):
     def notice_messages(self, notice: CallNotice) -> list[str]:
         """What OpenAI is told about the phone call (messages, in order)."""
         if isinstance(notice, KeypadEntry):
-            return [user_text(self._template.replace("{digits}", " ".join(notice.digits))),
+            return [user_text(keypad_text(self._template, notice.digits)),
                     *self._respond()]
         if isinstance(notice, Transferred):
             call_id, self._pending_transfer = self._pending_transfer, ""
@@ -308,8 +308,7 @@ class OpenAISession(WebSocketAssistant):
                 if call_id else []
         if isinstance(notice, TransferRefused):
             call_id, self._pending_transfer = self._pending_transfer, ""
-            said = (f"The transfer to {notice.to or 'a person'} was not made: {notice.reason}. "
-                    "Tell the caller, and carry on.")
+            said = transfer_refused_text(notice.to, notice.reason)
             first = function_call_output(call_id, said) if call_id else system_text(said)
             return [first, *self._respond()]
         assert isinstance(notice, AnsweredBy)
@@ -324,12 +323,6 @@ class OpenAISession(WebSocketAssistant):
             await self.send(message)
         if not messages:
             await trio.lowlevel.checkpoint()
-
-
-def _text(arguments: dict[str, Any], name: str) -> str:
-    """A tool argument as a string (bounded; "" when absent or not a string)."""
-    value = arguments.get(name)
-    return value[:MAX_TEXT_FIELD] if isinstance(value, str) else ""
 
 
 class OpenAIProvider:

@@ -18,7 +18,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 import trio
@@ -45,7 +44,7 @@ from voxd.providers.base import (
     TransferRefused,
     TransferRequested,
 )
-from voxd.providers.control import MAX_TEXT_FIELD
+from voxd.providers.control import keypad_text, tool_argument, transfer_refused_text
 from voxd.providers.vapi_protocol import (
     END_CALL,
     CreatedCall,
@@ -138,10 +137,10 @@ class VapiMessages:
         """One client-side tool call as a voxd event (None: not one of voxd's tools)."""
         arguments = call.arguments
         if call.name == self.vapi.transfer_tool:
-            return TransferRequested(_text(arguments, "destination"),
-                                     _text(arguments, "announce"))
+            return TransferRequested(tool_argument(arguments, "destination"),
+                                     tool_argument(arguments, "announce"))
         if call.name == self.vapi.dtmf_tool:
-            return DigitsRequested(_text(arguments, "digits"))
+            return DigitsRequested(tool_argument(arguments, "digits"))
         if call.name == self.vapi.end_call_tool:
             return AssistantEnded("vapi:end-call-tool")
         log.debug("Vapi tool call %s is not one of voxd's tools (not acted on)",
@@ -151,10 +150,9 @@ class VapiMessages:
     def notice(self, notice: CallNotice) -> str | None:
         """What voxd tells Vapi about the phone call (as a system message it answers)."""
         if isinstance(notice, KeypadEntry):
-            return add_message(self.template.replace("{digits}", " ".join(notice.digits)))
+            return add_message(keypad_text(self.template, notice.digits))
         if isinstance(notice, TransferRefused):
-            return add_message(f"The transfer to {notice.to or 'a person'} was not made: "
-                               f"{notice.reason}. Tell the caller, and carry on.")
+            return add_message(transfer_refused_text(notice.to, notice.reason))
         if isinstance(notice, AnsweredBy):
             value = notice.known
             return add_message(ANSWERED_BY_SAID[value], respond=value.startswith("machine_end"))
@@ -177,12 +175,6 @@ ANSWERED_BY_SAID = {
 """What Vapi's assistant is told for each of Twilio's AnsweredBy values. It is asked to answer
 at once only when a machine's greeting has ended (time to leave the message); for a person or
 a greeting still playing it is told, and goes on as it was."""
-
-
-def _text(arguments: dict[str, Any], name: str) -> str:
-    """A tool argument as a string (bounded; "" when absent or not a string)."""
-    value = arguments.get(name)
-    return value[:MAX_TEXT_FIELD] if isinstance(value, str) else ""
 
 
 class VapiProvider:
@@ -390,4 +382,3 @@ def _retry_after(response: httpx.Response, default: float) -> float:
         return min(max(float(value), 0.0), 10.0)
     except ValueError:
         return default
-
