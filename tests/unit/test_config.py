@@ -63,7 +63,11 @@ def test_every_problem_is_reported_at_once_with_its_key():
 
 
 @pytest.mark.parametrize(("text", "problem"), [
-    ('[assistant]\nprovider = "openai"', "assistant.provider: input should be 'echo', 'vapi' or"),
+    ('[assistant]\nprovider = "gemini"', "assistant.provider: input should be 'echo', 'vapi', "),
+    ('[assistant]\nprovider = "elevenlabs"',
+     'elevenlabs.agent_id: required when assistant.provider = "elevenlabs"'),
+    ('[assistant]\nprovider = "deepgram"\n[deepgram]\nbase_url = "https://x"',
+     "deepgram.base_url: must be a ws:// or wss:// origin"),
     ('[assistant]\naudio = "opus"', "assistant.audio: input should be 'pcm16' or 'mulaw'"),
     ('[server]\npublic_url = "ftp://x"', "server.public_url: must be an http:// or https://"),
     ('[server]\nlisten = "127.0.0.1:99999"', "server.listen: port must be a number"),
@@ -194,3 +198,21 @@ def test_an_unreadable_credential_is_a_config_error_naming_it(tmp_path):
     assert read_secret("vapi_api_key", {"CREDENTIALS_DIRECTORY": str(tmp_path)}) is None
     with pytest.raises(ConfigError, match="credential twilio_auth_token: cannot read"):
         read_secret("twilio_auth_token", {"CREDENTIALS_DIRECTORY": str(tmp_path)})
+
+
+@pytest.mark.parametrize(("provider", "extra", "words"), [
+    ("openai", "", "needs the OpenAI API key (set OPENAI_API_KEY"),
+    ("deepgram", "", "needs the Deepgram API key (set DEEPGRAM_API_KEY"),
+    ("elevenlabs", '[elevenlabs]\nagent_id = "a"\nsigned_url = true\n',
+     "elevenlabs.signed_url: true needs the ElevenLabs API key"),
+])
+def test_a_vendor_without_its_key_is_a_config_error(provider: str, extra: str,
+                                                    words: str) -> None:
+    text = ('[twilio]\nvalidate_signatures = false\n'
+            f'[assistant]\nprovider = "{provider}"\n{extra}')
+    with pytest.raises(ConfigError) as refused:
+        load_settings(None, {}, text=text)
+    assert any(words in problem for problem in refused.value.problems), refused.value.problems
+    key = {"openai": "OPENAI_API_KEY", "deepgram": "DEEPGRAM_API_KEY",
+           "elevenlabs": "ELEVENLABS_API_KEY"}[provider]
+    assert load_settings(None, {key: "k"}, text=text).config.assistant.provider == provider
