@@ -5,13 +5,19 @@ transport) measured the same way.
 
 Run: .venv/bin/pip install -q -e '.[bench]' && .venv/bin/python bench/calls_per_core.py
      [--calls 1,25,50,100,200] [--seconds 20] [--repeat 1] [--skip-peer] [--workers-check 200]
-     [--record wav|flac|opus]
+     [--record wav|flac|opus] [--provider websocket,vapi,openai,elevenlabs,deepgram]
 
 Every bridge runs in its own process against the same echo upstream process (`voxd
 echo-upstream`), loaded by `voxd loadtest`'s calls (real-time 20 ms frames, signed webhooks,
 marks echoed). CPU and RSS are read from /proc for the bridge's process tree over the steady
 window (all calls up), so every bridge is measured identically. This box's CPU figures vary
 by about +-10% from run to run: --repeat interleaves the bridges and reports medians.
+
+--provider NAME[,NAME...] measures voxd in mulaw mode against each provider's simulator
+instead (voxd/sim/vendors, run by `voxd echo-upstream --protocol NAME` in its own process,
+saying every piece of audio straight back in its vendor's protocol: base64 inside JSON for
+openai and elevenlabs, binary frames for vapi, deepgram and the generic websocket). Only voxd's
+process tree is sampled, so the simulator's CPU is not counted as voxd's.
 """
 
 from __future__ import annotations
@@ -44,14 +50,15 @@ from voxd.sim.load import (  # noqa: E402
 
 
 async def measure_voxd(audio: str, calls: int, seconds: float, workers: int = 1,
-                       record: str = "") -> LoadReport:
+                       record: str = "", protocol: str = "websocket") -> LoadReport:
     """voxd's cost; with `record` (a recording.format), every call recorded to a temporary
-    directory."""
+    directory; with `protocol`, against that provider's simulator."""
     with tempfile.TemporaryDirectory(prefix="voxd-bench-rec-") as directory:
         extra: dict[str, dict[str, object]] = {}
         if record:
             extra["recording"] = {"enabled": True, "directory": directory, "format": record}
-        return await _measure_voxd(Processes(audio, workers, calls, extra), calls, seconds)
+        return await _measure_voxd(Processes(audio, workers, calls, extra, protocol=protocol),
+                                   calls, seconds)
 
 
 async def _measure_voxd(processes: Processes, calls: int, seconds: float) -> LoadReport:
@@ -97,6 +104,10 @@ async def main(args: argparse.Namespace) -> None:
         ("voxd mulaw", partial(measure_voxd, "mulaw")),
         ("voxd pcm16", partial(measure_voxd, "pcm16")),
     ]
+    if args.provider:
+        bridges = [("voxd mulaw" if name == "websocket" else f"voxd mulaw {name}",
+                    partial(measure_voxd, "mulaw", protocol=name))
+                   for name in args.provider.split(",")]
     if args.record:
         bridges += [(f"voxd mulaw rec {args.record}",
                      partial(measure_voxd, "mulaw", record=args.record)),
@@ -124,7 +135,7 @@ async def main(args: argparse.Namespace) -> None:
         line = f"{calls:4d} calls: " + ", ".join(
             f"{name} {value:.2f} ({min(cost[name, calls]):.2f}-{max(cost[name, calls]):.2f})"
             for name, value in med.items())
-        if not args.skip_peer and med["voxd mulaw"] > 0:
+        if not args.skip_peer and med.get("voxd mulaw", 0) > 0:
             voxd = med["voxd mulaw"]
             line += (f"; peer/voxd {med['peer (asyncio) mulaw'] / voxd:.2f}x, floor/voxd "
                      f"{med['floor (trio) mulaw'] / voxd:.2f}x")
@@ -143,4 +154,13 @@ if __name__ == "__main__":
                         help="also measure voxd with every call recorded (wav, flac, opus)")
     parser.add_argument("--workers-check", type=int, default=200, metavar="N",
                         help="also run N pcm16 calls with server.workers = 2 (0: skip)")
-    trio.run(main, parser.parse_args())
+    parser.add_argument("--provider", default="", metavar="NAME[,NAME...]",
+                        help="measure voxd (mulaw) against these providers' simulators "
+                             "(websocket, vapi, openai, elevenlabs, deepgram) instead of the "
+                             "generic echo upstream in both audio modes")
+    args = parser.parse_args()
+    unknown = set(filter(None, args.provider.split(","))) - {
+        "websocket", "vapi", "openai", "elevenlabs", "deepgram"}
+    if unknown:
+        parser.error(f"--provider: no simulator for {', '.join(sorted(unknown))}")
+    trio.run(main, args)

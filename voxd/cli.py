@@ -68,7 +68,13 @@ def _parser() -> argparse.ArgumentParser:
                       help="the call's AccountSid (default: random; with --rest-listen, the "
                            "account the REST API accepts)")
 
-    demo = sub.add_parser("demo", help="run voxd with the echo assistant and place one call")
+    demo = sub.add_parser("demo", help="run voxd with the echo assistant (or a simulated vendor) "
+                                       "and place one call")
+    demo.add_argument("--provider", default="echo",
+                      choices=("echo", "websocket", "vapi", "openai", "elevenlabs", "deepgram"),
+                      help="the assistant: the built-in echo (default), or a simulator of that "
+                           "vendor's protocol run in-process with a throwaway key (no account "
+                           "needed), which says each sentence back through that protocol")
     demo.add_argument("--record", metavar="OUT.wav", type=Path, default=Path("voxd-demo.wav"),
                       help="where to write the call (default: ./voxd-demo.wav)")
     demo.add_argument("--audio", choices=("pcm16", "mulaw"), default="pcm16",
@@ -123,9 +129,21 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--config", metavar="PATH", help="voxd.toml to use")
 
     echo = sub.add_parser("echo-upstream",
-                          help="a fast echo assistant (generic WebSocket protocol) for loadtest")
-    echo.add_argument("--listen", default="127.0.0.1:9100", metavar="HOST:PORT",
-                      help="where to listen (default 127.0.0.1:9100)")
+                          help="a fast echo assistant (generic WebSocket protocol, or a "
+                               "simulated vendor's) for loadtest and the benchmarks")
+    echo.add_argument("--listen", default=None, metavar="HOST:PORT",
+                      help="where to listen (default 127.0.0.1:9100; the generic protocol "
+                           "only: a simulated vendor picks free loopback ports and prints them)")
+    echo.add_argument("--protocol", default="websocket",
+                      choices=("websocket", "vapi", "openai", "elevenlabs", "deepgram"),
+                      help="websocket (default): voxd's generic protocol on voxd's lean "
+                           "WebSocket; any other: that vendor's simulator (voxd/sim/vendors) "
+                           "echoing every piece of audio at once; it prints the voxd config "
+                           "and secrets that point at it, as JSON")
+    echo.add_argument("--audio", choices=("pcm16", "mulaw"), default="mulaw",
+                      help="with --protocol: the audio format the simulated assistant is set "
+                           "to (what an ElevenLabs agent is configured for; the others take "
+                           "what voxd asks for; default mulaw)")
     echo.add_argument("--reply-after-ms", type=float, default=0.0, metavar="MS",
                       help="take turns: say each stretch of caller speech back once the caller "
                            "has been quiet this long (default 0: echo every frame at once)")
@@ -350,7 +368,7 @@ def _call(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from voxd.sim.caller import parse_dtmf
-    from voxd.sim.demo import demo_seconds, run_demo
+    from voxd.sim.demo import demo_seconds, describe, run_demo
 
     if problem := _record_problem(args.record):
         print(problem, file=sys.stderr)
@@ -361,9 +379,13 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"voxd: --dtmf: {exc}", file=sys.stderr)
         return 2
     configure_logging("info")
-    print("voxd demo: starting voxd with the echo assistant and calling it "
-          "(the echo repeats each sentence after a short pause) ...", flush=True)
-    report = trio.run(partial(run_demo, args.audio, dtmf=presses))
+    what = describe(args.provider)
+    if args.provider != "echo":
+        what += (f" (in-process on 127.0.0.1, throwaway key, assistant.provider = "
+                 f"\"{args.provider}\")")
+    print(f"voxd demo: starting voxd with {what} and calling it "
+          "(it repeats each sentence after a short pause) ...", flush=True)
+    report = trio.run(partial(run_demo, args.audio, dtmf=presses, provider=args.provider))
     print(report.render())
     report.write_wav(args.record)
     print(f"\nwrote {args.record}: left = caller, right = what the caller heard. "
@@ -415,6 +437,13 @@ def _echo_upstream(args: argparse.Namespace) -> int:
     from voxd.config import parse_listen
     from voxd.sim.echo_upstream import serve_echo
 
+    if args.protocol != "websocket":
+        if args.listen is not None:
+            print("voxd: --listen applies to --protocol websocket only (a simulated vendor "
+                  "picks free loopback ports and prints them)", file=sys.stderr)
+            return 2
+        return _vendor_echo(args.protocol, args.audio)
+    args.listen = args.listen or "127.0.0.1:9100"
     try:
         parse_listen(args.listen)
     except ValueError as exc:
@@ -428,4 +457,27 @@ def _echo_upstream(args: argparse.Namespace) -> int:
         print(f"voxd: --listen: cannot listen on {args.listen}: {exc.strerror or exc}",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def _vendor_echo(protocol: str, audio: str) -> int:
+    """`voxd echo-upstream --protocol VENDOR`: that vendor's simulator, echoing, until stopped;
+    prints the voxd config and secrets (environment variables) that point at it, as JSON."""
+    import json
+
+    from voxd.config import SECRET_SOURCES
+    from voxd.sim.vendors import SIMULATORS, serve_echo_simulator
+
+    configure_logging("warning")
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            sim = await nursery.start(serve_echo_simulator, protocol, audio)
+            sections = {"assistant": {"provider": protocol, "audio": audio}, **sim.sections()}
+            env = {SECRET_SOURCES[name]: value for name, value in sim.secrets.items()}
+            print(f"{SIMULATORS[protocol][2]} simulator (echo), {audio}", flush=True)
+            print(f"config: {json.dumps(sections)}", flush=True)
+            print(f"secrets: {json.dumps(env)}", flush=True)
+
+    trio.run(run)
     return 0

@@ -473,19 +473,50 @@ def start_echo(reply_after_ms: float = 0) -> tuple[int, subprocess.Popen[bytes]]
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def start_vendor_echo(protocol: str, audio: str) -> tuple[dict[str, dict[str, object]],
+                                                         dict[str, str],
+                                                         subprocess.Popen[bytes]]:
+    """`voxd echo-upstream --protocol VENDOR` (a vendor's simulator, echoing) in its own
+    process: (the voxd config sections that point at it, the secrets' environment, process)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "voxd", "echo-upstream", "--protocol", protocol, "--audio", audio],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    found: dict[str, str] = {}
+    assert proc.stdout is not None
+    for line in proc.stdout:  # three lines, printed once it listens
+        key, _, value = line.decode().partition(": ")
+        if key in ("config", "secrets"):
+            found[key] = value
+        if len(found) == 2:
+            break
+    proc.stdout.close()
+    if len(found) < 2:
+        stop_processes([proc])
+        raise LoadTestError(f"the {protocol} simulator did not start")
+    return json.loads(found["config"]), json.loads(found["secrets"]), proc
+
+
 class Processes:
-    """`voxd echo-upstream` and `voxd serve` (configured to use it), each its own process."""
+    """`voxd echo-upstream` and `voxd serve` (configured to use it), each its own process.
+    With `protocol` (a provider name other than "websocket"), the upstream is that vendor's
+    simulator (`voxd echo-upstream --protocol`) and voxd speaks its protocol."""
 
     def __init__(self, audio: str, workers: int, calls: int,
                  extra: dict[str, dict[str, object]] | None = None,
-                 reply_after_ms: float = 0) -> None:
-        echo_port, self.echo = start_echo(reply_after_ms)
+                 reply_after_ms: float = 0, protocol: str = "websocket") -> None:
+        env: dict[str, str] = {}
         self.token = secrets.token_hex(16)
+        if protocol == "websocket":
+            echo_port, self.echo = start_echo(reply_after_ms)
+            upstream: dict[str, dict[str, object]] = {
+                "assistant": {"provider": "websocket", "audio": audio},
+                "websocket": {"url": f"ws://127.0.0.1:{echo_port}/"}}
+        else:
+            upstream, env, self.echo = start_vendor_echo(protocol, audio)
         sections: dict[str, dict[str, object]] = {
             "server": {"workers": workers, "max_connections": 4 * calls + 100,
                        "max_connections_per_address": 4 * calls + 100},
-            "assistant": {"provider": "websocket", "audio": audio},
-            "websocket": {"url": f"ws://127.0.0.1:{echo_port}/"},
+            **upstream,
             "call": {"max_concurrent_calls": calls + 10},
             # The echo talks over the caller all the time: that is not a barge-in to act on.
             "barge_in": {"local_vad": False},
@@ -493,7 +524,7 @@ class Processes:
         }
         for name, values in (extra or {}).items():
             sections.setdefault(name, {}).update(values)
-        self.daemon = VoxdProcess(sections, {"VOXD_TWILIO_AUTH_TOKEN": self.token})
+        self.daemon = VoxdProcess(sections, {**env, "VOXD_TWILIO_AUTH_TOKEN": self.token})
         self.voxd = self.daemon.proc
         self.origin = self.daemon.origin
         self.webhook_url = self.daemon.webhook_url

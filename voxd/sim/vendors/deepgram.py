@@ -32,7 +32,7 @@ import trio
 import trio_websocket
 
 from voxd.sim.vendors.proxy import FreezableProxy
-from voxd.sim.vendors.script import Script
+from voxd.sim.vendors.script import Echo, Script
 
 __all__ = ["FORMATS", "LATENCY", "PATH", "FakeDeepgram"]
 
@@ -61,6 +61,9 @@ class FakeDeepgram:
     """A LatencyReport after each reply (as Deepgram sends after each turn)."""
     messages_at: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     """(seconds, message): any other server message at a given time."""
+    direct: bool = False
+    """No proxy in front (a benchmark's lean simulator; `silent_after` then silences the
+    agent's messages but not its pongs)."""
 
     base_url: str = ""
     headers: dict[str, str] = field(default_factory=dict)
@@ -91,7 +94,7 @@ class FakeDeepgram:
                                          "127.0.0.1", 0, None)
             # Always behind a proxy that can go silent (no data, no pongs): Script.silent_after.
             self.proxy = FreezableProxy(server.port)
-            port = await nursery.start(self.proxy.serve)
+            port = server.port if self.direct else await nursery.start(self.proxy.serve)
             self.base_url = f"ws://127.0.0.1:{port}"
             task_status.started(self.base_url)
 
@@ -143,6 +146,7 @@ class _Session:
         self.script = fake.script
         self.ws = ws
         self.frame = 160
+        self.echo = Echo(self.script, ulaw=True)
         self.speaking: trio.CancelScope | None = None
         self.requested: dict[str, str] = {}
         """Function call ids sent -> names, until answered."""
@@ -164,6 +168,7 @@ class _Session:
             await self.error(*self.fake.settings_error)
             return
         self.fake.settings = message
+        self.echo = Echo(self.script, ulaw=self.fake.audio_format == "mulaw")
         await self.send({"type": "SettingsApplied"})
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.listen, nursery.cancel_scope)
@@ -210,8 +215,8 @@ class _Session:
                 continue
             if isinstance(message, bytes):
                 self.fake.audio_in += message
-                if self.script.echo:
-                    await self.ws.send_message(message)
+                for piece in self.echo(message):
+                    await self.ws.send_message(piece)
                 continue
             control = json.loads(message)
             self.fake.control_in.append(control)

@@ -48,7 +48,7 @@ from quart_trio import QuartTrio
 
 from voxd.audio.g711 import DECODE_TABLE, ENCODE_TABLE
 from voxd.sim.vendors.proxy import FreezableProxy
-from voxd.sim.vendors.script import Script
+from voxd.sim.vendors.script import Echo, Script
 
 __all__ = [
     "CONVERSATION_PATH",
@@ -118,6 +118,9 @@ class FakeElevenLabs:
     output_format: str = "ulaw_8000"
     ping_interval: float = 0.5
     transcripts: bool = True
+    direct: bool = False
+    """No proxy in front of the conversation socket (a benchmark's lean simulator;
+    `silent_after` then silences the agent's messages but not its pongs)."""
     stale_audio_after_interrupt: bool = True
     allowed_overrides: frozenset[str] = frozenset({"agent.first_message", "agent.prompt.prompt",
                                                    "agent.language", "tts.voice_id"})
@@ -176,7 +179,7 @@ class FakeElevenLabs:
             server = await nursery.start(trio_websocket.serve_websocket, self._conversation,
                                          "127.0.0.1", 0, None)
             self.proxy = FreezableProxy(server.port)
-            port = await nursery.start(self.proxy.serve)
+            port = server.port if self.direct else await nursery.start(self.proxy.serve)
             self.ws_origin = f"ws://127.0.0.1:{port}"
             config = HypercornConfig()
             config.bind = ["127.0.0.1:0"]
@@ -263,7 +266,7 @@ class FakeElevenLabs:
         problem = "no first message" if first is None else _initiation_problem(
             first, self.allowed_overrides)
         if problem is not None or first is None:
-            await self._close(ws, 1008, problem)
+            await self._close(ws, 1008, problem or "no first message")
             return
         self.initiation = json.loads(first)
         self.control_in.append(self.initiation)
@@ -298,6 +301,7 @@ class _Agent:
         self.event_id = 0
         self.frozen = False
         self.echo = Converter(fake.input_format, fake.output_format)
+        self.echoes = Echo(self.script, ulaw=FORMATS[fake.input_format][0] == "ulaw")
 
     async def send(self, message: dict[str, Any] | str) -> None:
         if self.frozen:
@@ -322,8 +326,9 @@ class _Agent:
             if "user_audio_chunk" in data:
                 chunk = base64.b64decode(data["user_audio_chunk"], validate=True)
                 fake.audio_in += chunk
-                if self.script.echo and self.speaking is None:
-                    await self.audio(self.echo(chunk))
+                if self.speaking is None:
+                    for piece in self.echoes(chunk):
+                        await self.audio(self.echo(piece))
             elif data.get("type") == "pong":
                 fake.pongs.append(data["event_id"])
             else:

@@ -11,7 +11,7 @@ from typing import Any
 import trio
 import trio_websocket
 
-from voxd.sim.vendors.script import Script
+from voxd.sim.vendors.script import Echo, Script
 from voxd.sim.vendors.vapi import reset
 
 __all__ = ["TOOL_MESSAGES", "GenericFake"]
@@ -60,6 +60,7 @@ class GenericFake:
         try:
             start = json.loads(await ws.get_message())
             self.control_in.append(start)
+            echo = Echo(script, start.get("audio", self.audio_format) == "mulaw")
             async with trio.open_nursery() as nursery:
                 self._scripted(nursery, ws, script)
                 silent = trio.current_time() + script.silent_after \
@@ -70,8 +71,8 @@ class GenericFake:
                     message = await ws.get_message()
                     if isinstance(message, bytes):
                         self.audio_in += message
-                        if script.echo:
-                            await ws.send_message(message)
+                        for piece in echo(message):
+                            await ws.send_message(piece)
                     else:
                         decoded = json.loads(message)
                         self.control_in.append(decoded)

@@ -47,7 +47,7 @@ import soxr
 import trio
 import trio_websocket
 
-from voxd.sim.vendors.script import Script
+from voxd.sim.vendors.script import Echo, Script
 from voxd.sim.vendors.vapi import reset
 
 __all__ = ["API_KEY", "BAD_KEY_BODY", "FRAME_BYTES", "PCMU", "FakeOpenAI"]
@@ -65,8 +65,12 @@ class FakeOpenAI:
     `secrets`."""
 
     def __init__(self, script: Script | None = None, *, api_key: str = API_KEY,
-                 key_check: str = "http", end_call_tool: str = "end_call") -> None:
+                 key_check: str = "http", end_call_tool: str = "end_call",
+                 direct: bool = False) -> None:
+        """`direct`: no proxy in front (a benchmark's lean simulator; `silent_after` then
+        silences the session's messages but not its pongs)."""
         self.script = script or Script()
+        self.direct = direct
         self.api_key = api_key
         self.key_check = key_check
         self.end_call_tool = end_call_tool
@@ -102,7 +106,8 @@ class FakeOpenAI:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(trio_websocket.serve_websocket, self._handle,
                                          "127.0.0.1", 0, None)
-            self.port = await nursery.start(self.proxy.serve, server.port)
+            self.port = (server.port if self.direct else
+                         await nursery.start(self.proxy.serve, server.port))
             task_status.started(self.port)
 
     async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
@@ -159,6 +164,7 @@ class _Session:
         self.speaking: trio.CancelScope | None = None
         self.down: soxr.ResampleStream | None = None
         self.mode = "mulaw"
+        self.echo = Echo(self.script, ulaw=True)
         self.transcribe = False
         self.started = 0.0
         self.silent = False
@@ -205,6 +211,7 @@ class _Session:
             return
         self.fake.session = session
         self.mode = self.fake.audio_format = modes.pop()  # type: ignore[assignment]
+        self.echo = Echo(self.script, ulaw=self.mode == "mulaw")
         if self.mode == "pcm16" and self.down is None:
             self.down = soxr.ResampleStream(24000, 16000, 1, dtype="int16")
         self.transcribe = bool(audio.get("input", {}).get("transcription"))
@@ -275,10 +282,16 @@ class _Session:
             fake.audio_in += self.down.resample_chunk(samples).astype("<i2").tobytes()
         else:
             fake.audio_in += chunk
-        if self.script.echo and chunk:
+        pieces = self.echo(chunk)
+        if pieces:
             if self.echo_item is None:
                 self.echo_item = await self.open_item()
-            await self.delta(self.echo_item, chunk)
+            item = self.echo_item
+            for piece in pieces:
+                await self.delta(item, piece)
+            if self.script.echo_after > 0:  # a turn said back: its response is done
+                self.echo_item = None
+                await self.close_item(item, "completed")
 
     async def truncate(self, event: dict[str, Any]) -> None:
         item_id, end = event.get("item_id"), event.get("audio_end_ms")

@@ -31,7 +31,12 @@ from typing import Any, Protocol
 
 import trio
 
-__all__ = ["ConformantFake", "Script"]
+from voxd.audio.vad import frame_energy_dbfs_pcm16, frame_energy_dbfs_ulaw
+
+__all__ = ["ConformantFake", "Echo", "Script"]
+
+SPEECH_DBFS = -45.0
+"""Caller audio louder than this is speech (`Script.echo_after`'s turns)."""
 
 
 @dataclass
@@ -40,6 +45,10 @@ class Script:
 
     echo: bool = True
     """Say the caller's audio back as it arrives (in the vendor's audio messages)."""
+    echo_after: float = 0.0
+    """With `echo`, > 0: take turns instead, like an assistant: keep each stretch of caller
+    speech and say it back (at once, in the pieces it came in) when the caller has been quiet
+    this many seconds (`voxd demo --provider`: the built-in echo's behaviour)."""
     reply: bytes = b""
     """Speak this (in `audio_format`) starting at `reply_at`, whatever the caller says (paced
     in real time, 20 ms at a time, like a vendor's TTS stream)."""
@@ -81,3 +90,34 @@ class ConformantFake(Protocol):
 
     def sections(self) -> dict[str, dict[str, Any]]:
         ...
+
+
+class Echo:
+    """What a simulator says back of the caller's audio, per `Script.echo`/`echo_after`:
+    `echo(chunk)` is the list of chunks to send now (in the caller's format, as received)."""
+
+    def __init__(self, script: Script, ulaw: bool) -> None:
+        self.on = script.echo
+        self.hold = script.echo_after
+        self.energy = frame_energy_dbfs_ulaw if ulaw else frame_energy_dbfs_pcm16
+        self.turn: list[bytes] = []
+        self.spoken = 0
+        """Chunks of `turn` up to its last speech (the quiet after it is not said back)."""
+        self.last_speech = 0.0
+
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        if not self.on or not chunk:
+            return []
+        if self.hold <= 0:
+            return [chunk]
+        now = trio.current_time()
+        if self.energy(chunk) > SPEECH_DBFS:
+            self.turn.append(chunk)  # with the pauses inside the turn before it
+            self.spoken = len(self.turn)
+            self.last_speech = now
+        elif self.turn:
+            self.turn.append(chunk)
+            if now - self.last_speech >= self.hold:
+                turn, self.turn = self.turn[:self.spoken], []
+                return turn
+        return []

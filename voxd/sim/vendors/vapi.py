@@ -83,6 +83,9 @@ class VapiScript:
     client-side function tools (`tool-calls`, as Vapi sends them to the client)."""
     messages_at: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     """(seconds, message): any other control message, e.g. a `transfer-update`."""
+    echo_frames: bool = False
+    """Say every piece of caller audio straight back as it arrives (a load test's echo),
+    instead of answering each utterance after `response_delay`."""
     transcripts: bool = False
     """Send `transcript` messages as Vapi does: for each caller utterance a partial then a
     final one (role user, "caller utterance N"), and for each reply a final one (role
@@ -241,6 +244,10 @@ class _Assistant:
                     return
                 continue
             self.call.audio_in += message
+            if self.script.echo_frames:
+                await self.ws.send_message(message)
+                self.call.frames_out += 1
+                continue
             self.pending += message
             while len(self.pending) >= size:
                 frame, self.pending = self.pending[:size], self.pending[size:]
@@ -369,7 +376,7 @@ def _validate(body: Any) -> str | None:
 
 def reset(ws: trio_websocket.WebSocketConnection) -> None:
     """Close the socket under a WebSocket with a TCP reset (no close frame, no FIN)."""
-    sock = ws._stream.socket  # trio-websocket keeps its stream private
+    sock = ws._stream.socket  # type: ignore[attr-defined]  # trio-websocket's, private
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
 
