@@ -202,11 +202,13 @@ class WebSocket:
             # The parser gives bytes (masked) or bytearray (unmasked), never a memoryview.
             self._frame(frame.opcode, frame.data, frame.fin)  # type: ignore[arg-type]
         owed = b"".join(proto.data_to_send())
+        if proto.state is not _OPEN and self._closed is None:
+            # before the await below: a task sending meanwhile must see why the socket
+            # closed (the peer's own close code), not a bare "connection lost"
+            self._protocol_ended()
         if owed:
             with contextlib.suppress(ConnectionClosed):
                 await self._write(owed, control=True)
-        if proto.state is not _OPEN and self._closed is None:
-            self._protocol_ended()
 
     def _frame(self, opcode: Opcode, data: bytes | bytearray, fin: bool) -> None:
         """One frame received (unmasked frames, from a server, come as bytearray). The

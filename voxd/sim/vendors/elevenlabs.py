@@ -282,6 +282,8 @@ class FakeElevenLabs:
             nursery.start_soon(agent.listen)
             nursery.start_soon(agent.ping)
             nursery.start_soon(agent.scripted)
+        if agent.ending:  # the conversation ends: once nothing else sends, a normal close
+            await self._close(ws, 1000, "Conversation ended")
 
     async def _close(self, ws: trio_websocket.WebSocketConnection, code: int,
                      reason: str) -> None:
@@ -300,6 +302,7 @@ class _Agent:
         self.speaking: trio.CancelScope | None = None
         self.event_id = 0
         self.frozen = False
+        self.ending = False
         self.echo = Converter(fake.input_format, fake.output_format)
         self.echoes = Echo(self.script, ulaw=FORMATS[fake.input_format][0] == "ulaw")
 
@@ -423,9 +426,10 @@ class _Agent:
         self.fake.proxy.freeze()
 
     async def end(self) -> None:
-        await self.fake._close(self.ws, 1000, "Conversation ended")
+        self.ending = True  # closed by `_talk` once every task here has stopped sending
         assert self.nursery is not None
         self.nursery.cancel_scope.cancel()
+        await trio.lowlevel.checkpoint()
 
     async def drop(self) -> None:
         await self.ws._stream.aclose()  # abrupt: no close frame (code 1006 at voxd)
