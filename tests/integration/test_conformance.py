@@ -66,6 +66,25 @@ PROVIDERS: dict[str, Row] = {
 CASES = [(provider, audio) for provider, row in PROVIDERS.items() for audio in row.audio]
 
 
+def needs(check: str) -> Any:
+    """Mark a test as needing `check` of the provider: where its row says it `cannot`, the
+    test is skipped at collection, naming why (tests/integration/conftest.py)."""
+    def mark(test: Any) -> Any:
+        test.needs = check
+        return test
+    return mark
+
+
+def skip_reason(case: tuple[str, str], check: str) -> str | None:
+    """Why `check` is skipped for `case` (provider, audio), or None."""
+    provider = case[0]
+    cannot = PROVIDERS[provider].cannot
+    for key in (check, "script"):
+        if key in cannot:
+            return f"{provider}: {cannot[key]}"
+    return None
+
+
 @dataclass
 class Line:
     """A voxd whose assistant is `provider` (through its fake), and a way to call it."""
@@ -77,10 +96,8 @@ class Line:
     fake: ConformantFake | None
 
     def needs(self, check: str) -> ConformantFake:
-        """The fake, or skip: `provider` cannot do `check`."""
-        for key in (check, "script"):
-            if key in self.row.cannot:
-                pytest.skip(f"{self.provider}: {self.row.cannot[key]}")
+        """The fake (a test marked `@needs(check)` never runs where the provider cannot)."""
+        assert skip_reason((self.provider, self.audio), check) is None
         assert self.fake is not None
         return self.fake
 
@@ -159,6 +176,7 @@ async def test_caller_audio_arrives_intact(line: Line) -> None:
     assert correlation > 0.95, correlation
 
 
+@needs("audio")
 async def test_assistant_audio_is_heard_intact(line: Line) -> None:
     fake = line.needs("audio")
     said, reply = line.reply(1.5)
@@ -171,6 +189,7 @@ async def test_assistant_audio_is_heard_intact(line: Line) -> None:
 # -- barge-in ---------------------------------------------------------------------------------
 
 
+@needs("barge-in")
 async def test_a_barge_in_clears_what_plays(line: Line) -> None:
     fake = line.needs("barge-in")
     _, reply = line.reply(4.0)
@@ -188,6 +207,7 @@ async def test_a_barge_in_clears_what_plays(line: Line) -> None:
 # -- call control -----------------------------------------------------------------------------
 
 
+@needs("tools")
 async def test_the_assistant_transfers_the_caller(line: Line) -> None:
     fake = line.needs("tools")
     fake.script = Script(tool_calls=[(0.6, "transfer_call", {"destination": "sales"})])
@@ -195,6 +215,7 @@ async def test_the_assistant_transfers_the_caller(line: Line) -> None:
     assert report.transferred_to == "+14155550100"
 
 
+@needs("tools")
 async def test_the_assistant_presses_keys(line: Line) -> None:
     fake = line.needs("tools")
     fake.script = Script(echo=False, tool_calls=[(0.5, "send_dtmf", {"digits": "12#"})])
@@ -202,6 +223,7 @@ async def test_the_assistant_presses_keys(line: Line) -> None:
     assert report.tones_heard == "12#"
 
 
+@needs("tools")
 async def test_the_assistant_hangs_up(line: Line, caplog) -> None:
     caplog.set_level(logging.INFO)
     fake = line.needs("tools")
@@ -224,6 +246,7 @@ async def test_the_callers_keys_reach_the_assistant(line: Line) -> None:
         fake.control_in
 
 
+@needs("hang-up")
 async def test_the_callers_hang_up_ends_the_assistants_session(line: Line) -> None:
     fake = line.needs("hang-up")
     await line.call(burst(1.0), 1.5)
@@ -234,6 +257,7 @@ async def test_the_callers_hang_up_ends_the_assistants_session(line: Line) -> No
 # -- failures ---------------------------------------------------------------------------------
 
 
+@needs("refuse")
 async def test_a_refused_session_gives_the_fallback(line: Line, caplog) -> None:
     caplog.set_level(logging.INFO)
     fake = line.needs("refuse")
@@ -243,6 +267,7 @@ async def test_a_refused_session_gives_the_fallback(line: Line, caplog) -> None:
     assert "reason=upstream-error" in summary(caplog)
 
 
+@needs("drop")
 async def test_a_dropped_connection_ends_the_call_with_the_fallback(line: Line,
                                                                     caplog) -> None:
     caplog.set_level(logging.INFO)
@@ -253,6 +278,7 @@ async def test_a_dropped_connection_ends_the_call_with_the_fallback(line: Line,
     assert "reason=upstream-error" in summary(caplog)
 
 
+@needs("garbage")
 async def test_garbage_is_skipped_and_the_call_goes_on(line: Line, caplog) -> None:
     caplog.set_level(logging.INFO)
     fake = line.needs("garbage")
@@ -263,6 +289,7 @@ async def test_garbage_is_skipped_and_the_call_goes_on(line: Line, caplog) -> No
     assert report.assistant_speech()  # the echo went on after the garbage
 
 
+@needs("http")
 async def test_a_retried_http_step_still_connects(line: Line) -> None:
     fake = line.needs("http")
     fake.script = Script(fail_first=2)
