@@ -67,3 +67,27 @@ async def test_a_vendor_simulator_is_the_load_tests_echo_upstream(protocol):
     assert report.errors == []
     assert report.sent > 300 and report.lost == 0  # every frame came back through the vendor
     assert report.cpu_cores is not None
+
+
+async def test_the_turn_table_shows_the_assistants_own_stage_figures(start_voxd, nursery):
+    """Deepgram reports each turn's stages (AgentStartedSpeaking): voxd passes them on in the
+    answer's mark, and `voxd call`'s turn table shows them next to the latencies."""
+    from voxd.audio.g711 import pcm16_to_ulaw
+    from voxd.sim.caller import TwilioSimulator
+    from voxd.sim.vendors.deepgram import FakeDeepgram
+    from voxd.sim.vendors.script import Script
+
+    fake = FakeDeepgram()
+    fake.audio_format = "mulaw"
+    fake.script = Script(echo=False, reply=pcm16_to_ulaw(burst(0.6, seed=9).tobytes()),
+                         reply_at=1.2)
+    await nursery.start(fake.serve)
+    voxd = await start_voxd(secrets=fake.secrets, assistant={"provider": "deepgram",
+                                                             "audio": "mulaw"},
+                            **fake.sections())
+    caller = np.concatenate([silence(0.2), burst(0.6, seed=5), silence(2.2)])
+    report = await TwilioSimulator(voxd.webhook, auth_token=voxd.token).call(caller, 3.0)
+    assert report.stages == {1: {"total": 0.9, "first_token": 0.4, "first_audio": 0.25}}
+    table = report.render()
+    assert "assistant stages" in table
+    assert "total 900 ms, first_token 400 ms, first_audio 250 ms" in table

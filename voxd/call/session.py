@@ -189,6 +189,8 @@ class CallSession:
         self._transcripts = settings.config.recording.transcripts
         self._notices_tx, self._notices_rx = trio.open_memory_channel[CallNotice](NOTICES)
         self._answered_by: str | None = None
+        self._turn_stages: dict[str, float] = {}
+        """The assistant's stage figures for the answer about to start (see `_stage`)."""
         self._ended_at: float | None = None
         """When the end reason was decided (trio's clock)."""
         self._verdict = trio.Event()
@@ -599,6 +601,7 @@ class CallSession:
         samples = self.stats.stages.setdefault(event.stage, [])
         if len(samples) < MAX_STAGE_SAMPLES:
             samples.append(event.seconds)
+        self._turn_stages[event.stage] = event.seconds  # named in the answer's mark
         if self.record is not None:
             self.record.stage(self._stream_time(trio.current_time()), event.stage,
                               event.seconds)
@@ -702,7 +705,10 @@ class CallSession:
         if self.record is not None:
             self.record.turn(self._stream_time(at), turn, latency)
         log.debug("turn %d: response latency %.0f ms", turn, latency * 1000)
-        return f"voxd:turn={turn};latency_ms={latency * 1000:.0f}"
+        stages = "".join(f";{stage}_ms={seconds * 1000:.0f}"
+                         for stage, seconds in self._turn_stages.items())
+        self._turn_stages.clear()
+        return f"voxd:turn={turn};latency_ms={latency * 1000:.0f}{stages}"
 
     async def _watchdog(self, playback: Playback, feed: UpstreamFeed) -> Ending:
         """Twilio sends 50 media messages a second: a long silence means the socket is dead

@@ -216,6 +216,8 @@ class CallReport:
     errors: list[str] = field(default_factory=list)
     voxd_latencies: dict[int, float] = field(default_factory=dict)
     """Turn number -> voxd's own measured response latency (from its marks)."""
+    stages: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Turn number (voxd's) -> the assistant's stage figures, seconds (from voxd's marks)."""
 
     def caller_speech(self) -> list[tuple[float, float]]:
         """When the caller spoke."""
@@ -257,7 +259,8 @@ class CallReport:
         for t, what in sorted(rows, key=lambda r: r[0]):
             lines.append(f"  {t:7.2f}s  {what}")
         lines.append("")
-        lines.append("  turn  caller stopped  assistant heard  latency (caller)  latency (voxd)")
+        lines.append("  turn  caller stopped  assistant heard  latency (caller)  latency (voxd)"
+                     + ("  assistant stages" if self.stages else ""))
         turns = self.turns()
         voxd = sorted(self.voxd_latencies.items())
         for n, turn in enumerate(turns, 1):
@@ -267,8 +270,13 @@ class CallReport:
             answered = sum(1 for t in turns[:n] if t.latency is not None)
             mine = (f"{voxd[answered - 1][1] * 1000:.0f} ms"
                     if turn.latency is not None and answered <= len(voxd) else "-")
+            stages = ""
+            if self.stages and turn.latency is not None and answered <= len(voxd):
+                figures = self.stages.get(voxd[answered - 1][0], {})
+                stages = "  " + (", ".join(f"{stage} {seconds * 1000:.0f} ms"
+                                           for stage, seconds in figures.items()) or "-")
             lines.append(f"  {n:4d}  {turn.caller_end:13.2f}s  {heard:>15}  {latency:>16}"
-                         f"  {mine:>14}")
+                         f"  {mine:>14}{stages}")
         if not turns:
             lines.append("  (the caller did not speak)")
         lines.append("")
@@ -828,12 +836,19 @@ def _with_echo(frame: bytes, heard: list[bytes], attenuation_db: float,
 
 
 def _read_voxd_mark(name: str, report: CallReport) -> None:
-    """voxd names the mark ahead of each answer `voxd:turn=N;latency_ms=X`: its own figure."""
+    """voxd names the mark ahead of each answer `voxd:turn=N;latency_ms=X`: its own figure,
+    then the assistant's stage figures for that turn where its provider gives them
+    (`;total_ms=Y;first_token_ms=Z...`)."""
     if not name.startswith("voxd:turn="):
         return
     try:
         fields = dict(part.split("=", 1) for part in name[5:].split(";"))
-        report.voxd_latencies[int(fields["turn"])] = int(fields["latency_ms"]) / 1000
+        turn = int(fields.pop("turn"))
+        report.voxd_latencies[turn] = int(fields.pop("latency_ms")) / 1000
+        stages = {key[:-3]: int(value) / 1000 for key, value in fields.items()
+                  if key.endswith("_ms")}
+        if stages:
+            report.stages[turn] = stages
     except (ValueError, KeyError):
         report.errors.append(f"unreadable voxd mark {name!r}")
 
