@@ -376,6 +376,8 @@ async def test_on_machine_hangup_hangs_up_at_the_first_verdict(start_voxd, nurse
     assert call.duration is not None and call.duration < 3  # not the machine's 6 s
     assert "reason=machine-hangup:machine_start" in summary_line(caplog)
     assert metrics.CALLS_TOTAL.labels(outcome="machine")._value.get() == outcome + 1
+    with trio.fail_after(3):
+        await assistant.closed.wait()  # it has read everything voxd sent
     assert {"type": "end"} in [{"type": m["type"]} for m in assistant.control_in]
 
 

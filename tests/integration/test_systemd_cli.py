@@ -172,6 +172,6 @@ def test_reload_without_any_view_of_the_credentials_checks_the_rest(tmp_path):
         result = subprocess.run([*VOXD, "reload", "--config", str(config), "--pid",
                                  str(target.pid)], capture_output=True, text=True, timeout=60,
                                 env=env)
+        assert result.returncode == 0, result.stderr  # (seen once in CI: no SIGHUP sent)
         assert target.wait(timeout=10) == -signal.SIGHUP
-    assert result.returncode == 0, result.stderr
     assert result.stderr.startswith("voxd: reload: the service's credentials (")

@@ -104,6 +104,17 @@ async def test_messages_both_ways_whole_or_fragmented():
     assert [e.data for e in await peer.events()] == ["out"]
 
 
+async def test_a_send_cancelled_before_writing_leaves_the_socket_usable():
+    """A call's end cancels a send that had not started writing: the goodbye after it (the
+    assistant told the call is over) must still go out."""
+    websocket, peer = await open_pair()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await websocket.send("never written")
+    await websocket.send("goodbye")
+    assert [e.data for e in await peer.events()] == ["goodbye"]
+
+
 async def test_pings_are_answered_and_closes_echoed():
     websocket, peer = await open_pair()
     await peer.send(Ping(b"p1"))

@@ -347,6 +347,9 @@ class WebSocket:
         """Write whole frames. While another task is writing, a sender waits for it to finish;
         the receiver's control replies (`control`) are handed to it instead (the receiver must
         not wait on a peer that does not read), up to MAX_BACKLOG_BYTES."""
+        # A cancellation before anything is written leaves the socket whole (a call's end
+        # cancelling a send must not stop the goodbye that follows it).
+        await trio.lowlevel.checkpoint_if_cancelled()
         if self._sending:
             if control:
                 if sum(map(len, self._backlog)) + len(data) > MAX_BACKLOG_BYTES:
