@@ -312,7 +312,7 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
         """A callback about an outbound call: only where this voxd can place them (else
         404: nothing of voxd's could have asked for it), signed like every request of
         Twilio's."""
-        if outbound.unavailable(runtime_ref().settings) is not None:
+        if runtime_ref().outbound is None:
             return "not found\n", 404
         return await from_twilio(path, what)
 
@@ -335,11 +335,10 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
                              at.group(1) if at else None)
         except outbound.DialRefused as exc:
             return api_error(422, "refused", exc.problem, exc.field)
-        unavailable = outbound.unavailable(runtime.settings)
-        if unavailable is not None or runtime.outbound is None:
-            field = unavailable.field if unavailable is not None else "twilio"
+        if runtime.outbound is None:  # built exactly when the settings can place calls
+            missing = outbound.unavailable(runtime.settings)
             return api_error(503, "create-failed", "outbound calls need the Twilio auth token "
-                             "and twilio.account_sid", field)
+                             "and twilio.account_sid", missing.field if missing else "twilio")
         config = runtime.settings.config
         rate = config.outbound.calls_per_second / config.server.workers
         limit = runtime.live.dial_rate
