@@ -1,18 +1,19 @@
-"""One conformance suite for every provider: each vendor's fake (tests/fakes/, following the
-vendor's documented protocol) plays the same `Script` (tests/fakes/script.py) in its own words,
-and the same checks hold for all: caller audio arrives intact (by content), assistant audio is
-heard intact, a barge-in clears what plays and the assistant is told what was heard where its
-protocol can say so, transfer / hang-up / keys out / keys in work, a hang-up from either side
-ends everything, and every failure ends as the README documents.
+"""One conformance suite for every provider: each vendor's simulator (voxd/sim/vendors,
+following the vendor's documented protocol) plays the same `Script`
+(voxd/sim/vendors/script.py) in its own words, and the same checks hold for all: caller audio
+arrives intact (by content), assistant audio is heard intact, a barge-in clears what plays and
+the assistant is told what was heard where its protocol can say so, transfer / hang-up / keys
+out / keys in work, a hang-up from either side ends everything, and every failure ends as the
+README documents.
 
-Adding a provider: write its adapter and its fake (implementing `ConformantFake`), add a row to
-PROVIDERS; the suite covers it. A provider whose protocol cannot do something says so in its
-row (`cannot`), and that check is skipped naming why.
+Adding a provider: write its adapter and its simulator (voxd/sim/vendors, implementing
+`ConformantFake`, registered in its SIMULATORS), add a row to PROVIDERS; the suite covers it.
+A provider whose protocol cannot do something says so in its row (`cannot`), and that check is
+skipped naming why.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from tests.fakes.script import ConformantFake, Script
 from tests.integration.audio import best_alignment, burst, silence
 from voxd.audio.g711 import pcm16_to_ulaw, ulaw_to_pcm16
 from voxd.sim.caller import CallReport, TwilioSimulator
+from voxd.sim.vendors import simulator
 
 TRANSFER = {"to": {"sales": "+14155550100"}}
 TOOLS = {"transfer_tool": "transfer_call", "dtmf_tool": "send_dtmf",
@@ -35,11 +37,9 @@ TOOLS = {"transfer_tool": "transfer_call", "dtmf_tool": "send_dtmf",
 
 @dataclass(frozen=True)
 class Row:
-    """A provider under test: where its fake is, the audio modes it supports, and what its
-    protocol cannot do (check -> why)."""
+    """A provider under test (its fake is its simulator in voxd.sim.vendors): the audio modes
+    it supports, what its protocol cannot do (check -> why), and options for its simulator."""
 
-    fake: str = ""
-    """"module:Class" of its conformant fake ("" for the built-in echo)."""
     audio: tuple[str, ...] = ("mulaw", "pcm16")
     cannot: dict[str, str] = field(default_factory=dict)
     fake_options: dict[str, Any] = field(default_factory=dict)
@@ -48,19 +48,17 @@ class Row:
 PROVIDERS: dict[str, Row] = {
     "echo": Row(cannot={"script": "the echo is built in: it says back what it hears and "
                                   "presses back keys; nothing else is scripted"}),
-    "websocket": Row("tests.fakes.generic:GenericFake",
-                     cannot={"http": "no HTTP request before the socket"}),
-    "vapi": Row("tests.fakes.vapi:ConformantVapi", cannot={
+    "websocket": Row(cannot={"http": "no HTTP request before the socket"}),
+    "vapi": Row(cannot={
         "barge-in": "the Vapi fake interrupts itself on the caller's speech (its VAD), not "
                     "on a script: tests/integration/test_vapi.py covers it",
         "heard": "Vapi's transport has no message for what the caller heard"}),
-    "elevenlabs": Row("tests.fakes.elevenlabs:FakeElevenLabs", fake_options={"signed": True},
+    "elevenlabs": Row(fake_options={"signed": True},
                       cannot={"heard": "no ElevenLabs message says what the caller heard"}),
-    "deepgram": Row("tests.fakes.deepgram:FakeDeepgram", cannot={
+    "deepgram": Row(cannot={
         "heard": "no Deepgram message says what the caller heard",
         "http": "no HTTP request before the socket"}),
-    "openai": Row("tests.fakes.openai:FakeOpenAI",
-                  cannot={"http": "no HTTP request before the socket"}),
+    "openai": Row(cannot={"http": "no HTTP request before the socket"}),
 }
 
 CASES = [(provider, audio) for provider, row in PROVIDERS.items() for audio in row.audio]
@@ -146,10 +144,8 @@ async def line(request, start_voxd, nursery) -> Line:
     sections: dict[str, Any] = {"assistant": {"provider": provider, "audio": audio},
                                 "transfer": TRANSFER}
     secrets: dict[str, str] = {}
-    if row.fake:
-        module, _, name = row.fake.partition(":")
-        fake = getattr(importlib.import_module(module), name)(**row.fake_options)
-        fake.audio_format = audio
+    if provider != "echo":  # every other provider plays its vendor's simulator
+        fake = simulator(provider, audio, **row.fake_options)
         await nursery.start(fake.serve)
         for section, keys in fake.sections().items():
             tools = TOOLS if section == provider and provider != "websocket" else {}
