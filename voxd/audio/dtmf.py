@@ -60,6 +60,7 @@ import numpy as np
 import numpy.typing as npt
 
 from voxd.audio.g711 import ULAW_SILENCE, ulaw_decode, ulaw_encode
+from voxd.audio.line import SAMPLE_RATE
 
 __all__ = [
     "BLOCK_SAMPLES",
@@ -76,7 +77,6 @@ __all__ = [
     "tones_ulaw",
 ]
 
-SAMPLE_RATE = 8000
 ROW_HZ: tuple[float, float, float, float] = (697.0, 770.0, 852.0, 941.0)
 COL_HZ: tuple[float, float, float, float] = (1209.0, 1336.0, 1477.0, 1633.0)
 _KEYPAD = ("123A", "456B", "789C", "*0#D")

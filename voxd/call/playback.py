@@ -35,6 +35,7 @@ import trio
 
 from voxd.audio.framing import FrameCutter
 from voxd.audio.g711 import ULAW_SILENCE
+from voxd.audio.line import FRAME_BYTES, FRAME_SECONDS, SAMPLE_RATE
 from voxd.audio.vad import ENERGY_FLOOR_DBFS, frame_energy_dbfs_ulaw
 from voxd.twilio.protocol import MediaStream
 
@@ -59,8 +60,6 @@ class Direct(Protocol):
         """Write what `send_nowait` left owed."""
         ...
 
-FRAME_BYTES = 160
-FRAME_SECONDS = 0.020
 END_MARK = "voxd-end"
 _EPSILON = 1e-6  # seconds; float sums of 0.02 must not make the pacing wait spin at its edge
 BURST_GAP = 0.25
@@ -130,7 +129,7 @@ class Playback:
     @property
     def held_seconds(self) -> float:
         """Audio in voxd's own queue, not yet sent to Twilio."""
-        return len(self._queue) * FRAME_SECONDS + self._cutter.pending / 8000
+        return len(self._queue) * FRAME_SECONDS + self._cutter.pending / SAMPLE_RATE
 
     @property
     def playing(self) -> bool:

@@ -85,6 +85,7 @@ import trio
 from prometheus_client import Counter
 
 from voxd.audio.g711 import DECODE_TABLE, ULAW_SILENCE
+from voxd.audio.line import FRAME_BYTES, FRAME_SECONDS, SAMPLE_RATE
 from voxd.errors import VoxdError
 from voxd.observability.metrics import REGISTRY
 from voxd.twilio.stream_token import CALL_SID
@@ -115,10 +116,6 @@ AVAILABLE: Final = frozenset(fmt for fmt, (major, subtype) in FORMATS.items()
 """The formats the installed libsndfile can write (Opus needs libsndfile >= 1.0.29; the
 soundfile wheels bundle 1.2): check `recording.format` against it when reading the config."""
 
-RATE: Final = 8000
-FRAME_BYTES: Final = 160
-"""One 20 ms mu-law frame at 8 kHz."""
-SLOT_SECONDS: Final = 0.020
 BATCH_SLOTS: Final = 50
 """Caller frames per hand-off to the writer (one second)."""
 _SILENCE_FRAME: Final = bytes([ULAW_SILENCE]) * FRAME_BYTES
@@ -184,7 +181,7 @@ class _Track:
         os.fchmod(fd, _FILE_MODE)  # the umask may have taken bits away; never adds any
         major, subtype = FORMATS[self.fmt]
         self._opening = True  # a failure now is told by libsndfile's global error
-        self.sound = sf.SoundFile(fd, "w", samplerate=RATE, channels=2, format=major,
+        self.sound = sf.SoundFile(fd, "w", samplerate=SAMPLE_RATE, channels=2, format=major,
                                   subtype=subtype, closefd=False)
         self._opening = False
         return self.sound
@@ -449,7 +446,7 @@ class CallRecorder:
         """Where the recording will be once complete."""
         self._track = _Track(Path(directory), call_sid, fmt)
         self._writer = writer if writer is not None else _process_writer
-        self._limit = max(1, round(max_backlog_seconds / SLOT_SECONDS))
+        self._limit = max(1, round(max_backlog_seconds / FRAME_SECONDS))
         self._batch = max(1, min(BATCH_SLOTS, self._limit // 2))
         self._caller: list[bytes] = []
         self._heard: collections.deque[tuple[int, bytes]] = collections.deque()
@@ -491,7 +488,7 @@ class CallRecorder:
         pending = self._heard
         pending.append((slot, frame))
         if len(pending) > self._limit:
-            self._stop(f"more than {self._limit * SLOT_SECONDS:g} s of assistant audio "
+            self._stop(f"more than {self._limit * FRAME_SECONDS:g} s of assistant audio "
                        f"waiting for its slot")
 
     def unheard(self, from_slot: int) -> int:
@@ -568,7 +565,7 @@ class CallRecorder:
             return
         if self._flushed - track.written > self._limit:
             self._stop(f"writer falling behind (slow disk or encoder): more than "
-                       f"{self._limit * SLOT_SECONDS:g} s of audio waiting to be written")
+                       f"{self._limit * FRAME_SECONDS:g} s of audio waiting to be written")
             return
         self._writer.submit(_Batch(track, start, frames, heard))
 

@@ -36,7 +36,10 @@ Invariants:
   they never propagate to the server, so other calls never notice.
 - Per-frame work stays in the pumps' own task (no channel hop per frame); the only channel
   carries rare events (caller speech edges) to the barge-in watcher.
-- Both sockets are closed within `TEARDOWN_SECONDS` of the end, even if a peer stalls.
+- Both sockets are closed within `TEARDOWN_SECONDS` of the end, even if a peer stalls; when
+  the end's policy row needs Twilio's REST API (a hang-up, a transfer's `<Dial>`), the
+  caller's socket waits for that request first, so it closes within `REST_SECONDS +
+  TEARDOWN_SECONDS` (every shield here has one of these deadlines).
 """
 
 from __future__ import annotations
@@ -53,12 +56,13 @@ from typing import NamedTuple, Protocol
 import trio
 
 from voxd.audio import dtmf
+from voxd.audio.line import FRAME_SECONDS
 from voxd.audio.transcode import InboundTranscoder, OutboundTranscoder
 from voxd.audio.vad import ENERGY_FLOOR_DBFS, frame_energy_dbfs_ulaw
 from voxd.call.ending import Caller, Tell, policy
 from voxd.call.keypad import Keypad
 from voxd.call.phone import PhoneLeg, TransferRefusal, destination
-from voxd.call.playback import FRAME_SECONDS, Direct, Playback
+from voxd.call.playback import Direct, Playback
 from voxd.call.recording import CallRecorder, RecordingRefused
 from voxd.call.turns import TurnTimer
 from voxd.call.upstream_feed import UpstreamFeed

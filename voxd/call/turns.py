@@ -8,9 +8,8 @@ frame is the best estimate of the constant part of the path. Pure: callers pass 
 
 from __future__ import annotations
 
+from voxd.audio.line import BYTES_PER_MS
 from voxd.audio.vad import SpeechDetector, SpeechEdge
-
-ULAW_BYTES_PER_MS = 8
 
 
 class TurnTimer:
@@ -26,15 +25,10 @@ class TurnTimer:
         self._last_loud_end_ms = 0
         self._pending_end: float | None = None
 
-    @property
-    def caller_speaking(self) -> bool:
-        """True while the caller is (by the detector) in the middle of an utterance."""
-        return self.detector.in_speech
-
     def caller_audio(self, timestamp_ms: int, nbytes: int, energy_dbfs: float,
                      arrived_at: float) -> bool:
         """Account one caller frame (mu-law, `nbytes` long); True when caller speech starts."""
-        end_ms = timestamp_ms + nbytes // ULAW_BYTES_PER_MS
+        end_ms = timestamp_ms + nbytes // BYTES_PER_MS
         # A frame can be sent only once its audio has been captured: map its end, not its
         # start, onto the arrival time (else every turn end lands one frame late).
         offset = arrived_at - end_ms / 1000

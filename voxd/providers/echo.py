@@ -33,6 +33,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from voxd.audio.framing import FrameCutter
+from voxd.audio.line import FRAME_SECONDS
 from voxd.audio.vad import (
     ENERGY_FLOOR_DBFS,
     SpeechDetector,
@@ -57,7 +58,6 @@ from voxd.providers.base import (
 
 log = logging.getLogger("voxd.providers.echo")
 
-FRAME_SECONDS = 0.020
 PLAYBACK_LEAD_SECONDS = 0.1
 """The echo runs this far ahead of real time, as a streaming voice does, so scheduling jitter
 never starves the caller's playback."""

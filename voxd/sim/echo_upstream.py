@@ -26,6 +26,7 @@ from functools import partial
 
 import trio
 
+from voxd.audio.line import FRAME_SECONDS
 from voxd.audio.vad import frame_energy_dbfs_pcm16, frame_energy_dbfs_ulaw
 from voxd.config import parse_listen
 from voxd.net.front import receive_head
@@ -39,7 +40,6 @@ SPEECH_DBFS = -45.0
 HANDSHAKE_TIMEOUT = 5.0
 """Seconds a new connection has to complete its WebSocket upgrade."""
 MAX_MESSAGE_BYTES = 1 << 20
-FRAME_SECONDS = 0.020
 BYTES_PER_SECOND = {"pcm16": 32000, "mulaw": 8000}
 CLOSE_SECONDS = 2.0
 """Longest a connection's close may take (a peer that stopped reading cannot hold it)."""
