@@ -87,7 +87,8 @@ def _float_stage(process: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.nd
 
     def stage(samples: np.ndarray) -> np.ndarray:
         y = process(samples.astype(np.float32))
-        return np.clip(np.rint(y), -32768, 32767).astype(np.int16)
+        out: np.ndarray = np.clip(np.rint(y), -32768, 32767).astype(np.int16)
+        return out
 
     return stage
 

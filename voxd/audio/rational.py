@@ -169,7 +169,7 @@ class RationalResampler:
             self._prepare(n)
         self._tail[...] = x
         rows, taps, after = self._plan(n)
-        y = np.einsum("kt,kt->k", self._windows[rows], taps)
+        y: npt.NDArray[np.float32] = np.einsum("kt,kt->k", self._windows[rows], taps)
         self._hist_dst[...] = self._hist_src
         self._next = after
         np.rint(y, out=y)

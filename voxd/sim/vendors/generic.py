@@ -6,6 +6,7 @@ tests' lean echo is voxd/sim/echo_upstream.py)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -16,7 +17,7 @@ from voxd.sim.vendors.vapi import reset
 
 __all__ = ["TOOL_MESSAGES", "GenericFake"]
 
-TOOL_MESSAGES = {
+TOOL_MESSAGES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "transfer_call": lambda args: {"type": "transfer", "to": args.get("destination", ""),
                                    "announce": args.get("announce", "")},
     "send_dtmf": lambda args: {"type": "send-dtmf", "digits": args.get("digits", "")},
