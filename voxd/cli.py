@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ import trio
 from voxd import __version__
 from voxd.config import load_settings, resolve_config_path, summary
 from voxd.errors import ConfigError, VoxdError
+from voxd.observability import untrusted
 from voxd.observability.logging import configure_logging, stderr_problem
 
 log = logging.getLogger("voxd")
@@ -152,7 +154,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one voxd command; returns the exit code (0 ok, 1 runtime failure, 2 bad usage)."""
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    if not argv:
+        parser.print_help(sys.stderr)
+        return 2
+    unknown = _unknown_command(parser, argv[0])
+    if unknown:
+        _problem(f"voxd: {unknown}")
+        return 2
+    args = parser.parse_args(argv)
     try:
         if args.command == "check-config":
             return _check_config(args)
@@ -185,6 +196,20 @@ def main(argv: list[str] | None = None) -> int:
         print("voxd: interrupted", file=sys.stderr)
         return 130
     return 2  # pragma: no cover - argparse requires a command
+
+
+def _unknown_command(parser: argparse.ArgumentParser, word: str) -> str | None:
+    """Why `word` is not one of voxd's commands (with the nearest one), or None if it is one
+    (or an option, which argparse handles)."""
+    if word.startswith("-"):
+        return None
+    commands = next(action.choices for action in parser._actions
+                    if isinstance(action, argparse._SubParsersAction))
+    if word in commands:
+        return None
+    near = difflib.get_close_matches(word, list(commands), n=1)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    return f"no command '{untrusted.show(word, 40)}': {hint}`voxd --help` lists them"
 
 
 def _problem(text: str, level: int = logging.ERROR) -> None:

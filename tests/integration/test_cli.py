@@ -61,6 +61,19 @@ def test_check_config_ok_and_bad(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_no_command_lists_the_commands_and_a_typo_gets_the_nearest():
+    bare = run()
+    assert bare.returncode == 2
+    for command in ("serve", "check-config", "reload", "call", "demo", "loadtest", "dial", "show"):
+        assert re.search(rf"^\s+{command}\b", bare.stderr, re.M), (command, bare.stderr)
+    typo = run("serv")
+    assert (typo.returncode, typo.stderr) == (
+        2, "voxd: no command 'serv': did you mean 'serve'? `voxd --help` lists them\n")
+    hostile = run("\x1b[2Jzzz")
+    assert hostile.returncode == 2 and "\x1b" not in hostile.stderr
+    assert hostile.stderr.startswith("voxd: no command '\\x1b[2Jzzz': `voxd --help`")
+
+
 def test_call_usage_errors_are_one_line():
     missing = run("call", "http://127.0.0.1:9/twilio/voice", "--wav", "/no/such.wav")
     assert missing.returncode == 2 and missing.stderr == "voxd: --wav: no such file: /no/such.wav\n"
