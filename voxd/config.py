@@ -7,13 +7,15 @@ problems at once, so `voxd check-config` can print them together.
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import json
 import os
 import re
 import secrets as _random
 import tomllib
 import xml.etree.ElementTree as ET
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -341,13 +343,16 @@ class Secrets:
     stream_secret_generated: bool = True
     """No stream secret was configured: this one was made at start (a reload keeps it, so the
     tokens given out before the reload stay valid)."""
+    empty: Mapping[str, str] = field(default_factory=dict, compare=False)
+    """Secret name -> the source of it that was there but empty ("the credential file
+    /run/credentials/voxd.service/twilio_auth_token is empty"), so a message can name it."""
 
     def filled_from(self, before: Secrets) -> Secrets:
         """These secrets, with what is missing taken from `before` (a reload: the environment
         was scrubbed; a credential file that is still there wins), and a generated stream
         secret replaced by the one in use."""
         generated = self.stream_secret_generated
-        return replace(
+        filled = replace(
             self,
             twilio_auth_token=self.twilio_auth_token or before.twilio_auth_token,
             vapi_api_key=self.vapi_api_key or before.vapi_api_key,
@@ -360,6 +365,8 @@ class Secrets:
             stream_secret=before.stream_secret if generated else self.stream_secret,
             stream_secret_generated=before.stream_secret_generated if generated else False,
         )
+        return replace(filled, empty={name: source for name, source in self.empty.items()
+                                      if getattr(filled, name) is None})
 
 
 SECRET_SOURCES = {
@@ -378,19 +385,32 @@ SECRET_SOURCES = {
 
 def read_secret(name: str, environ: dict[str, str] | None = None) -> Secret | None:
     """One secret: the systemd credential file if present, else the environment variable."""
-    env = os.environ if environ is None else environ
+    return _read_secret(name, os.environ if environ is None else environ)[0]
+
+
+def _read_secret(name: str, env: Mapping[str, str]) -> tuple[Secret | None, str | None]:
+    """The secret `name` and, when a source of it was there but empty (an empty credential
+    file, a variable set to ""), that source's description, for a message naming it."""
+    empty: str | None = None
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if cred_dir:
         path = Path(cred_dir) / name
         try:
-            value = path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+            value = path.read_text(encoding="utf-8").strip() if path.is_file() else None
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError([f"credential {name}: cannot read $CREDENTIALS_DIRECTORY/{name}: "
                                f"{getattr(exc, 'strerror', None) or exc}"]) from None
         if value:
-            return Secret(value)
-    value = env.get(SECRET_SOURCES[name], "").strip()
-    return Secret(value) if value else None
+            return Secret(value), None
+        if value is not None:
+            empty = f"the credential file {path} is empty"
+    variable = SECRET_SOURCES[name]
+    value = env.get(variable, "").strip()
+    if value:
+        return Secret(value), None
+    if empty is None and variable in env:
+        empty = f"${variable} is empty"
+    return None, empty
 
 
 def scrub_environment(environ: MutableMapping[str, str] | None = None) -> None:
@@ -405,17 +425,21 @@ def scrub_environment(environ: MutableMapping[str, str] | None = None) -> None:
 
 def load_secrets(environ: dict[str, str] | None = None) -> Secrets:
     """All secrets; the stream secret is generated when none is configured."""
-    stream = read_secret("stream_secret", environ)
+    env = os.environ if environ is None else environ
+    found = {name: _read_secret(name, env) for name in SECRET_SOURCES}
+    empty = {name: source for name, (_, source) in found.items() if source is not None}
     secrets = Secrets(
-        twilio_auth_token=read_secret("twilio_auth_token", environ),
-        vapi_api_key=read_secret("vapi_api_key", environ),
-        websocket_auth=read_secret("websocket_auth", environ),
-        redis_url=read_secret("redis_url", environ),
-        api_token=read_secret("api_token", environ),
-        openai_api_key=read_secret("openai_api_key", environ),
-        elevenlabs_api_key=read_secret("elevenlabs_api_key", environ),
-        deepgram_api_key=read_secret("deepgram_api_key", environ),
+        twilio_auth_token=found["twilio_auth_token"][0],
+        vapi_api_key=found["vapi_api_key"][0],
+        websocket_auth=found["websocket_auth"][0],
+        redis_url=found["redis_url"][0],
+        api_token=found["api_token"][0],
+        openai_api_key=found["openai_api_key"][0],
+        elevenlabs_api_key=found["elevenlabs_api_key"][0],
+        deepgram_api_key=found["deepgram_api_key"][0],
+        empty=empty,
     )
+    stream = found["stream_secret"][0]
     if stream is None:
         return secrets
     return replace(secrets, stream_secret=stream, stream_secret_generated=False)
@@ -452,11 +476,6 @@ class Settings:
         scheme, rest = base.split("://", 1)
         return ("wss" if scheme == "https" else "ws") + "://" + rest + "/media-stream"
 
-    @property
-    def listen_address(self) -> tuple[str, int]:
-        """`server.listen` as (host, port)."""
-        return parse_listen(self.config.server.listen)
-
 
 def parse_listen(value: str) -> tuple[str, int]:
     """Split "host:port" (IPv6 as "[::1]:3000"); raises ValueError with a readable reason."""
@@ -478,6 +497,9 @@ def resolve_config_path(explicit: str | None, environ: dict[str, str] | None = N
         path = Path(named)
         if not path.is_file():
             origin = "--config" if explicit else "$VOXD_CONFIG"
+            if path.is_dir():
+                raise ConfigError([f"{origin}: {path} is a directory; name the config file in "
+                                   f"it (such as {path / 'voxd.toml'})"])
             raise ConfigError([f"{origin}: no such file: {path}"])
         return path
     for path in SEARCH_PATHS:
@@ -487,6 +509,16 @@ def resolve_config_path(explicit: str | None, environ: dict[str, str] | None = N
         ["no config file: pass --config PATH or set $VOXD_CONFIG "
          f"(looked for {', '.join(str(p) for p in SEARCH_PATHS)})"]
     )
+
+
+def _user() -> str:
+    """This process's user name (or uid), for a permission problem."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 def load_settings(
@@ -501,8 +533,16 @@ def load_settings(
             raise ConfigError(["no config file given"])
         try:
             text = path.read_text(encoding="utf-8")
+        except IsADirectoryError:
+            raise ConfigError([f"{path}: is a directory, not a config file"]) from None
+        except PermissionError:
+            raise ConfigError([f"{path}: cannot read: permission denied (voxd runs as "
+                               f"{_user()})"]) from None
         except OSError as exc:
-            raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+            raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"{path}: not valid TOML: not UTF-8 text (byte {exc.start})"]
+                              ) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -587,12 +627,40 @@ def _describe_all(errors: list[Any]) -> list[str]:
 def _describe(err: Any) -> str:
     key = _key(err["loc"])
     if err["type"] == "extra_forbidden":
-        return f"{key}: unknown key"
+        guess = _did_you_mean(tuple(str(p) for p in err["loc"]), err.get("input"))
+        return f"{key}: unknown key" + (f" (did you mean {guess}?)" if guess else "")
     if err["type"] == "model_type":
         return f"{key}: must be a table ([{key}])"
     msg = err["msg"]
     msg = msg[0].lower() + msg[1:]
     return f"{key}: {msg} (got {err['input']!r})"
+
+
+def _did_you_mean(loc: tuple[str, ...], value: Any) -> str | None:
+    """The key an unknown one was probably meant to be: a close spelling among the keys of
+    its own section (`server.listne` -> `server.listen`, `[servr]` -> `[server]`), else the
+    same name in another section (`call.workers` -> `server.workers`, a top-level `listen`
+    -> `server.listen`); None when nothing is close."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field_info = model.model_fields.get(part)
+        annotation = field_info.annotation if field_info is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None  # inside a free-form table (vapi.assistant, deepgram.settings)
+        model = annotation
+    name = loc[-1]
+    prefix = ".".join(loc[:-1])
+    sections = {n: f.annotation for n, f in Config.model_fields.items()}
+    if model is Config and isinstance(value, dict):
+        close = difflib.get_close_matches(name, list(sections), n=1)
+        return f"[{close[0]}]" if close else None
+    close = difflib.get_close_matches(name, list(model.model_fields), n=1)
+    if close:
+        return f"{prefix}.{close[0]}" if prefix else close[0]
+    elsewhere = [f"{section}.{name}" for section, annotation in sections.items()
+                 if section != prefix and isinstance(annotation, type)
+                 and issubclass(annotation, BaseModel) and name in annotation.model_fields]
+    return " or ".join(elsewhere[:3]) or None
 
 
 def _check_values(config: Config) -> list[str]:
@@ -713,32 +781,91 @@ def _check_outbound(outbound: OutboundConfig) -> list[str]:
 def check_settings(config: Config, secrets: Secrets) -> list[str]:
     """Problems that need config and secrets together (e.g. a required secret is missing)."""
     problems: list[str] = []
+
+    def needs(name: str) -> str:
+        """Where the missing secret `name` comes from, or which source of it is empty."""
+        empty = secrets.empty.get(name)
+        if empty is not None:
+            return f", but {empty}"
+        return f" (set {SECRET_SOURCES[name]} or the systemd credential {name})"
+
     if config.twilio.validate_signatures and secrets.twilio_auth_token is None:
-        problems.append(
-            "twilio.validate_signatures: true needs the Twilio auth token "
-            "(set VOXD_TWILIO_AUTH_TOKEN or the systemd credential twilio_auth_token), "
-            "or set it to false for local testing"
-        )
+        tail = ("" if "twilio_auth_token" in secrets.empty
+                else ", or set it to false for local testing")
+        problems.append("twilio.validate_signatures: true needs the Twilio auth token"
+                        f"{needs('twilio_auth_token')}{tail}")
     if ("rest_call_control" in config.twilio.model_fields_set
             and config.twilio.rest_call_control and secrets.twilio_auth_token is None):
-        problems.append("twilio.rest_call_control: true needs the Twilio auth token "
-                        "(set VOXD_TWILIO_AUTH_TOKEN or the systemd credential twilio_auth_token)")
+        problems.append("twilio.rest_call_control: true needs the Twilio auth token"
+                        f"{needs('twilio_auth_token')}")
     if config.assistant.provider == "vapi" and secrets.vapi_api_key is None:
-        problems.append(
-            'assistant.provider: "vapi" needs the Vapi private API key '
-            "(set VAPI_API_KEY or the systemd credential vapi_api_key)"
-        )
+        problems.append('assistant.provider: "vapi" needs the Vapi private API key'
+                        f"{needs('vapi_api_key')}")
     if config.assistant.provider == "openai" and secrets.openai_api_key is None:
-        problems.append('assistant.provider: "openai" needs the OpenAI API key (set '
-                        "OPENAI_API_KEY or the systemd credential openai_api_key)")
+        problems.append('assistant.provider: "openai" needs the OpenAI API key'
+                        f"{needs('openai_api_key')}")
     if config.assistant.provider == "deepgram" and secrets.deepgram_api_key is None:
-        problems.append('assistant.provider: "deepgram" needs the Deepgram API key (set '
-                        "DEEPGRAM_API_KEY or the systemd credential deepgram_api_key)")
+        problems.append('assistant.provider: "deepgram" needs the Deepgram API key'
+                        f"{needs('deepgram_api_key')}")
     if (config.assistant.provider == "elevenlabs" and config.elevenlabs.signed_url
             and secrets.elevenlabs_api_key is None):
-        problems.append("elevenlabs.signed_url: true needs the ElevenLabs API key (set "
-                        "ELEVENLABS_API_KEY or the systemd credential elevenlabs_api_key)")
+        problems.append("elevenlabs.signed_url: true needs the ElevenLabs API key"
+                        f"{needs('elevenlabs_api_key')}")
     return problems
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for a host name or address only this machine reaches (127.0.0.0/8, ::1,
+    localhost)."""
+    if host.lower() in ("localhost", "localhost.", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def port_mismatch(config: Config) -> str | None:
+    """A warning when `server.public_url` names a port voxd does not listen on, where that is
+    likely a mistake; None otherwise.
+
+    The rule: warn when the public URL names a port other than its scheme's default
+    (`http://host:3000`), that port differs from `server.listen`'s, and voxd listens on a
+    non-loopback address (so Twilio is meant to reach it directly). Not warned: a loopback
+    `listen` (a proxy on this machine forwards to it, whatever the public port is); a public
+    URL on its scheme's default port (https on 443, http on 80: a TLS proxy or load balancer
+    in front is normal); `listen` on port 0 (the kernel picks one)."""
+    try:
+        host, port = parse_listen(config.server.listen)
+        public = urlsplit(config.server.public_url)
+        public_port = public.port
+    except ValueError:
+        return None  # reported as a problem already
+    default = {"http": 80, "https": 443}.get(public.scheme)
+    if (port == 0 or public_port is None or public_port in (port, default)
+            or is_loopback_host(host)):
+        return None
+    return (f"server.public_url: names port {public_port}, but server.listen is "
+            f"{config.server.listen}: Twilio reaches voxd at {config.server.public_url} only "
+            f"if something forwards port {public_port} to {port}")
+
+
+def config_warnings(settings: Settings) -> list[str]:
+    """What is valid but probably not meant: one line each, naming the key (check-config
+    prints them, `voxd serve` logs them at start and after a reload)."""
+    warnings: list[str] = []
+    mismatch = port_mismatch(settings.config)
+    if mismatch is not None:
+        warnings.append(mismatch)
+    for name, source in settings.secrets.empty.items():
+        if source.startswith("the credential file"):
+            warnings.append(f"credential {name}: {source}; it is ignored")
+    return warnings
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """`1 call`, `2 calls` (`nouns` for an irregular plural)."""
+    return f"{count} {noun if count == 1 else (nouns or noun + 's')}"
 
 
 def summary(settings: Settings) -> str:
@@ -748,5 +875,6 @@ def summary(settings: Settings) -> str:
     return (
         f"ok: {settings.source or 'built-in defaults'}: listen {c.server.listen}, "
         f"public {c.server.public_url}, assistant {c.assistant.provider} ({c.assistant.audio}), "
-        f"signatures {signatures}, max {c.call.max_concurrent_calls} calls"
+        f"signatures {signatures}, max {plural(c.call.max_concurrent_calls, 'call')}"
+        + (f", {c.server.workers} workers" if c.server.workers > 1 else "")
     )

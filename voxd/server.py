@@ -14,7 +14,15 @@ from hypercorn.config import Config as HypercornConfig
 
 from voxd.background import Background
 from voxd.call.recording import sweep
-from voxd.config import Settings, load_settings, parse_listen, scrub_environment, summary
+from voxd.config import (
+    Settings,
+    config_warnings,
+    load_settings,
+    parse_listen,
+    plural,
+    scrub_environment,
+    summary,
+)
 from voxd.errors import ConfigError, VoxdError
 from voxd.media import MediaEndpoint
 from voxd.net.front import NOT_FOUND, ConnectionLimits, FrontDoor
@@ -27,7 +35,12 @@ from voxd.observability.throttled import throttle_logger
 from voxd.routes import create_app, create_metrics_app
 from voxd.runtime import LiveCalls, Runtime
 from voxd.shared_state import RedisState, after_stream_store, answered_by_store, token_ledger
-from voxd.worker_env import METRICS_FD_ENV, inherited_listener, shared_tokens_directory
+from voxd.worker_env import (
+    METRICS_FD_ENV,
+    inherited_listener,
+    shared_tokens_directory,
+    worker_number,
+)
 
 SWEEP_SECONDS = 3600.0
 """How often old recordings are looked for."""
@@ -37,6 +50,10 @@ ACTION_GRACE_SECONDS = 1.0
 log = logging.getLogger("voxd.server")
 
 SHUTDOWN_GRACE_SECONDS = 2.0
+
+RESTART_ONLY = ("listen", "metrics_listen", "workers")
+"""`[server]` keys a reload cannot change (the sockets are bound, the workers started): a new
+value is reported and the running one kept until a restart."""
 
 
 def open_listener(listen: str) -> socket.socket:
@@ -138,8 +155,7 @@ class Server:
 
     def _status(self) -> str:
         state = "draining" if self.live.draining else "ready"
-        n = len(self.live)
-        return f"{state}, {n} active call{'' if n == 1 else 's'}"
+        return f"{state}, {plural(len(self.live), 'active call')}"
 
     def _calls_changed(self, live: LiveCalls) -> None:
         self.notifier.status(self._status())
@@ -219,14 +235,14 @@ class Server:
         finish for up to drain.timeout_seconds, end the rest cleanly, then stop."""
         timeout = self.runtime.settings.config.drain.timeout_seconds
         self.live.draining = True
-        log.info("draining: %d active calls; no new calls; waiting up to %.0fs for them to end",
-                 len(self.live), timeout)
+        log.info("draining: %s; no new calls; waiting up to %.0fs for them to end",
+                 plural(len(self.live), "active call"), timeout)
         self.notifier.stopping(self._status())
         with trio.move_on_after(timeout):
             await self.live.wait_idle()
         if self.live.sessions:
-            log.warning("drain timeout: ending %d calls (the callers hear the fallback)",
-                        len(self.live))
+            log.warning("drain timeout: ending %s (the callers hear the fallback)",
+                        plural(len(self.live), "call"))
             for session in list(self.live.sessions):
                 session.shutdown("drain-timeout")
             with trio.move_on_after(5):
@@ -250,26 +266,49 @@ class Server:
             # What the scrubbed environment no longer holds, and a generated stream secret
             # (tokens already given out stay valid), carry over from the running config.
             settings = load_settings(source, secrets_before=old.settings.secrets)
+            settings, ignored = keep_restart_only(settings, old.settings)
             runtime = Runtime.from_settings(settings, self.live, self.background)
         except ConfigError as exc:
-            log.error("reload refused, keeping the running config: %s: %s", source,
-                      "; ".join(exc.problems))
+            # Each problem names its key, or the file when the file itself is the problem.
+            log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
             return
         except VoxdError as exc:
-            log.error("reload refused, keeping the running config: %s: %s", source, exc)
+            log.error("reload refused, keeping the running config: %s", exc)
             return
+        for line in ignored:
+            log.warning("%s", line)
         if settings.redis_url != old.settings.redis_url:
             log.warning("the shared state's Redis changed: that takes a restart; still using "
                         "the one voxd started with")
-        if settings.config.server.listen != old.settings.config.server.listen:
-            log.warning("server.listen changed to %s: that takes a restart; still listening on "
-                        "%s", settings.config.server.listen, old.settings.config.server.listen)
+        known = config_warnings(old.settings)  # said at the start or the last reload
+        for warning in config_warnings(settings):
+            if warning not in known:
+                log.warning("%s", warning)
         self.runtime = runtime
         self._runtimes = [r for r in self._runtimes if not r.closed] + [runtime]
         old.retire()  # its provider closes when its last call and background task end
         configure_logging(settings.config.logging.level)
         log.info("reloaded %s: %s", source, summary(settings))
         self.notifier.status(self._status())
+
+
+def keep_restart_only(new: Settings, running: Settings) -> tuple[Settings, list[str]]:
+    """`new` with the RESTART_ONLY keys' running values, and one line for each that the new
+    file changes ("server.listen change ignored until restart: ..."), so what a reload reports
+    and applies is what is in effect."""
+    now, wanted = running.config.server, new.config.server
+    changed = [key for key in RESTART_ONLY if getattr(wanted, key) != getattr(now, key)]
+    if not changed:
+        return new, []
+    metrics_on = now.metrics_listen or "the public port"
+    in_effect = {"listen": f"still listening on {now.listen}",
+                 "metrics_listen": f"still serving /metrics on {metrics_on}",
+                 "workers": f"still {plural(now.workers, 'worker')}"}
+    said = {key: str(getattr(wanted, key)) or '""' for key in changed}
+    lines = [f"server.{key} change ignored until restart: {in_effect[key]} (the file now says "
+             f"{said[key]})" for key in changed]
+    server = wanted.model_copy(update={key: getattr(now, key) for key in changed})
+    return replace(new, config=new.config.model_copy(update={"server": server})), lines
 
 
 async def no_media(stream: DirectStream, data: bytes, peer: str) -> None:
@@ -281,6 +320,9 @@ async def run_daemon(settings: Settings) -> None:
     """`voxd serve`: listen, serve; SIGTERM or SIGINT drains (a second one stops at once),
     SIGHUP reloads."""
     scrub_environment()  # read already; no child process or dump gets them
+    if worker_number() is None:  # with workers, the supervisor warns once for all of them
+        for warning in config_warnings(settings):
+            log.warning("%s", warning)
     sock = inherited_listener() or open_listener(settings.config.server.listen)
     metrics_listen = settings.config.server.metrics_listen
     try:
@@ -311,7 +353,8 @@ async def _watch_signals(server: Server, now: trio.Event, nursery: trio.Nursery)
         async for signum in signals:
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
-                log.info("SIGHUP received: reloading the config")
+                log.info("SIGHUP received: reloading %s",
+                         server.runtime.settings.source or "the config")
                 Background.call_quietly("reloading the config", "", server.reload)
             elif not draining:
                 draining = True

@@ -1,7 +1,11 @@
 """`server.workers = N`: N worker processes sharing one listening socket, supervised here.
 
-Each worker is an ordinary `voxd serve` (one trio loop, one core) started on the socket this
-process bound, so the kernel spreads new connections over them. This process:
+Each worker is a `voxd.worker` process (one trio loop, one core: `voxd serve`'s serving part)
+started on the socket this process bound, so the kernel spreads new connections over them.
+This process:
+- announces the service once (`voxd serve`'s "starting" line, the config's warnings, "ready"
+  when every worker is), while each worker's own lines carry `worker=N` (N = 1..workers, as
+  in this process's "worker N started" lines);
 - is the one systemd talks to: it gives the workers its own notify socket, sends READY=1 once
   every worker is ready, sums their "N active calls" into one STATUS, and passes WATCHDOG=1
   on only while every worker keeps pinging (a stalled worker loop gets the service restarted);
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import trio
 
-from voxd.config import SECRET_SOURCES, Settings, scrub_environment
+from voxd.config import SECRET_SOURCES, Settings, config_warnings, plural, scrub_environment
 from voxd.observability.systemd import Notifier
 from voxd.server import open_listener
 from voxd.worker_env import FD_ENV, INDEX_ENV, METRICS_FD_ENV, TOKENS_ENV
@@ -41,16 +45,24 @@ class Worker:
     """One worker process and what it last told us."""
 
     index: int
+    """0..workers-1, as the worker's environment (INDEX_ENV) and sd_notify tag carry it."""
     process: trio.Process | None = None
     ready: bool = False
     calls: int = 0
     last_ping: float = field(default=0.0)
+
+    @property
+    def number(self) -> int:
+        """The worker's number in logs: 1..workers (its lines say `worker=N`)."""
+        return self.index + 1
 
 
 async def run_workers(settings: Settings) -> int:
     """Run `server.workers` workers until they have all stopped; the exit code."""
     count = settings.config.server.workers
     assert settings.source is not None
+    for warning in config_warnings(settings):
+        log.warning("%s", warning)
     sock = open_listener(settings.config.server.listen)
     os.set_inheritable(sock.fileno(), True)
     metrics_listen = settings.config.server.metrics_listen
@@ -82,7 +94,8 @@ async def run_workers(settings: Settings) -> int:
     failed = False
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_listen, inbox, workers, notifier, stopping)
+            nursery.start_soon(_listen, inbox, workers, notifier, stopping,
+                               settings.config.server.public_url)
             nursery.start_soon(_forward_signals, workers, stopping, notifier)
             nursery.start_soon(_watchdog, workers, notifier)
             async with trio.open_nursery() as keepers:
@@ -107,24 +120,25 @@ async def _keep(worker: Worker, settings: Settings, env: dict[str, str],
     """Run one worker; start it again if it dies while the service is not stopping."""
     from prometheus_client import multiprocess
 
-    command = [sys.executable, "-m", "voxd", "serve", "--config", str(settings.source)]
+    command = [sys.executable, "-m", "voxd.worker", "--config", str(settings.source)]
     while True:
         worker.ready = False
         worker.process = await trio.lowlevel.open_process(
             command, env={**env, INDEX_ENV: str(worker.index)}, pass_fds=fds)
-        log.info("worker %d started (pid %d)", worker.index, worker.process.pid)
+        log.info("worker %d started (pid %d)", worker.number, worker.process.pid)
         code = await worker.process.wait()
-        multiprocess.mark_process_dead(worker.process.pid, env["PROMETHEUS_MULTIPROC_DIR"])
+        multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
+            worker.process.pid, env["PROMETHEUS_MULTIPROC_DIR"])
         if stopping.is_set():
-            log.info("worker %d exited (%d)", worker.index, code)
+            log.info("worker %d exited (%d)", worker.number, code)
             return
         log.error("worker %d (pid %d) exited unexpectedly with %d; starting it again",
-                  worker.index, worker.process.pid, code)
+                  worker.number, worker.process.pid, code)
         await trio.sleep(RESTART_DELAY)
 
 
 async def _listen(inbox: trio.socket.SocketType, workers: list[Worker], notifier: Notifier,
-                  stopping: trio.Event) -> None:
+                  stopping: trio.Event, public_url: str) -> None:
     """Read the workers' sd_notify messages and speak for all of them to systemd."""
     announced = False
     while True:
@@ -143,6 +157,7 @@ async def _listen(inbox: trio.socket.SocketType, workers: list[Worker], notifier
             worker.calls = int(match.group(1))
         if not announced and all(w.ready for w in workers):
             announced = True
+            log.info("ready: %d workers serving %s", len(workers), public_url)
             notifier.ready(_status(workers, stopping))
         elif "STATUS" in fields and announced:
             notifier.status(_status(workers, stopping))
@@ -151,7 +166,7 @@ async def _listen(inbox: trio.socket.SocketType, workers: list[Worker], notifier
 def _status(workers: list[Worker], stopping: trio.Event) -> str:
     calls = sum(w.calls for w in workers)
     state = "draining" if stopping.is_set() else "ready"
-    return f"{state}, {calls} active call{'' if calls == 1 else 's'} ({len(workers)} workers)"
+    return f"{state}, {plural(calls, 'active call')} ({len(workers)} workers)"
 
 
 async def _forward_signals(workers: list[Worker], stopping: trio.Event,
@@ -180,5 +195,7 @@ async def _watchdog(workers: list[Worker], notifier: Notifier) -> None:
         if all(now - w.last_ping <= 2 * interval for w in workers):
             notifier.notify("WATCHDOG=1")
         else:
-            stale = [w.index for w in workers if now - w.last_ping > 2 * interval]
-            log.warning("worker(s) %s stopped pinging: withholding the watchdog", stale)
+            stale = [w.number for w in workers if now - w.last_ping > 2 * interval]
+            log.warning("%s stopped pinging: withholding the watchdog",
+                        ("worker " if len(stale) == 1 else "workers ")
+                        + ", ".join(map(str, stale)))

@@ -29,3 +29,10 @@ def inherited_listener(name: str = FD_ENV) -> socket.socket | None:
 def shared_tokens_directory() -> str | None:
     """In a worker: the directory the workers share used stream tokens in."""
     return os.environ.get(TOKENS_ENV) if os.environ.get(INDEX_ENV) is not None else None
+
+
+def worker_number() -> int | None:
+    """In a worker: its number as logs show it, 1 to server.workers (`worker=N`); None in the
+    main process and with server.workers = 1."""
+    index = os.environ.get(INDEX_ENV)
+    return int(index) + 1 if index is not None and index.isdigit() else None

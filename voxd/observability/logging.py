@@ -3,7 +3,9 @@
 A call sets its `CallLogContext` once (`bind_call`); every record logged from any task of that
 call then carries `call_sid=... stream_sid=...`, because trio tasks inherit the context of the
 task that started them. Under systemd (stderr connected to the journal) each line starts with
-its syslog priority `<N>` so journald files it at the right level.
+its syslog priority `<N>` so journald files it at the right level. With server.workers > 1,
+every line a worker writes carries `worker=N` (1..workers) after the logger's name; the main
+process (the supervisor systemd started) writes its lines without it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import os
 import sys
 import time
 from contextvars import ContextVar
+
+from voxd.worker_env import worker_number
 
 _PRIORITY = {
     logging.DEBUG: 7,
@@ -65,18 +69,26 @@ class _CallFilter(logging.Filter):
         return True
 
 
+def _worker_field() -> str:
+    """`worker=N ` in a worker process, "" elsewhere."""
+    number = worker_number()
+    return f"worker={number} " if number is not None else ""
+
+
 class VoxdFormatter(logging.Formatter):
-    """`2026-11-23T10:00:00.123Z INFO voxd.call call_sid=CA.. stream_sid=MZ.. message`."""
+    """`2026-11-23T10:00:00.123Z INFO voxd.call call_sid=CA.. stream_sid=MZ.. message`; in a
+    worker (server.workers > 1): `... INFO voxd.call worker=2 call_sid=CA.. ...`."""
 
     def __init__(self, journal: bool) -> None:
         super().__init__()
         self.journal = journal
+        self.worker = _worker_field()
 
     def format(self, record: logging.LogRecord) -> str:
         t = time.gmtime(record.created)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z"
         call = getattr(record, "call", "")
-        text = f"{record.levelname} {record.name} {call}{record.getMessage()}"
+        text = f"{record.levelname} {record.name} {self.worker}{call}{record.getMessage()}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         if self.journal:
@@ -101,7 +113,11 @@ def stderr_is_journal() -> bool:
 def stderr_problem(text: str, level: int = logging.ERROR) -> str:
     """`text` as the command line prints it to stderr (a problem that ends the command, outside
     the logging system): under journald each line carries its syslog priority, like log lines,
-    so `journalctl -u voxd -p warning` shows why the service did not start."""
+    so `journalctl -u voxd -p warning` shows why the service did not start. A worker's lines
+    carry `worker=N`, as its log lines do."""
+    worker = _worker_field()
+    if worker:
+        text = "\n".join(worker + line for line in text.splitlines() or [""])
     if not stderr_is_journal():
         return text
     prio = _PRIORITY.get(level, 3)
