@@ -49,14 +49,19 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("webhook_url", metavar="WEBHOOK_URL",
                       help="e.g. http://127.0.0.1:3000/twilio/voice")
     call.add_argument("--wav", metavar="IN", type=Path,
-                      help="caller audio, any PCM WAV (default: the bundled sample)")
+                      help="caller audio: WAV of any kind, FLAC, OGG or AIFF, any rate and "
+                           "channel count (mixed to mono, resampled; default: the bundled "
+                           "sample)")
     call.add_argument("--record", metavar="OUT.wav", type=Path,
                       help="write the call as stereo WAV (caller left, assistant right)")
+    call.add_argument("--plot", metavar="OUT.png", type=Path,
+                      help="draw the call: both channels, each turn's latency, barge-ins and "
+                           "clears, marks and the end (needs matplotlib: voxd[plot])")
     call.add_argument("--seconds", type=float, metavar="N",
                       help="call length (default: the audio plus 4 s to hear the reply)")
     call.add_argument("--line-echo", metavar="DB", type=float,
-                      help="mix what the caller hears back into what it says, DB quieter and "
-                           "120 ms later, like a phone line's echo (e.g. 20)")
+                      help="mix what the caller hears back into what it says, DB quieter "
+                           "(>= 0) and 120 ms later, like a phone line's echo (e.g. 20)")
     call.add_argument("--auth-token", metavar="T",
                       help="Twilio auth token to sign with (default: $VOXD_TWILIO_AUTH_TOKEN)")
     call.add_argument("--dtmf", metavar="KEY@Ts,...",
@@ -79,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
                            "needed), which says each sentence back through that protocol")
     demo.add_argument("--record", metavar="OUT.wav", type=Path, default=Path("voxd-demo.wav"),
                       help="where to write the call (default: ./voxd-demo.wav)")
+    demo.add_argument("--plot", metavar="OUT.png", type=Path,
+                      help="draw the call: both channels, each turn's latency, barge-ins and "
+                           "clears, marks and the end (needs matplotlib: voxd[plot])")
     demo.add_argument("--audio", choices=("pcm16", "mulaw"), default="pcm16",
                       help="audio format spoken to the assistant (default: pcm16)")
     demo.add_argument("--dtmf", metavar="KEY@Ts,...",
@@ -309,113 +317,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _record_problem(path: Path | None) -> str | None:
-    """Why the WAV cannot be written there (checked before the call, not after it)."""
-    if path is None:
-        return None
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        return f"voxd: --record: no such directory: {parent}"
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        return f"voxd: --record: cannot write {path}: permission denied"
-    return None
-
-
 def _call(args: argparse.Namespace) -> int:
-    import re
+    from voxd.sim.commands import call_command
 
-    from voxd.config import parse_listen
-    from voxd.sim.caller import CallReport, TwilioSimulator, parse_dtmf, read_wav
-    from voxd.sim.demo import TAIL_SECONDS, bundled_sample
-    from voxd.sim.rest import SimulatedRest
-
-    if args.seconds is not None and args.seconds <= 0:
-        print("voxd: --seconds must be positive", file=sys.stderr)
-        return 2
-    if args.wav is not None and not args.wav.is_file():
-        print(f"voxd: --wav: no such file: {args.wav}", file=sys.stderr)
-        return 2
-    if problem := _record_problem(args.record):
-        print(problem, file=sys.stderr)
-        return 2
-    token = args.auth_token or os.environ.get("VOXD_TWILIO_AUTH_TOKEN") or None
-    if args.account_sid is not None and not re.fullmatch(r"AC[0-9a-f]{32}", args.account_sid):
-        print("voxd: --account-sid: must be AC followed by 32 lower-case hex digits",
-              file=sys.stderr)
-        return 2
-    if args.rest_listen is not None:
-        try:
-            parse_listen(args.rest_listen)
-        except ValueError as exc:
-            print(f"voxd: --rest-listen: {exc}", file=sys.stderr)
-            return 2
-        if token is None:
-            print("voxd: --rest-listen: needs the auth token (--auth-token or "
-                  "$VOXD_TWILIO_AUTH_TOKEN): voxd authenticates with it", file=sys.stderr)
-            return 2
-    audio = read_wav(args.wav) if args.wav else bundled_sample()
-    seconds = args.seconds if args.seconds is not None else len(audio) / 8000 + TAIL_SECONDS
-    try:
-        presses = parse_dtmf(args.dtmf, seconds) if args.dtmf is not None else []
-    except ValueError as exc:
-        print(f"voxd: --dtmf: {exc}", file=sys.stderr)
-        return 2
-    echo = (args.line_echo, 120.0) if args.line_echo is not None else None
-    rest = (SimulatedRest(args.account_sid or "", token or "")
-            if args.rest_listen is not None else None)
-    simulator = TwilioSimulator(args.webhook_url, auth_token=token, line_echo=echo,
-                                account_sid=args.account_sid, rest=rest)
-
-    async def place() -> CallReport:
-        if rest is None:
-            return await simulator.call(audio, seconds, dtmf=presses)
-        async with trio.open_nursery() as nursery:
-            try:
-                await nursery.start(partial(rest.serve, bind=args.rest_listen))
-            except OSError as exc:
-                raise VoxdError(f"--rest-listen: cannot listen on {args.rest_listen}: "
-                                f"{exc.strerror or exc}") from None
-            print(f"simulated Twilio REST API on {rest.base_url} (account "
-                  f"{rest.account_sid})", flush=True)
-            report = await simulator.call(audio, seconds, dtmf=presses)
-            nursery.cancel_scope.cancel()
-        return report
-
-    print(f"calling {args.webhook_url} for {seconds:.1f}s"
-          f"{' (signed)' if token else ' (unsigned)'} ...", flush=True)
-    report = trio.run(place)
-    print(report.render())
-    if args.record:
-        report.write_wav(args.record)
-        print(f"recorded the call to {args.record} (left: caller, right: assistant as heard)")
-    return 0 if not report.errors else 1
+    return call_command(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from voxd.sim.caller import parse_dtmf
-    from voxd.sim.demo import demo_seconds, describe, run_demo
+    from voxd.sim.commands import demo_command
 
-    if problem := _record_problem(args.record):
-        print(problem, file=sys.stderr)
-        return 2
-    try:
-        presses = parse_dtmf(args.dtmf, demo_seconds()) if args.dtmf is not None else []
-    except ValueError as exc:
-        print(f"voxd: --dtmf: {exc}", file=sys.stderr)
-        return 2
-    configure_logging("info")
-    what = describe(args.provider)
-    if args.provider != "echo":
-        what += (f" (in-process on 127.0.0.1, throwaway key, assistant.provider = "
-                 f"\"{args.provider}\")")
-    print(f"voxd demo: starting voxd with {what} and calling it "
-          "(it repeats each sentence after a short pause) ...", flush=True)
-    report = trio.run(partial(run_demo, args.audio, dtmf=presses, provider=args.provider))
-    print(report.render())
-    report.write_wav(args.record)
-    print(f"\nwrote {args.record}: left = caller, right = what the caller heard. "
-          "Play it with any audio player (e.g. `aplay` or `play`).")
-    return 0 if not report.errors else 1
+    return demo_command(args)
 
 
 def _loadtest(args: argparse.Namespace) -> int:

@@ -318,6 +318,18 @@ async def test_without_an_action_the_verbs_after_connect_run_next(nursery):
     report = await TwilioSimulator(await voxd.start(nursery)).call(np.zeros(800, np.int16), 2)
     assert report.after_stream == report.next_twiml == "<Say>Sorry.</Say>"
     assert voxd.requests == []
+    # said where it comes from, so a fallback apology does not read as the simulator's error
+    assert ("after the stream: <Say>Sorry.</Say> (the verbs after </Connect>, which Twilio "
+            "runs when the stream ends without a hang-up)") in report.render()
+
+
+async def test_after_the_caller_hangs_up_the_verbs_after_connect_are_not_mentioned(nursery):
+    twiml = '<Response><Connect><Stream url="{stream}"/></Connect><Say>Sorry.</Say></Response>'
+    voxd = FakeVoxd(idle, twiml)
+    report = await TwilioSimulator(await voxd.start(nursery)).call(np.zeros(800, np.int16), 0.4)
+    assert report.closed_by == "caller" and report.next_twiml == ""
+    assert "Sorry" not in report.render()
+    assert "after the stream: nothing, the call ends (the caller hung up)" in report.render()
 
 
 async def rest_update(media: Media, rest: SimulatedRest, **form: str) -> httpx.Response:

@@ -30,9 +30,8 @@ import binascii
 import json
 import math
 import secrets
-import wave
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,7 +39,6 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 import numpy as np
-import soxr
 import trio
 import trio_websocket
 from twilio.request_validator import RequestValidator
@@ -49,6 +47,9 @@ from voxd.audio.dtmf import KEYS, DtmfDecoder
 from voxd.audio.g711 import ULAW_SILENCE, pcm16_to_ulaw, ulaw_decode
 from voxd.audio.vad import SpeechDetector, SpeechEdge, frame_energy_dbfs_ulaw
 from voxd.errors import VoxdError
+from voxd.observability.untrusted import show
+from voxd.sim.audio_files import read_audio, write_stereo_wav
+from voxd.sim.explain import body_excerpt, connection_problem, elsewhere_hint, status_problem
 
 if TYPE_CHECKING:
     from voxd.sim.rest import SimulatedRest
@@ -59,6 +60,8 @@ FRAME_SECONDS = 0.020
 API_VERSION = "2010-04-01"
 CALLBACK_TIMEOUT = 10.0
 """Seconds Twilio-the-simulator waits for the webhook and the action URLs."""
+STREAM_CONNECT_TIMEOUT = 10.0
+"""Seconds the simulator waits for the media stream's WebSocket to open."""
 REST_STOP_WAIT = 2.0
 """Longest a REST update waits for the stream it ends to be stopped and closed."""
 
@@ -69,45 +72,8 @@ class SimulatorError(VoxdError):
 
 # -- audio files ----------------------------------------------------------------------------
 
-
-def read_wav(path: Path) -> np.ndarray:
-    """A PCM WAV file of any rate, width and channel count, as mono int16 at 8 kHz."""
-    try:
-        with wave.open(str(path), "rb") as wav:
-            channels, width, rate = wav.getnchannels(), wav.getsampwidth(), wav.getframerate()
-            raw = wav.readframes(wav.getnframes())
-    except (OSError, wave.Error, EOFError) as exc:
-        raise SimulatorError(f"{path}: not a readable PCM WAV file ({exc})") from None
-    if width == 1:
-        samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif width == 2:
-        samples = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
-    elif width == 3:
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        ints = (b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8
-        samples = ints.astype(np.float32) / 8388608.0
-    elif width == 4:
-        samples = np.frombuffer(raw, "<i4").astype(np.float32) / 2147483648.0
-    else:
-        raise SimulatorError(f"{path}: unsupported sample width of {width} bytes")
-    if channels > 1:
-        samples = samples.reshape(-1, channels).mean(axis=1)
-    if rate != RATE:
-        samples = soxr.resample(samples, rate, RATE, quality="VHQ")
-    return np.clip(np.round(samples * 32768.0), -32768, 32767).astype(np.int16)
-
-
-def write_stereo_wav(path: Path, left: np.ndarray, right: np.ndarray) -> None:
-    """Two int16 8 kHz tracks as one stereo WAV (shorter track padded with silence)."""
-    n = max(len(left), len(right))
-    stereo = np.zeros((n, 2), np.int16)
-    stereo[: len(left), 0] = left
-    stereo[: len(right), 1] = right
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(2)
-        wav.setsampwidth(2)
-        wav.setframerate(RATE)
-        wav.writeframes(stereo.astype("<i2").tobytes())
+read_wav = read_audio
+"""The caller's audio from a file, mono int16 8 kHz (voxd.sim.audio_files.read_audio)."""
 
 
 def to_frames(ulaw: bytes) -> list[bytes]:
@@ -213,6 +179,10 @@ class CallReport:
     """DTMF keys decoded from what the caller heard, in order."""
     keys_pressed: str = ""
     """The caller's key presses sent as `dtmf` events, in order."""
+    clear_times: list[tuple[float, float]] = field(default_factory=list)
+    """Each `clear` voxd sent (a barge-in): (when, seconds of queued audio it dropped)."""
+    mark_times: list[tuple[float, str]] = field(default_factory=list)
+    """Each mark echoed back to voxd: (when, its name)."""
     errors: list[str] = field(default_factory=list)
     voxd_latencies: dict[int, float] = field(default_factory=dict)
     """Turn number -> voxd's own measured response latency (from its marks)."""
@@ -362,6 +332,12 @@ def parse_twiml(body: str) -> StreamInstruction:
     raise SimulatorError(f"webhook answered no <Connect><Stream> (it answered: {answered})")
 
 
+def _looks_like_xml(body: str) -> bool:
+    """Could this body be TwiML at all (an XML document), rather than HTML, JSON or text?"""
+    head = body.lstrip()[:200].lower()
+    return head.startswith("<") and not head.startswith(("<!doctype html", "<html"))
+
+
 def _sid(prefix: str) -> str:
     return prefix + secrets.token_hex(16)
 
@@ -449,6 +425,11 @@ class TwilioSimulator:
         self.webhook_method = webhook_method.upper()
         self.webhook_form = dict(webhook_form or {})
         self.twiml = twiml
+        if line_echo is not None and not (math.isfinite(line_echo[0]) and line_echo[0] >= 0
+                                           and math.isfinite(line_echo[1])
+                                           and line_echo[1] >= 0):
+            raise ValueError(f"line_echo {line_echo}: the attenuation must be >= 0 dB and the "
+                             "delay >= 0 ms")
         self.line_echo = line_echo
         """(attenuation dB, delay ms): mix what the caller hears back into what it sends, as
         a phone line's echo does."""
@@ -462,7 +443,15 @@ class TwilioSimulator:
         self.stream_sid = _sid("MZ")
         self.stream_started = trio.Event()
         """Set once the call's media stream has started (the caller's audio begins then)."""
+        self.on_stream_started: Callable[[], None] | None = None
+        """Called once the media stream has started (`voxd call` says so)."""
         self._state: _CallState | None = None
+
+    @property
+    def report_so_far(self) -> CallReport | None:
+        """The report of the call `call` is placing (or placed), as far as it got: what an
+        interrupted call recorded. None before `call` started."""
+        return None if self._state is None else self._state.report
 
     def _form(self, status: str) -> dict[str, str]:
         """The fields Twilio puts in every request about the call."""
@@ -481,14 +470,22 @@ class TwilioSimulator:
         try:
             response = await twilio_request(self.webhook_url, self.webhook_method, form,
                                             self.validator)
-        except httpx.InvalidURL as exc:
-            raise SimulatorError(f"not a usable webhook URL {self.webhook_url!r}: {exc}") \
-                from None
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+            raise SimulatorError(f"not a usable webhook URL {show(self.webhook_url, 120)}: "
+                                 f"{exc or type(exc).__name__}") from None
         except httpx.HTTPError as exc:
-            raise SimulatorError(f"cannot reach the webhook {self.webhook_url}: {exc}") from None
+            raise SimulatorError(
+                f"cannot reach the webhook {show(self.webhook_url, 120)}: "
+                f"{connection_problem(exc, self.webhook_url, CALLBACK_TIMEOUT)}") from None
         if response.status_code != 200:
-            raise SimulatorError(f"webhook answered HTTP {response.status_code}: "
-                                 f"{response.text.strip()[:200]}")
+            raise SimulatorError(status_problem("webhook", self.webhook_url,
+                                                response.status_code, response.reason_phrase,
+                                                response.text))
+        if not _looks_like_xml(response.text):
+            kind = response.headers.get("content-type", "").split(";")[0].strip()
+            raise SimulatorError(
+                f"webhook answered {show(kind, 40) or 'a body'} that is not TwiML (Twilio: "
+                f"error 12100): {body_excerpt(response.text) or '(empty)'}")
         return parse_twiml(response.text)
 
     async def call(self, caller_audio: np.ndarray, seconds: float | None = None,
@@ -532,17 +529,23 @@ class TwilioSimulator:
                    for k, v in signature_headers(self.validator, instruction.url, {}).items()]
         try:
             async with trio_websocket.open_websocket_url(
-                instruction.url, extra_headers=headers, connect_timeout=10,
+                instruction.url, extra_headers=headers, connect_timeout=STREAM_CONNECT_TIMEOUT,
                 disconnect_timeout=2, message_queue_size=64,
             ) as ws:
                 await _Stream(self, ws, instruction, frames, report, dtmf=presses,
                               state=state).run()
         except trio_websocket.ConnectionRejected as exc:
+            body = (exc.body or b"").decode("utf-8", "replace")
+            excerpt = body_excerpt(body)
             raise SimulatorError(
-                f"voxd refused the media stream: HTTP {exc.status_code}") from None
+                f"the media stream {show(instruction.url, 120)} was refused: HTTP "
+                f"{exc.status_code}{': ' + excerpt if excerpt else ''}"
+                f"{elsewhere_hint(instruction.url, self.webhook_url)}") from None
         except (trio_websocket.HandshakeError, OSError) as exc:
-            raise SimulatorError(f"cannot open the media stream {instruction.url}: {exc}") \
-                from None
+            raise SimulatorError(
+                f"cannot open the media stream {show(instruction.url, 120)}: "
+                f"{connection_problem(exc, instruction.url, STREAM_CONNECT_TIMEOUT)}"
+                f"{elsewhere_hint(instruction.url, self.webhook_url)}") from None
 
     async def rest_update(self, hang_up: bool, twiml: str | None) -> str:
         """A REST update to this call (called by SimulatedRest, see its ControlledCall): end
@@ -582,7 +585,12 @@ class TwilioSimulator:
             next_twiml, why = instruction.after, "nothing after </Connect>"
         state.phase = "over"
         report.next_twiml = next_twiml
-        state.note(f"after the stream: {next_twiml}" if next_twiml
+        # The verbs after </Connect> run whenever a stream ends without a hang-up: voxd's
+        # call.fallback_twiml ("Sorry, ...") reads like an error unless said where it came from.
+        source = (" (the verbs after </Connect>, which Twilio runs when the stream ends "
+                  "without a hang-up)" if next_twiml and not instruction.action
+                  and state.rest_end is None else "")
+        state.note(f"after the stream: {next_twiml}{source}" if next_twiml
                    else f"after the stream: nothing, the call ends ({why})")
         dial = _dial_element(next_twiml)
         if dial is None:
@@ -612,7 +620,8 @@ class TwilioSimulator:
             response = await twilio_request(url, method, form, self.validator)
         except httpx.HTTPError as exc:
             state.note(f"{what}: {method} {url} failed")
-            report.errors.append(f"{what}: cannot reach {url}: {exc}")
+            report.errors.append(f"{what}: cannot reach {url}: "
+                                 f"{connection_problem(exc, url, CALLBACK_TIMEOUT)}")
             return None
         state.note(f"{what}: {method} {urlsplit(url).path} ({status}) -> "
                    f"HTTP {response.status_code}")
@@ -701,6 +710,8 @@ class _Stream:
         self.state.phase = "streaming"
         self.report.events.append((0.0, "stream started"))
         self.sim.stream_started.set()
+        if self.sim.on_stream_started is not None:
+            self.sim.on_stream_started()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.receive, nursery.cancel_scope)
             await self.pace()
@@ -768,6 +779,7 @@ class _Stream:
         while self.marks and reached(self.marks[0][0]):  # type: ignore[operator]
             _, name = self.marks.pop(0)
             self.report.marks_echoed += 1
+            self.report.mark_times.append((self.now(), name))
             await self.send({"event": "mark", "streamSid": self.sim.stream_sid,
                              "mark": {"name": name}})
 
@@ -799,6 +811,7 @@ class _Stream:
                         await self.echo_marks(lambda pos: pos <= self.played)
                     elif event == "clear":
                         report.clears += 1
+                        report.clear_times.append((self.now(), len(self.queue) / 8000))
                         report.events.append(
                             (self.now(), f"clear: {len(self.queue) / 8:.0f} ms of queued "
                                          "assistant audio dropped"))

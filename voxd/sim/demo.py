@@ -6,7 +6,7 @@ back in that protocol: no account needed."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, cast
@@ -54,7 +54,8 @@ def demo_seconds(sample: np.ndarray | None = None) -> float:
 
 async def run_demo(audio: AudioFormat = "pcm16", sample: np.ndarray | None = None,
                    seconds: float | None = None, *, dtmf: Sequence[tuple[str, float]] = (),
-                   rest: bool = True, provider: str = "echo") -> CallReport:
+                   rest: bool = True, provider: str = "echo",
+                   on_call: Callable[[TwilioSimulator], None] | None = None) -> CallReport:
     """Start voxd (signatures on, free loopback port) with `provider`'s assistant and place
     one call, pressing the keys `dtmf` [(key, seconds)]. The built-in echo presses them back
     (`0` transfers to DEMO_TRANSFER); any other provider is its vendor's simulator, serving on
@@ -62,7 +63,8 @@ async def run_demo(audio: AudioFormat = "pcm16", sample: np.ndarray | None = Non
     protocol, with voxd configured for it as the conformance suite configures it. With
     `rest`, a simulated Twilio REST API runs too and voxd controls the call through it
     (twilio.rest_call_control on, api_base_url pointed at it), as it does in production;
-    without, voxd ends calls by `<Connect action>`."""
+    without, voxd ends calls by `<Connect action>`. `on_call` is given the simulator before it
+    places the call (to follow it, or read what it recorded if the demo is interrupted)."""
     if provider not in PROVIDERS:
         raise ValueError(f"no demo provider {provider!r} (one of {', '.join(PROVIDERS)})")
     caller = bundled_sample() if sample is None else sample
@@ -97,6 +99,8 @@ async def run_demo(audio: AudioFormat = "pcm16", sample: np.ndarray | None = Non
             )
             await nursery.start(serve, settings, sock)
             twilio = TwilioSimulator(origin + "/twilio/voice", auth_token=token, rest=api)
+            if on_call is not None:
+                on_call(twilio)
             length = seconds if seconds is not None else demo_seconds(caller)
             report = await twilio.call(caller, seconds=length, dtmf=dtmf)
             nursery.cancel_scope.cancel()

@@ -1,0 +1,76 @@
+"""Ctrl-C (or SIGTERM) during `voxd call` / `voxd demo`: end the call, keep what it recorded.
+
+trio turns a SIGINT into a KeyboardInterrupt raised wherever the program happens to be, which
+inside nurseries arrives as an exception group and loses the call's report. Instead the signal
+is received as an event: the call is cancelled, the report built so far (the simulator fills it
+frame by frame) is kept, and the command says so in one line and exits 130."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+EXIT_INTERRUPTED = 130
+"""The shell's code for a command ended by SIGINT (128 + 2)."""
+
+
+@dataclass
+class Outcome(Generic[T]):
+    """What an interruptible run gave: its result, or (interrupted) None and the signal's name."""
+
+    result: T | None
+    interrupted: str = ""
+
+
+async def interruptible(run: Callable[[], Awaitable[T]]) -> Outcome[T]:
+    """Run `run()`; a SIGINT or SIGTERM while it runs cancels it instead of raising (a second
+    one, should the cancellation hang, interrupts as usual)."""
+    outcome: Outcome[T] = Outcome(None)
+
+    async def watch(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                outcome.interrupted = signal.Signals(signum).name
+                nursery.cancel_scope.cancel()
+                return
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watch)
+            outcome.result = await run()
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise single(group) from None
+    return outcome
+
+
+def single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception a group (of groups) holds, else the group: what failed, as the
+    command's error handling expects it (a VoxdError, not a group around one)."""
+    leaves: list[BaseException] = []
+    todo: list[BaseException] = [group]
+    while todo:
+        current = todo.pop()
+        if isinstance(current, BaseExceptionGroup):
+            todo.extend(current.exceptions)
+        else:
+            leaves.append(current)
+    return leaves[0] if len(leaves) == 1 else group
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    """A KeyboardInterrupt, alone or inside exception groups only of them (a Ctrl-C that came
+    before the signal receiver was up, or a second one during the cancellation)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        rest = exc.split(KeyboardInterrupt)[1]
+        return rest is None
+    return False
