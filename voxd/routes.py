@@ -122,9 +122,13 @@ async def metrics_page() -> Response:
     return Response(metrics.render(), content_type="text/plain; version=0.0.4")
 
 
-async def healthz() -> tuple[str, int]:
+TEXT = "text/plain; charset=utf-8"
+"""The content type of /healthz and /readyz (a line of text, not HTML)."""
+
+
+async def healthz() -> Response:
     """200 while the process is alive."""
-    return "ok\n", 200
+    return Response("ok\n", 200, content_type=TEXT)
 
 
 def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) -> HttpApp:
@@ -413,13 +417,14 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
     http.add_url_rule("/healthz", "healthz", healthz)
 
     @http.get("/readyz")
-    async def readyz() -> tuple[str, int]:
+    async def readyz() -> Response:
+        """200 when accepting calls, 503 while draining or at capacity."""
         runtime = runtime_ref()
         if runtime.live.draining:
-            return "draining\n", 503
+            return Response("draining\n", 503, content_type=TEXT)
         if len(runtime.calls) >= runtime.settings.config.call.max_concurrent_calls:
-            return "at capacity\n", 503
-        return "ready\n", 200
+            return Response("at capacity\n", 503, content_type=TEXT)
+        return Response("ready\n", 200, content_type=TEXT)
 
     if metrics_here:
         http.add_url_rule("/metrics", "metrics", metrics_page)

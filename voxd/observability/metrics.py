@@ -6,6 +6,13 @@ per-frame path never takes prometheus-client's locks.
 With `server.workers > 1` every worker process writes its values to files in
 $PROMETHEUS_MULTIPROC_DIR (set by the supervising process) and /metrics, served by whichever
 worker takes the request, adds up all of them: one view of the whole service.
+
+What an operator could misread is left out or filled in, in every process that imports this
+module (each worker too):
+- no `_created` samples (prometheus-client's creation timestamps: `voxd_calls_created
+  1.8e+09` reads as 1.8 billion calls); the multiprocess collector never exports them;
+- every labelled series starts at 0 for each label value the code can count (`LABELS`), so an
+  alert's `rate()` or `increase()` reads 0 before the first event instead of "no data".
 """
 
 from __future__ import annotations
@@ -21,11 +28,17 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from voxd.call.ending import POLICY, policy
+from voxd.outbound import STATUSES
+from voxd.providers.base import ANSWERED_BY, STAGES
+
+disable_created_metrics()  # type: ignore[no-untyped-call]
 REGISTRY = CollectorRegistry(auto_describe=True)
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -95,6 +108,49 @@ PROCESS_CPU = Gauge("voxd_process_cpu_seconds", "CPU time used by voxd (all work
                     registry=REGISTRY, multiprocess_mode="livesum")
 PROCESS_RSS = Gauge("voxd_process_resident_memory_bytes", "Resident memory of voxd (all "
                     "workers)", registry=REGISTRY, multiprocess_mode="livesum")
+
+
+OUTBOUND_ANSWERS = ("created", "unauthorized", "refused", "rate-limited", "create-failed")
+"""voxd's own answers to `POST /calls`, counted in voxd_outbound_calls_total{status} beside
+Twilio's CallStatus values."""
+
+LABELS: dict[Counter | Histogram, tuple[dict[str, str], ...]] = {
+    CALLS_TOTAL: tuple({"outcome": outcome} for outcome in sorted(
+        {row.outcome for row in POLICY.values()} | {policy("").outcome})),
+    CALLS_REJECTED: tuple({"reason": reason} for reason in (
+        "signature", "token", "malformed", "capacity", "draining")),
+    MEDIA_FRAMES: ({"direction": "inbound"}, {"direction": "outbound"}),
+    MEDIA_FRAMES_DROPPED: ({"direction": "outbound", "reason": "barge_in"},
+                           {"direction": "inbound", "reason": "preconnect"},
+                           {"direction": "inbound", "reason": "upstream_stalled"}),
+    BARGE_INS: ({"source": "assistant"}, {"source": "vad"}),
+    TRANSFERS: tuple({"result": result} for result in (
+        "placed", "refused", "failed", "answered", "unanswered")),
+    OUTBOUND_CALLS: tuple({"status": status}
+                          for status in (*OUTBOUND_ANSWERS, *sorted(STATUSES))),
+    ASSISTANT_STAGE_SECONDS: tuple({"stage": stage} for stage in STAGES),
+    MACHINE_DETECTION: tuple({"answered_by": answer} for answer in ANSWERED_BY),
+    KEYPAD: ({"direction": "in"}, {"direction": "out"}),
+    CONNECTIONS_REJECTED: tuple({"reason": reason} for reason in (
+        "max_connections", "per_address", "handshake_timeout", "head_too_big", "not_http",
+        "bad_upgrade", "upgrade", "websocket_path", "body")),
+    ERRORS: tuple({"kind": kind} for kind in (
+        "upstream", "upstream_stalled", "keepalive", "protocol", "twilio_silent",
+        "twilio_stalled", "internal", "background", "connection", "accept", "state", "keypad")),
+}
+"""Every label value each labelled metric can be counted with: the series start at 0.
+tests/unit/test_metrics_init.py holds this to every value the code counts."""
+
+
+def start_labelled_series() -> None:
+    """Create every series of LABELS at 0 (in this process; with several workers each one
+    writes its own zeros, which add up to 0)."""
+    for metric, label_sets in LABELS.items():
+        for labels in label_sets:
+            metric.labels(**labels)
+
+
+start_labelled_series()
 
 
 class SelfProcessCollector:
@@ -196,6 +252,6 @@ async def sample_process_forever() -> None:
 def _registry() -> CollectorRegistry:
     if MULTIPROCESS:
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return registry
     return REGISTRY
