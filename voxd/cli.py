@@ -14,7 +14,7 @@ from pathlib import Path
 import trio
 
 from voxd import __version__
-from voxd.config import load_settings, resolve_config_path, summary
+from voxd.config import config_warnings, load_settings, plural, resolve_config_path, summary
 from voxd.errors import ConfigError, VoxdError
 from voxd.observability import untrusted
 from voxd.observability.logging import configure_logging, stderr_problem
@@ -231,6 +231,8 @@ def _check_config(args: argparse.Namespace) -> int:
     settings = load_settings(resolve_config_path(args.config))
     build_provider(settings)
     print(summary(settings))
+    for warning in config_warnings(settings):
+        _problem(f"voxd: warning: {warning}", logging.WARNING)
     return 0
 
 
@@ -262,7 +264,9 @@ def _reload(args: argparse.Namespace) -> int:
     except PermissionError:
         _problem(f"voxd: reload: not allowed to signal process {pid}")
         return 1
-    print(f"{summary(settings)}; sent SIGHUP to process {pid}", flush=True)
+    print(f"{summary(settings)}; sent SIGHUP to process {pid} (server.listen, "
+          "server.metrics_listen and server.workers keep their running values until a "
+          "restart: the journal says when one of them changed)", flush=True)
     return 0
 
 
@@ -360,7 +364,7 @@ def _loadtest(args: argparse.Namespace) -> int:
     what = (f"{args.audio}, {args.workers} worker{'s' if args.workers > 1 else ''}, echo "
             f"upstream{' answering turns' if args.turns else ''}" if processes
             else args.webhook_url)
-    print(f"voxd loadtest: {args.calls} calls x {args.seconds:.0f}s ({what})", flush=True)
+    print(f"voxd loadtest: {plural(args.calls, 'call')} x {args.seconds:.0f}s ({what})", flush=True)
     try:
         print(trio.run(run))
     finally:

@@ -25,7 +25,7 @@ from quart_trio import QuartTrio
 
 from voxd import outbound
 from voxd.call.phone import DIAL_ENDED_PATH, STREAM_ENDED_PATH
-from voxd.config import ACCOUNT_SID
+from voxd.config import ACCOUNT_SID, plural
 from voxd.observability import metrics
 from voxd.observability.throttled import ThrottledLog
 from voxd.observability.untrusted import show
@@ -195,8 +195,8 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
             metrics.CALLS_REJECTED.labels(reason="draining").inc()
             return xml(twiml.verbs_only(settings.config.call.fallback_twiml))
         if len(runtime.calls) >= settings.config.call.max_concurrent_calls:
-            log.warning("call_sid=%s voice webhook: at capacity (%d calls), answering the "
-                        "fallback", call_sid, len(runtime.calls))
+            log.warning("call_sid=%s voice webhook: at capacity (%s), answering the "
+                        "fallback", call_sid, plural(len(runtime.calls), "call"))
             metrics.CALLS_REJECTED.labels(reason="capacity").inc()
             return xml(twiml.verbs_only(settings.config.call.fallback_twiml))
         # As Twilio will hand them back (cut to its <Parameter> limit): what the token binds.

@@ -447,7 +447,7 @@ systemctl daemon-reload""", timeout=600)
         ended = [line for line in journal.splitlines() if "call ended" in line]
         self.check("systemctl stop during a call drains it (the call ends on its own, exit 0)",
                    bool(active) and stop.returncode == 0 and caller.returncode == 0
-                   and "draining: 1 active calls" in journal and ended
+                   and "draining: 1 active call" in journal and ended
                    and "drain-timeout" not in ended[-1] and took > 1
                    and result == {"Result": "success", "ExecMainStatus": "0",
                                   "ActiveState": "inactive"},

@@ -61,6 +61,18 @@ def test_check_config_ok_and_bad(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_check_config_prints_a_warning_and_still_passes(tmp_path):
+    config = tmp_path / "voxd.toml"
+    config.write_text('[server]\nlisten = "0.0.0.0:3027"\n'
+                      'public_url = "http://voice.example.com:8080"\n'
+                      '[twilio]\nvalidate_signatures = false\n')
+    result = run("check-config", "--config", str(config))
+    assert result.returncode == 0 and result.stdout.startswith("ok: ")
+    warnings = result.stderr.splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith("voxd: warning: ")
+    assert "8080" in warnings[0] and "3027" in warnings[0], warnings
+
+
 def test_no_command_lists_the_commands_and_a_typo_gets_the_nearest():
     bare = run()
     assert bare.returncode == 2
