@@ -578,6 +578,8 @@ def _check(options: Options, check: list[str], config: Path, empty: list[Step]) 
         print(f"check-config: {line}" + (f" (counting {names} as given: fill "
                                          f"{'them' if len(empty) > 1 else 'it'} below)"
                                          if empty else ""), flush=True)
+        for line in result.stderr.strip().splitlines():  # its warnings
+            print(f"check-config: {line}", file=sys.stderr, flush=True)
         return True
     for line in (result.stderr.strip() or result.stdout.strip()).splitlines():
         print(f"check-config: {line}", file=sys.stderr, flush=True)
