@@ -70,11 +70,11 @@ async def summary(voxd, caplog) -> str:
 
 @pytest.fixture
 def debug_logging():
-    """voxd's own logging setup at its most verbose, for one test only (later tests would pay
-    for every library's per-frame debug lines)."""
+    """voxd's own logging setup at its most verbose, for one test only: tests/conftest.py's
+    `restore_logging` puts logging back as it was afterwards (later tests would pay for every
+    library's per-frame debug lines; setting "info" here was undone by caplog's own restore,
+    which left the root logger at DEBUG, with voxd's handler on a closed capture file)."""
     configure_logging("debug")
-    yield
-    configure_logging("info")
 
 
 @pytest.mark.parametrize("audio", ["pcm16", "mulaw"])
