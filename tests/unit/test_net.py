@@ -13,7 +13,6 @@ import pytest
 import trio
 import trio.testing
 from hypothesis import given
-from hypothesis import strategies as st
 from websockets.client import ClientProtocol
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -30,7 +29,8 @@ from wsproto.events import (
     TextMessage,
 )
 
-from voxd.net.request_head import HeadError, parse_head
+from tests.request_heads import requests
+from voxd.net.request_head import HeadError, head_length, parse_head
 from voxd.net.stream import DirectStream
 from voxd.net.websocket import (
     ConnectionClosed,
@@ -55,13 +55,24 @@ def test_parse_head_routes_upgrades_and_plain_requests():
         parse_head(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n")  # a TLS hello
 
 
-@given(st.binary(max_size=300))
-def test_parse_head_takes_any_bytes(data):
+@given(requests())
+def test_parse_head_on_request_shaped_input(example):
+    """Heads as clients and scanners send them, mostly mangled (tests/request_heads.py): a
+    well-formed one is parsed into exactly its routing facts, one that must be refused raises
+    HeadError saying why, and whatever else comes is one or the other, never another
+    exception."""
+    data = example.data
     try:
-        head = parse_head(data)
-    except HeadError:
+        head = parse_head(data[:head_length(data)])
+    except HeadError as exc:
+        assert example.head is None, f"{example!r} refused: {exc}"
+        assert example.error is None or example.error in str(exc), (example, exc)
         return
-    assert head.path and head.method.isalpha()
+    assert example.error is None, f"{example!r} accepted as {head}"
+    if example.head is not None:
+        assert head == example.head
+    assert head.path and head.method.isalpha() and head.method.isascii()
+    assert not (head.chunked and head.content_length) and 0 <= head.content_length < 10**12
 
 
 class Peer:
