@@ -14,6 +14,7 @@ import trio_websocket
 from twilio.request_validator import RequestValidator
 
 from tests.integration.audio import burst, silence
+from tests.integration.waiting import call_streaming, logged, wait_until
 from voxd.sim.caller import TwilioSimulator
 
 SID = "MZ" + "0" * 32
@@ -84,7 +85,8 @@ async def test_bad_input_ends_only_that_call(start_voxd, caplog, case):
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(good_call)
-        await trio.sleep(0.3)  # the good call is streaming
+        await wait_until(call_streaming(lambda: voxd.runtime.calls), 5,
+                         "the good call streams caller audio")
         async with await open_stream(voxd) as ws:
             for message in messages:
                 await ws.send_message(message)
@@ -142,7 +144,8 @@ async def test_dtmf_digits_are_never_logged(start_voxd, caplog):
             await ws.send_message(message)
         await ws.send_message(json.dumps({"event": "dtmf", "streamSid": SID,
                                           "dtmf": {"track": "inbound_track", "digit": "7"}}))
-        await trio.sleep(0.3)  # the key reaches the assistant (the echo)
+        await wait_until(logged(caplog, "keypad entry of 1 key(s) passed to the assistant"), 3,
+                         "the key reaches the assistant")
         await ws.send_message(json.dumps({"event": "stop", "streamSid": SID}))
     with trio.fail_after(1):
         await voxd.runtime.wait_idle()

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 
@@ -19,6 +20,7 @@ import trio.testing
 
 from tests.integration.audio import burst, silence
 from tests.integration.test_cli import free_port, write_config, write_wav
+from tests.integration.waiting import call_streaming, wait_until, wait_until_sync
 from voxd.config import load_settings
 from voxd.observability.systemd import Notifier
 from voxd.server import Server, bound_origin, open_listener
@@ -72,9 +74,10 @@ async def test_drain_lets_live_calls_finish_and_turns_new_ones_away(server, capl
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(call)
-        await trio.sleep(0.3)  # the call is live
+        await wait_until(call_streaming(lambda: instance.live.sessions), 5,
+                         "the call streams caller audio")
         nursery.start_soon(instance.drain)
-        await trio.sleep(0.1)
+        await wait_until(lambda: instance.live.draining, 2, "the drain begins")
         async with httpx.AsyncClient() as client:
             ready = await client.get(origin + "/readyz")
             webhook = await client.post(origin + "/twilio/voice", data=FORM)
@@ -95,7 +98,8 @@ async def test_drain_timeout_ends_calls_cleanly(server, caplog):
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(call)
-        await trio.sleep(0.3)
+        await wait_until(call_streaming(lambda: instance.live.sessions), 5,
+                         "the call streams caller audio")
         with trio.fail_after(3):
             await instance.drain()
     report = result["report"]
@@ -124,21 +128,50 @@ async def test_reload_applies_to_new_calls_and_refuses_bad_files(server, tmp_pat
     assert any("reload refused" in e and "nonsense: unknown key" in e for e in errors)
 
 
+class NotifyListener:
+    """systemd's end of NOTIFY_SOCKET, read all along by a thread (a datagram queue holds only
+    /proc/sys/net/unix/max_dgram_qlen messages, often 10: left unread during a call, the
+    watchdog pings fill it and voxd's later messages are dropped)."""
+
+    def __init__(self, path: str) -> None:
+        self.messages: list[str] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(path)
+        self._sock.settimeout(0.05)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.messages.append(self._sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+
+    def saw(self, text: str) -> bool:
+        return any(text in message for message in list(self.messages))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sock.close()
+
+
 def test_a_call_survives_sighup_and_finishes_during_a_sigterm_drain(tmp_path):
     """The operator's view: `voxd serve` under signals, a call placed by `voxd call`."""
     port = free_port()
     config = write_config(tmp_path / "voxd.toml", port,
                           "[twilio]\nvalidate_signatures = false\n")
     notify_path = str(tmp_path / "notify")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(notify_path)
-    listener.settimeout(10)
+    notify = NotifyListener(notify_path)
     env = {**os.environ, "NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "400000"}
     daemon = subprocess.Popen([sys.executable, "-m", "voxd", "serve", "--config", str(config)],
                               env=env, stderr=subprocess.PIPE, text=True)
     try:
-        messages = [listener.recv(4096).decode()]
-        assert messages[0].startswith("READY=1\nSTATUS=ready, 0 active calls")
+        wait_until_sync(lambda: notify.messages, 10, "voxd notifies systemd",
+                        seen=lambda: daemon.poll())
+        assert notify.messages[0].startswith("READY=1\nSTATUS=ready, 0 active calls")
         wav = tmp_path / "caller.wav"
         write_wav(wav, np.concatenate([burst(0.6), silence(1.8)]))
         call = subprocess.Popen([sys.executable, "-m", "voxd", "call",
@@ -146,10 +179,8 @@ def test_a_call_survives_sighup_and_finishes_during_a_sigterm_drain(tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={k: v for k, v in os.environ.items()
                                      if k != "VOXD_TWILIO_AUTH_TOKEN"})
-        deadline = time.monotonic() + 20  # watchdog pings keep recv() from timing out
-        while "1 active call" not in messages[-1]:
-            assert time.monotonic() < deadline, messages[-5:]
-            messages.append(listener.recv(4096).decode())
+        wait_until_sync(lambda: notify.saw("STATUS=ready, 1 active call"), 20,
+                        "voxd reports the call active", seen=lambda: notify.messages[-5:])
         daemon.send_signal(signal.SIGHUP)
         daemon.send_signal(signal.SIGTERM)
         out, err = call.communicate(timeout=20)
@@ -157,22 +188,19 @@ def test_a_call_survives_sighup_and_finishes_during_a_sigterm_drain(tmp_path):
         assert "ended by caller" in out and "no reply" not in out
         daemon.wait(timeout=15)
         assert daemon.returncode == 0
-        while True:
-            try:
-                messages.append(listener.recv(4096).decode())
-            except TimeoutError:
-                break
-            if messages[-1].startswith("STOPPING=1\nSTATUS=stopped"):
-                break
-        joined = "\n".join(messages)
+        wait_until_sync(lambda: notify.saw("STOPPING=1\nSTATUS=stopped"), 2,
+                        "voxd's last notification, STOPPING=1 stopped",
+                        seen=lambda: notify.messages[-5:])
+        joined = "\n".join(notify.messages)
         assert "WATCHDOG=1" in joined
         assert "STOPPING=1\nSTATUS=draining, 1 active call" in joined
         stderr = daemon.stderr.read()
         assert "reloaded" in stderr and "reason=caller-hangup" in stderr
+        assert "cannot notify systemd" not in stderr  # nothing was dropped
     finally:
         if daemon.poll() is None:
             daemon.kill()
-        listener.close()
+        notify.close()
 
 
 def test_sigterm_ends_the_process_within_the_drain_timeout_whatever_peers_do(tmp_path):
@@ -190,14 +218,8 @@ def test_sigterm_ends_the_process_within_the_drain_timeout_whatever_peers_do(tmp
                               stderr=subprocess.PIPE, text=True)
     peers: list[socket.socket] = []
     try:
-        deadline = time.monotonic() + 15
-        while True:  # ready when it accepts
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "voxd did not start"
-                time.sleep(0.1)
+        wait_until_sync(lambda: accepts(port), 15, f"voxd accepts connections on {port}",
+                        seen=lambda: daemon.poll())
         # A media stream that starts, then never reads nor sends again.
         stalled = socket.create_connection(("127.0.0.1", port))
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -212,7 +234,12 @@ def test_sigterm_ends_the_process_within_the_drain_timeout_whatever_peers_do(tmp
         slow.sendall(b"POST /twilio/voice HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\nx")
         idle = socket.create_connection(("127.0.0.1", port))
         peers += [stalled, slow, idle]
-        time.sleep(1.0)
+        def all_in() -> bool:  # the call started; its connection, the two others and /metrics's
+            now = gauges(port)
+            return now.get("voxd_calls_active") == 1 and now.get("voxd_connections_open", 0) >= 4
+
+        wait_until_sync(all_in, 10, "the stalled call started and every peer's connection is open",
+                        seen=lambda: gauges(port))
         began = time.monotonic()
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=1 + 5)
@@ -225,6 +252,25 @@ def test_sigterm_ends_the_process_within_the_drain_timeout_whatever_peers_do(tmp
             daemon.kill()
         for peer in peers:
             peer.close()
+
+
+def accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def gauges(port: int) -> dict[str, float]:
+    """voxd's unlabelled gauges, read from its /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("voxd_") and "{" not in name and value:
+            values[name] = float(value)
+    return values
 
 
 START = ('{"event":"start","sequenceNumber":"1","streamSid":"MZ' + "1" * 32 + '","start":{'

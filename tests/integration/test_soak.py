@@ -9,6 +9,7 @@ import os
 
 import trio
 
+from tests.integration.waiting import wait_until
 from voxd.observability.metrics import count_tasks
 from voxd.sim.echo_upstream import serve_echo
 from voxd.sim.load import LoadCall, place_calls, speech_frames
@@ -25,9 +26,13 @@ async def test_short_soak_leaves_nothing_behind(start_voxd, nursery):
                             barge_in={"local_vad": False},
                             server={"max_connections_per_address": 1000})
 
-    await place_calls([LoadCall(voxd.webhook, speech_frames(0.4), voxd.token)], 1)  # warm up
-    await trio.sleep(0.2)
     fds, tasks = open_fds(), count_tasks()
+    await place_calls([LoadCall(voxd.webhook, speech_frames(0.4), voxd.token)], 1)  # warm up
+    with trio.fail_after(2):
+        await voxd.runtime.wait_idle()
+    await wait_until(lambda: open_fds() <= fds and count_tasks() <= tasks, 3,
+                     "the warm-up call's descriptors and tasks are released",
+                     seen=lambda: (open_fds(), fds, count_tasks(), tasks))
     short = [LoadCall(voxd.webhook, speech_frames(0.4), voxd.token) for _ in range(150)]
     long = [LoadCall(voxd.webhook, speech_frames(6.0), voxd.token) for _ in range(3)]
     async with trio.open_nursery() as nursery:
@@ -35,17 +40,14 @@ async def test_short_soak_leaves_nothing_behind(start_voxd, nursery):
         nursery.start_soon(place_calls, short, 30)
     with trio.fail_after(2):
         await voxd.runtime.wait_idle()
-    await trio.sleep(0.2)
     results = [c.result for c in short + long]
     assert [r.error for r in results if r.error] == []
     teardowns = [r.teardown for r in results]
     assert all(t is not None and t < 1.0 for t in teardowns), max(t or 99 for t in teardowns)
     assert sum(r.lost for r in results) == 0
-    # The echo upstream's closes may still be finishing (at most 2 s). The baseline may itself
-    # hold a descriptor or task of the warm-up call that closes later, so "back at baseline"
-    # is "not above it": a per-call leak would show up 153 times over.
-    for _ in range(40):
-        if open_fds() <= fds and count_tasks() <= tasks:
-            break
-        await trio.sleep(0.05)
-    assert open_fds() <= fds and count_tasks() <= tasks, (open_fds(), fds, count_tasks(), tasks)
+    # The echo upstream's closes may still be finishing (at most 2 s). "Back at baseline" is
+    # "not above it" (the baseline is taken before the warm-up call, which also had to
+    # release everything): a per-call leak would show up 153 times over.
+    await wait_until(lambda: open_fds() <= fds and count_tasks() <= tasks, 3,
+                     "descriptors and trio tasks are back at the baseline",
+                     seen=lambda: (open_fds(), fds, count_tasks(), tasks))
