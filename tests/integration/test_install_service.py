@@ -460,3 +460,28 @@ def test_the_installed_unit_verifies_clean(tmp_path, capsys):
     problems = [line for line in (result.stdout + result.stderr).splitlines()
                 if "voxd.service" in line]
     assert result.returncode == 0 and problems == [], result.stdout + result.stderr
+
+
+@pytest.mark.systemd
+def test_install_service_under_systemd():
+    """deploy/systemd-test/install_service.py: install-service in the Debian 12 container
+    run.py builds, the service started with systemctl, run again, and as two instances."""
+    from tests.integration.system_tools import missing_after_apt
+    from tests.integration.test_systemd_service import HOW, TOOLS, _cannot
+
+    if _cannot():
+        pytest.skip(_cannot() or "")
+    missing = missing_after_apt(TOOLS, ("systemd-container", "debootstrap"))
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed and apt-get could not ({HOW})")
+    build = subprocess.run([sys.executable, str(CHECKOUT / "deploy/systemd-test/run.py"),
+                            "--build-only"], capture_output=True, text=True, timeout=1200)
+    if build.returncode == 77:
+        pytest.skip((build.stderr.strip().splitlines() or ["?"])[-1])
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    result = subprocess.run([sys.executable,
+                             str(CHECKOUT / "deploy/systemd-test/install_service.py")],
+                            capture_output=True, text=True, timeout=900)
+    if result.returncode == 77:
+        pytest.skip((result.stderr.strip().splitlines() or ["?"])[-1])
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
