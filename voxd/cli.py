@@ -157,6 +157,8 @@ def _parser() -> argparse.ArgumentParser:
     echo.add_argument("--reply-after-ms", type=float, default=0.0, metavar="MS",
                       help="take turns: say each stretch of caller speech back once the caller "
                            "has been quiet this long (default 0: echo every frame at once)")
+    from voxd import install
+    install.add_parser(sub)
     return parser
 
 
@@ -193,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show":
             from voxd.call_record import show_command
             return show_command(args)
+        if args.command == "install-service":
+            from voxd.install import run as install_service
+            return install_service(args)
     except ConfigError as exc:
         for problem in exc.problems:
             _problem(f"voxd: {problem}")
