@@ -22,6 +22,11 @@ Outbound calls (`voxd.sim.callee`) use the same simulator for the answered leg: 
 `call_sid`, `direction="outbound-api"` (the webhook then says `CallStatus=in-progress`), the
 webhook's `Method`, extra webhook fields (a synchronous AMD's `AnsweredBy`), or the create's
 `Twiml` in place of a webhook; `stream_started` tells when the callee's audio begins.
+
+This module is the call's I/O (HTTP, the WebSocket, real-time pacing). The pure parts live by
+job next to it: `twiml` (reading Twilio's instructions), `messages` (what Twilio sends),
+`playout` (how Twilio plays the assistant's audio and echoes marks), `report` (what the call
+saw, rendered), `speech` and `audio_files` (the caller's audio), `explain` (errors in words).
 """
 
 from __future__ import annotations
@@ -30,10 +35,7 @@ import binascii
 import json
 import math
 import secrets
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
@@ -44,19 +46,36 @@ import trio_websocket
 from twilio.request_validator import RequestValidator
 
 from voxd.audio.dtmf import KEYS, DtmfDecoder
-from voxd.audio.g711 import ULAW_SILENCE, pcm16_to_ulaw, ulaw_decode
-from voxd.audio.vad import SpeechDetector, SpeechEdge, frame_energy_dbfs_ulaw
-from voxd.errors import VoxdError
+from voxd.audio.g711 import ULAW_SILENCE, pcm16_to_ulaw
+from voxd.audio.line import FRAME_BYTES, FRAME_SECONDS, SAMPLE_RATE
 from voxd.observability.untrusted import show
-from voxd.sim.audio_files import read_audio, write_stereo_wav
-from voxd.sim.explain import body_excerpt, connection_problem, elsewhere_hint, status_problem
+from voxd.sim import messages
+from voxd.sim.audio_files import read_audio
+from voxd.sim.explain import (
+    SimulatorError,
+    body_excerpt,
+    connection_problem,
+    elsewhere_hint,
+    status_problem,
+)
+from voxd.sim.playout import Playout, line_echo
+from voxd.sim.report import CallReport, Turn, read_voxd_mark, speech_segments
+from voxd.sim.speech import to_frames
+from voxd.sim.twiml import (
+    StreamInstruction,
+    dial_element,
+    dial_target,
+    find_dial,
+    looks_like_xml,
+    parse_twiml,
+    twiml_verbs,
+    verb_xml,
+)
 
 if TYPE_CHECKING:
     from voxd.sim.rest import SimulatedRest
 
-RATE = 8000
-FRAME_BYTES = 160
-FRAME_SECONDS = 0.020
+RATE = SAMPLE_RATE
 API_VERSION = "2010-04-01"
 CALLBACK_TIMEOUT = 10.0
 """Seconds Twilio-the-simulator waits for the webhook and the action URLs."""
@@ -66,21 +85,13 @@ REST_STOP_WAIT = 2.0
 """Longest a REST update waits for the stream it ends to be stopped and closed."""
 
 
-class SimulatorError(VoxdError):
-    """The simulated call could not be placed or went wrong; the message says how."""
-
-
-# -- audio files ----------------------------------------------------------------------------
-
 read_wav = read_audio
 """The caller's audio from a file, mono int16 8 kHz (voxd.sim.audio_files.read_audio)."""
 
-
-def to_frames(ulaw: bytes) -> list[bytes]:
-    """mu-law bytes cut into 160-byte frames, the last padded with silence."""
-    pad = (-len(ulaw)) % FRAME_BYTES
-    ulaw += bytes([ULAW_SILENCE]) * pad
-    return [ulaw[i:i + FRAME_BYTES] for i in range(0, len(ulaw), FRAME_BYTES)]
+__all__ = [  # what moved to the modules by job, still importable from here
+    "FRAME_BYTES", "FRAME_SECONDS", "CallReport", "SimulatorError", "StreamInstruction",
+    "Turn", "find_dial", "parse_twiml", "speech_segments", "to_frames", "twiml_verbs",
+]
 
 
 def parse_dtmf(text: str, call_seconds: float | None = None) -> list[tuple[str, float]]:
@@ -111,231 +122,7 @@ def parse_dtmf(text: str, call_seconds: float | None = None) -> list[tuple[str, 
     return sorted(presses, key=lambda press: press[1])
 
 
-def speech_segments(frames: list[bytes], min_speech_ms: int = 60,
-                    hangover_ms: int = 300) -> list[tuple[float, float]]:
-    """(start, end) seconds of speech in a list of 20 ms mu-law frames."""
-    detector = SpeechDetector(min_speech_ms=min_speech_ms, hangover_ms=hangover_ms)
-    segments: list[tuple[float, float]] = []
-    for frame in frames:
-        edge = detector.update(frame_energy_dbfs_ulaw(frame))
-        if edge is SpeechEdge.STOPPED:
-            segments.append(_segment(detector.speech_started_at_frame,
-                                     detector.speech_ended_at_frame))
-    if detector.in_speech:
-        segments.append(_segment(detector.speech_started_at_frame, detector.last_voiced_frame))
-    return segments
-
-
-def _segment(first: int | None, last: int | None) -> tuple[float, float]:
-    return (first or 0) * FRAME_SECONDS, ((last or 0) + 1) * FRAME_SECONDS
-
-
-# -- the report -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One caller utterance and the assistant's answer as the caller heard it."""
-
-    caller_start: float
-    caller_end: float
-    reply_start: float | None
-
-    @property
-    def latency(self) -> float | None:
-        """End of the caller's speech -> first assistant audio heard."""
-        return None if self.reply_start is None else self.reply_start - self.caller_end
-
-
-@dataclass
-class CallReport:
-    """Everything the simulated call saw; times are seconds since the stream started."""
-
-    call_sid: str
-    stream_sid: str
-    events: list[tuple[float, str]] = field(default_factory=list)
-    caller_frames: list[bytes] = field(default_factory=list)
-    heard_frames: list[bytes] = field(default_factory=list)
-    """What the caller heard, frame by frame in real time (silence where none had arrived)."""
-    received_audio: bytearray = field(default_factory=bytearray)
-    """All assistant audio voxd sent, in order, whenever it arrived (cleared audio too)."""
-    media_received: int = 0
-    clears: int = 0
-    marks_echoed: int = 0
-    closed_by: str = "caller"
-    """Who ended the stream: "caller" (stop sent), "voxd" (it closed the socket) or "rest"
-    (Twilio, on a REST update)."""
-    after_stream: str = ""
-    """The verbs after `</Connect>` in the webhook's TwiML."""
-    next_twiml: str = ""
-    """The verbs (inside `<Response>`) Twilio runs once the stream is over: the REST update's
-    TwiML, the `<Connect action>`'s answer, or else `after_stream`; "" when the call is over
-    (the caller or a REST update hung up, or nothing is left to run)."""
-    transferred_to: str = ""
-    """The number, SIP URI or client a `<Dial>` in `next_twiml` calls ("" when none)."""
-    after_dial: str = ""
-    """The verbs the `<Dial action>` answered once the dialled leg ended."""
-    tones_heard: str = ""
-    """DTMF keys decoded from what the caller heard, in order."""
-    keys_pressed: str = ""
-    """The caller's key presses sent as `dtmf` events, in order."""
-    clear_times: list[tuple[float, float]] = field(default_factory=list)
-    """Each `clear` voxd sent (a barge-in): (when, seconds of queued audio it dropped)."""
-    mark_times: list[tuple[float, str]] = field(default_factory=list)
-    """Each mark echoed back to voxd: (when, its name)."""
-    errors: list[str] = field(default_factory=list)
-    voxd_latencies: dict[int, float] = field(default_factory=dict)
-    """Turn number -> voxd's own measured response latency (from its marks)."""
-    stages: dict[int, dict[str, float]] = field(default_factory=dict)
-    """Turn number (voxd's) -> the assistant's stage figures, seconds (from voxd's marks)."""
-
-    def caller_speech(self) -> list[tuple[float, float]]:
-        """When the caller spoke."""
-        return speech_segments(self.caller_frames)
-
-    def assistant_speech(self) -> list[tuple[float, float]]:
-        """When the caller heard the assistant."""
-        return speech_segments(self.heard_frames)
-
-    def turns(self) -> list[Turn]:
-        """The caller's turns, each with the first assistant audio heard after it. Caller speech
-        with no assistant audio between (a pause mid-sentence) is one turn."""
-        replies = [start for start, _ in self.assistant_speech()]
-        spans: list[tuple[float, float]] = []
-        for start, end in self.caller_speech():
-            if spans and not any(spans[-1][1] <= r < start for r in replies):
-                spans[-1] = (spans[-1][0], end)
-            else:
-                spans.append((start, end))
-        turns = []
-        for i, (start, end) in enumerate(spans):
-            next_start = spans[i + 1][0] if i + 1 < len(spans) else float("inf")
-            reply = next((r for r in replies if end <= r < next_start), None)
-            turns.append(Turn(start, end, reply))
-        return turns
-
-    def write_wav(self, path: Path) -> None:
-        """The call as stereo: caller on the left, what the caller heard on the right."""
-        left = ulaw_decode(np.frombuffer(b"".join(self.caller_frames), np.uint8))
-        right = ulaw_decode(np.frombuffer(b"".join(self.heard_frames), np.uint8))
-        write_stereo_wav(path, left, right)
-
-    def render(self) -> str:
-        """The timeline and per-turn latency table, for a person to read."""
-        lines = [f"call {self.call_sid}  stream {self.stream_sid}"]
-        rows = list(self.events)
-        rows += [(s, f"caller speaks until {e:.2f}s") for s, e in self.caller_speech()]
-        rows += [(s, f"assistant heard until {e:.2f}s") for s, e in self.assistant_speech()]
-        for t, what in sorted(rows, key=lambda r: r[0]):
-            lines.append(f"  {t:7.2f}s  {what}")
-        lines.append("")
-        lines.append("  turn  caller stopped  assistant heard  latency (caller)  latency (voxd)"
-                     + ("  assistant stages" if self.stages else ""))
-        turns = self.turns()
-        voxd = sorted(self.voxd_latencies.items())
-        for n, turn in enumerate(turns, 1):
-            heard = "-" if turn.reply_start is None else f"{turn.reply_start:.2f}s"
-            latency = "no reply" if turn.latency is None else f"{turn.latency * 1000:.0f} ms"
-            # voxd numbers the turns it answered; match them to the caller's in order
-            answered = sum(1 for t in turns[:n] if t.latency is not None)
-            mine = (f"{voxd[answered - 1][1] * 1000:.0f} ms"
-                    if turn.latency is not None and answered <= len(voxd) else "-")
-            stages = ""
-            if self.stages and turn.latency is not None and answered <= len(voxd):
-                figures = self.stages.get(voxd[answered - 1][0], {})
-                stages = "  " + (", ".join(f"{stage} {seconds * 1000:.0f} ms"
-                                           for stage, seconds in figures.items()) or "-")
-            lines.append(f"  {n:4d}  {turn.caller_end:13.2f}s  {heard:>15}  {latency:>16}"
-                         f"  {mine:>14}{stages}")
-        if not turns:
-            lines.append("  (the caller did not speak)")
-        lines.append("")
-        lines.append(
-            f"  frames sent {len(self.caller_frames)}, assistant frames received "
-            f"{self.media_received}, clears {self.clears}, marks echoed {self.marks_echoed}, "
-            f"ended by {self.closed_by}"
-        )
-        if self.keys_pressed or self.tones_heard:
-            lines.append(f"  keys pressed {self.keys_pressed or '-'}, tones heard "
-                         f"{self.tones_heard or '-'}")
-        if self.transferred_to:
-            lines.append(f"  transferred to {self.transferred_to}")
-        lines.extend(f"  error: {e}" for e in self.errors)
-        return "\n".join(lines)
-
-
 # -- the call ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StreamInstruction:
-    """What the TwiML asked for: the stream URL, its parameters, the verbs after it, and the
-    `<Connect action>` URL ("" when none; as written, relative URLs unresolved)."""
-
-    url: str
-    parameters: dict[str, str]
-    after: str
-    action: str = ""
-    action_method: str = "POST"
-
-
-def _xml(element: ET.Element) -> str:
-    """One verb as TwiML text (without the whitespace after it; `<Hangup/>`, not
-    `<Hangup />`: ElementTree escapes `>` in attribute values, so the replace is safe)."""
-    tail, element.tail = element.tail, None
-    try:
-        return ET.tostring(element, encoding="unicode").replace(" />", "/>")
-    finally:
-        element.tail = tail
-
-
-def _response(body: str, what: str) -> ET.Element:
-    try:
-        root = ET.fromstring(body)
-    except ET.ParseError as exc:
-        raise SimulatorError(f"{what} answered invalid XML: {exc}") from None
-    if root.tag != "Response":
-        raise SimulatorError(f"{what} answered <{root.tag}>, not <Response>")
-    return root
-
-
-def twiml_verbs(body: str, what: str = "the TwiML") -> str:
-    """The verbs of a `<Response>` document, as text (SimulatorError if it is not one)."""
-    return "".join(_xml(verb) for verb in _response(body, what))
-
-
-def find_dial(verbs: str) -> tuple[str, str] | None:
-    """The first `<Dial>` among TwiML verbs: (its TwiML, whom it calls), or None."""
-    dial = _dial_element(verbs)
-    return None if dial is None else (_xml(dial), _dial_target(dial))
-
-
-def parse_twiml(body: str) -> StreamInstruction:
-    """Find `<Connect><Stream>` in a TwiML response, as Twilio would."""
-    verbs = list(_response(body, "webhook"))
-    for i, verb in enumerate(verbs):
-        stream = verb.find("Stream") if verb.tag == "Connect" else None
-        if stream is not None:
-            url = stream.get("url", "")
-            if not url.startswith(("ws://", "wss://")):
-                raise SimulatorError(f"<Stream url={url!r}> is not a ws:// or wss:// URL")
-            if "?" in url:
-                raise SimulatorError(f"<Stream url={url!r}> has a query string (Twilio error "
-                                     "31920: use <Parameter>)")
-            params = {p.get("name", ""): p.get("value", "") for p in stream.iter("Parameter")}
-            after = "".join(_xml(v) for v in verbs[i + 1:])
-            method = (verb.get("method") or "POST").upper()
-            if method not in ("GET", "POST"):
-                raise SimulatorError(f"<Connect method={method!r}> is not GET or POST")
-            return StreamInstruction(url, params, after, verb.get("action", ""), method)
-    answered = "".join(_xml(v) for v in verbs) or "nothing"
-    raise SimulatorError(f"webhook answered no <Connect><Stream> (it answered: {answered})")
-
-
-def _looks_like_xml(body: str) -> bool:
-    """Could this body be TwiML at all (an XML document), rather than HTML, JSON or text?"""
-    head = body.lstrip()[:200].lower()
-    return head.startswith("<") and not head.startswith(("<!doctype html", "<html"))
 
 
 def _sid(prefix: str) -> str:
@@ -481,7 +268,7 @@ class TwilioSimulator:
             raise SimulatorError(status_problem("webhook", self.webhook_url,
                                                 response.status_code, response.reason_phrase,
                                                 response.text))
-        if not _looks_like_xml(response.text):
+        if not looks_like_xml(response.text):
             kind = response.headers.get("content-type", "").split(";")[0].strip()
             raise SimulatorError(
                 f"webhook answered {show(kind, 40) or 'a body'} that is not TwiML (Twilio: "
@@ -592,10 +379,10 @@ class TwilioSimulator:
                   and state.rest_end is None else "")
         state.note(f"after the stream: {next_twiml}{source}" if next_twiml
                    else f"after the stream: nothing, the call ends ({why})")
-        dial = _dial_element(next_twiml)
+        dial = dial_element(next_twiml)
         if dial is None:
             return
-        dial_xml, report.transferred_to = _xml(dial), _dial_target(dial)
+        dial_xml, report.transferred_to = verb_xml(dial), dial_target(dial)
         state.note(f"transferred: {dial_xml}")
         if dial.get("action"):
             form = {**self._form("in-progress"), "DialCallStatus": self.dial_status,
@@ -636,19 +423,6 @@ class TwilioSimulator:
             return None
 
 
-def _dial_element(verbs: str) -> ET.Element | None:
-    try:
-        return ET.fromstring(f"<Response>{verbs}</Response>").find("Dial")
-    except ET.ParseError:
-        return None
-
-
-def _dial_target(dial: ET.Element) -> str:
-    nouns = [child for child in dial if child.tag in ("Number", "Sip", "Client", "Conference",
-                                                      "Queue", "Sim", "Application")]
-    return ((nouns[0].text if nouns else dial.text) or "").strip()
-
-
 class _Stream:
     """One media stream of a simulated call: the paced sender and the receiver."""
 
@@ -664,10 +438,7 @@ class _Stream:
         self.state = state if state is not None else _CallState(report)
         self.decoder = DtmfDecoder()
         self.sequence = 0
-        self.queue = bytearray()        # assistant audio Twilio has not played yet
-        self.played = 0                 # bytes of assistant audio played so far
-        self.queued = 0                 # bytes of assistant audio queued so far
-        self.marks: list[tuple[int, str]] = []
+        self.playout = Playout()
         self.t0 = 0.0
         self.ended: str | None = None   # who ended the stream: caller, voxd or rest
 
@@ -683,12 +454,12 @@ class _Stream:
             self.state.hung_up = True
         return True
 
-    async def send(self, message: dict[str, object]) -> None:
-        if message["event"] != "connected":  # Twilio numbers every message after it, from 1
-            self.sequence += 1
-            message = {"event": message["event"], "sequenceNumber": str(self.sequence),
-                       **{k: v for k, v in message.items() if k != "event"}}
-        await self.ws.send_message(json.dumps(message, separators=(",", ":")))
+    async def send(self, message: messages.Message) -> None:
+        if message["event"] == "connected":
+            await self.ws.send_message(messages.encode(message))
+            return
+        self.sequence += 1  # Twilio numbers every message after `connected`, from 1
+        await self.ws.send_message(messages.encode(message, self.sequence))
 
     async def run(self) -> None:
         try:
@@ -700,12 +471,9 @@ class _Stream:
 
     async def _run(self) -> None:
         sid = self.sim.stream_sid
-        await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
-        await self.send({"event": "start", "streamSid": sid, "start": {
-            "accountSid": self.sim.account_sid, "streamSid": sid, "callSid": self.sim.call_sid,
-            "tracks": ["inbound"], "customParameters": self.instruction.parameters,
-            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": RATE, "channels": 1},
-        }})
+        await self.send(messages.connected())
+        await self.send(messages.start(sid, self.sim.call_sid, self.sim.account_sid,
+                                       self.instruction.parameters))
         self.t0 = self.state.t0 = trio.current_time()
         self.state.phase = "streaming"
         self.report.events.append((0.0, "stream started"))
@@ -721,7 +489,6 @@ class _Stream:
         """Every 20 ms: send the caller's frame just captured, play one frame of assistant
         audio; key presses when due; a REST update's stop at the next tick."""
         sid = self.sim.stream_sid
-        silence = bytes([ULAW_SILENCE]) * FRAME_BYTES
         echo = self.sim.line_echo
         report = self.report
         try:
@@ -733,33 +500,25 @@ class _Stream:
                     await trio.sleep_until(self.t0 + at)
                     if await self.obey_rest():
                         return
-                    await self.send({"event": "dtmf", "streamSid": sid,
-                                     "dtmf": {"track": "inbound_track", "digit": key}})
+                    await self.send(messages.dtmf(sid, key))
                     report.keys_pressed += key
                     report.events.append((self.now(), f"caller pressed {key}"))
                 await trio.sleep_until(frame_at)
                 if await self.obey_rest():
                     return
                 if echo is not None:
-                    frame = _with_echo(frame, report.heard_frames, *echo)
-                payload = binascii.b2a_base64(frame, newline=False).decode()
-                await self.send({"event": "media", "streamSid": sid, "media": {
-                    "track": "inbound", "chunk": str(i + 1), "timestamp": str(i * 20),
-                    "payload": payload}})
+                    frame = line_echo(frame, report.heard_frames, *echo)
+                await self.send(messages.media(sid, i, frame))
                 report.caller_frames.append(frame)
-                heard = bytes(self.queue[:FRAME_BYTES])
-                del self.queue[:FRAME_BYTES]
-                self.played += len(heard)
-                heard += silence[len(heard):]
+                heard = self.playout.tick()
                 report.heard_frames.append(heard)
                 for key in self.decoder.feed(heard):
                     report.tones_heard += key
                     report.events.append((self.now(), f"tone heard: {key}"))
-                await self.echo_marks(lambda pos: pos <= self.played)
+                await self.echo_marks(self.playout.due())
             if await self.obey_rest() or not self.claim("caller"):
                 return
-            await self.send({"event": "stop", "streamSid": sid, "stop": {
-                "accountSid": self.sim.account_sid, "callSid": self.sim.call_sid}})
+            await self.send(messages.stop(sid, self.sim.call_sid, self.sim.account_sid))
             report.events.append((self.now(), "caller hung up (stop sent)"))
         except trio_websocket.ConnectionClosed as exc:
             self._closed_by_voxd(exc)
@@ -769,19 +528,18 @@ class _Stream:
         if not self.state.rest_requested.is_set():
             return False
         if self.claim("rest"):
-            await self.send({"event": "stop", "streamSid": self.sim.stream_sid, "stop": {
-                "accountSid": self.sim.account_sid, "callSid": self.sim.call_sid}})
+            await self.send(messages.stop(self.sim.stream_sid, self.sim.call_sid,
+                                          self.sim.account_sid))
             self.report.events.append((self.now(), "Twilio ended the stream (stop sent)"))
             await self.ws.aclose()
         return True
 
-    async def echo_marks(self, reached: object) -> None:
-        while self.marks and reached(self.marks[0][0]):  # type: ignore[operator]
-            _, name = self.marks.pop(0)
+    async def echo_marks(self, names: list[str]) -> None:
+        """Echo marks whose audio has played back to voxd, as Twilio does."""
+        for name in names:
             self.report.marks_echoed += 1
             self.report.mark_times.append((self.now(), name))
-            await self.send({"event": "mark", "streamSid": self.sim.stream_sid,
-                             "mark": {"name": name}})
+            await self.send(messages.mark(self.sim.stream_sid, name))
 
     async def receive(self, call_scope: trio.CancelScope) -> None:
         report = self.report
@@ -802,22 +560,19 @@ class _Stream:
                             report.events.append((self.now(), "first assistant audio received"))
                         report.media_received += 1
                         report.received_audio += audio
-                        self.queue += audio
-                        self.queued += len(audio)
+                        self.playout.receive(audio)
                     elif event == "mark":
                         name = message["mark"]["name"]
-                        _read_voxd_mark(name, report)
-                        self.marks.append((self.queued, name))
-                        await self.echo_marks(lambda pos: pos <= self.played)
+                        read_voxd_mark(name, report)
+                        await self.echo_marks(self.playout.mark(name))
                     elif event == "clear":
+                        dropped, due = self.playout.clear()
                         report.clears += 1
-                        report.clear_times.append((self.now(), len(self.queue) / 8000))
+                        report.clear_times.append((self.now(), dropped / RATE))
                         report.events.append(
-                            (self.now(), f"clear: {len(self.queue) / 8:.0f} ms of queued "
+                            (self.now(), f"clear: {dropped / 8:.0f} ms of queued "
                                          "assistant audio dropped"))
-                        self.queue.clear()
-                        self.queued = self.played
-                        await self.echo_marks(lambda pos: True)
+                        await self.echo_marks(due)
                     else:
                         raise ValueError(f"unknown event {event!r}")
                 except (ValueError, KeyError, TypeError, binascii.Error) as exc:
@@ -835,33 +590,4 @@ class _Stream:
             self.report.events.append((self.now(), f"voxd closed the stream (code "
                                                    f"{reason.code if reason else '?'})"))
 
-
-def _with_echo(frame: bytes, heard: list[bytes], attenuation_db: float,
-               delay_ms: float) -> bytes:
-    """The caller's frame plus the line's echo of what it heard `delay_ms` earlier."""
-    back = round(delay_ms / 20)
-    if back < 1 or len(heard) < back:
-        return frame
-    gain = 10 ** (-attenuation_db / 20)
-    mixed = (ulaw_decode(np.frombuffer(frame, np.uint8)).astype(np.float32)
-             + gain * ulaw_decode(np.frombuffer(heard[-back], np.uint8)))
-    return pcm16_to_ulaw(np.clip(mixed, -32768, 32767).astype("<i2").tobytes())
-
-
-def _read_voxd_mark(name: str, report: CallReport) -> None:
-    """voxd names the mark ahead of each answer `voxd:turn=N;latency_ms=X`: its own figure,
-    then the assistant's stage figures for that turn where its provider gives them
-    (`;total_ms=Y;first_token_ms=Z...`)."""
-    if not name.startswith("voxd:turn="):
-        return
-    try:
-        fields = dict(part.split("=", 1) for part in name[5:].split(";"))
-        turn = int(fields.pop("turn"))
-        report.voxd_latencies[turn] = int(fields.pop("latency_ms")) / 1000
-        stages = {key[:-3]: int(value) / 1000 for key, value in fields.items()
-                  if key.endswith("_ms")}
-        if stages:
-            report.stages[turn] = stages
-    except (ValueError, KeyError):
-        report.errors.append(f"unreadable voxd mark {name!r}")
 

@@ -1,4 +1,5 @@
-"""What went wrong when the simulator reached for a URL, said in one line a person can act on.
+"""What went wrong when the simulator reached for a URL, said in one line a person can act on
+(and SimulatorError, the error that carries it).
 
 httpx and trio-websocket wrap the real cause (an ssl.SSLError, a socket.gaierror, a refused
 connection inside an exception group) in exceptions whose own text is often empty; this finds
@@ -16,10 +17,15 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
+from voxd.errors import VoxdError
 from voxd.observability.untrusted import show
 
 EXCERPT = 100
 """Characters of a response body quoted in an error."""
+
+
+class SimulatorError(VoxdError):
+    """The simulated call could not be placed or went wrong; the message says how."""
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
