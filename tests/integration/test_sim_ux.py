@@ -126,6 +126,8 @@ def test_ctrl_c_on_demo_keeps_the_recording_and_exits_130(tmp_path):
     mine = [line for line in stderr.splitlines() if line.startswith("voxd: ")]
     assert len(mine) == 1 and mine[0].startswith("voxd: interrupted: wrote the "), stderr
     assert_readable_call(out)
+    # the simulated caller hung up (sent stop), as a person hanging up would
+    assert "reason=caller-hangup" in stderr, stderr
 
 
 # -- audio files -------------------------------------------------------------------------------

@@ -177,6 +177,8 @@ class _CallState:
         """The latest REST update that ended the stream: (hang up?, TwiML)."""
         self.rest_requested = trio.Event()
         self.stream_over = trio.Event()
+        self.hang_up_early = False
+        """The caller hangs up at the next frame (Ctrl-C on `voxd call`)."""
 
     def now(self) -> float:
         return 0.0 if self.t0 is None else trio.current_time() - self.t0
@@ -333,6 +335,16 @@ class TwilioSimulator:
                 f"cannot open the media stream {show(instruction.url, 120)}: "
                 f"{connection_problem(exc, instruction.url, STREAM_CONNECT_TIMEOUT)}"
                 f"{elsewhere_hint(instruction.url, self.webhook_url)}") from None
+
+    def hang_up(self) -> bool:
+        """The caller hangs up now, before its audio ends (Ctrl-C): `stop` is sent at the next
+        frame and the call ends as after any hang-up. False when the stream is not up (nothing
+        to hang up politely: the caller would just cancel)."""
+        state = self._state
+        if state is None or state.phase != "streaming":
+            return False
+        state.hang_up_early = True
+        return True
 
     async def rest_update(self, hang_up: bool, twiml: str | None) -> str:
         """A REST update to this call (called by SimulatedRest, see its ControlledCall): end
@@ -506,6 +518,8 @@ class _Stream:
                 await trio.sleep_until(frame_at)
                 if await self.obey_rest():
                     return
+                if self.state.hang_up_early:
+                    break
                 if echo is not None:
                     frame = line_echo(frame, report.heard_frames, *echo)
                 await self.send(messages.media(sid, i, frame))
@@ -519,7 +533,8 @@ class _Stream:
             if await self.obey_rest() or not self.claim("caller"):
                 return
             await self.send(messages.stop(sid, self.sim.call_sid, self.sim.account_sid))
-            report.events.append((self.now(), "caller hung up (stop sent)"))
+            report.events.append((self.now(), "caller hung up early (stop sent)"
+                                  if self.state.hang_up_early else "caller hung up (stop sent)"))
         except trio_websocket.ConnectionClosed as exc:
             self._closed_by_voxd(exc)
 

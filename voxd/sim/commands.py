@@ -68,11 +68,17 @@ def _outputs(args: argparse.Namespace) -> None:
             raise UsageError("--plot needs matplotlib: pip install 'voxd[plot]'")
 
 
-def _run(place: Callable[[], Awaitable[CallReport]]) -> Outcome[CallReport]:
-    """Run the call in trio, Ctrl-C (or SIGTERM) ending it early; an interrupted call's
-    outcome carries no result (its report so far is the simulator's)."""
+def _run(place: Callable[[], Awaitable[CallReport]],
+         simulator: Callable[[], TwilioSimulator | None]) -> Outcome[CallReport]:
+    """Run the call in trio, Ctrl-C (or SIGTERM) hanging the caller up early (or cancelling
+    the call before its stream is up: its outcome then has no result, and the report so far
+    is the simulator's)."""
+    def hang_up() -> bool:
+        sim = simulator()
+        return sim is not None and sim.hang_up()
+
     try:
-        return trio.run(partial(interruptible, place))
+        return trio.run(partial(interruptible, place, hang_up))
     except BaseException as exc:
         if is_interrupt(exc):  # before the signal receiver was up, or a second Ctrl-C
             return Outcome(None, "SIGINT")
@@ -82,12 +88,15 @@ def _run(place: Callable[[], Awaitable[CallReport]]) -> Outcome[CallReport]:
 def _interrupted(outcome: Outcome[CallReport], sim: TwilioSimulator | None,
                  record: Path | None, plot: Path | None) -> int:
     """One line on what an interrupted call kept; the recording so far written."""
-    report = sim.report_so_far if sim is not None else None
+    report = outcome.result or (sim.report_so_far if sim is not None else None)
     seconds = len(report.caller_frames) * FRAME_SECONDS if report is not None else 0.0
     if report is None or sim is None or not sim.stream_started.is_set():
         line = "interrupted before the media stream started: nothing recorded"
     else:
-        report.events.append((seconds, "interrupted (Ctrl-C): the call was cut short"))
+        ended = None  # the caller hung up: the timeline says so
+        if outcome.result is None:  # cut off
+            ended = "interrupted"
+            report.events.append((seconds, "interrupted (Ctrl-C): the call was cut short"))
         written = []
         if record is not None:
             report.write_wav(record)
@@ -95,7 +104,7 @@ def _interrupted(outcome: Outcome[CallReport], sim: TwilioSimulator | None,
         if plot is not None:
             from voxd.sim.plot import plot_call
 
-            plot_call(report, plot, ended="interrupted")
+            plot_call(report, plot, ended=ended)
             written.append(str(plot))
         line = (f"interrupted: wrote the {seconds:.1f} s recorded so far to "
                 f"{' and '.join(written)}" if written else
@@ -194,8 +203,8 @@ def _call(args: argparse.Namespace) -> int:
 
     print(f"calling {args.webhook_url} for {seconds:.1f}s"
           f"{' (signed)' if token else ' (unsigned)'} ...", flush=True)
-    outcome = _run(place)
-    if outcome.result is None:
+    outcome = _run(place, lambda: simulator)
+    if outcome.interrupted or outcome.result is None:
         return _interrupted(outcome, simulator, args.record, getattr(args, "plot", None))
     return _finish(outcome.result, args.record, getattr(args, "plot", None),
                    lambda out: f"recorded the call to {out} (left: caller, right: assistant "
@@ -227,8 +236,8 @@ def _demo(args: argparse.Namespace) -> int:
                    "recorded)", flush=True)
 
     outcome = _run(partial(run_demo, args.audio, dtmf=presses, provider=args.provider,
-                           on_call=follow))
-    if outcome.result is None:
+                           on_call=follow), lambda: placed[0] if placed else None)
+    if outcome.interrupted or outcome.result is None:
         return _interrupted(outcome, placed[0] if placed else None, args.record,
                             getattr(args, "plot", None))
     return _finish(outcome.result, args.record, getattr(args, "plot", None),

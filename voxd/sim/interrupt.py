@@ -1,9 +1,10 @@
-"""Ctrl-C (or SIGTERM) during `voxd call` / `voxd demo`: end the call, keep what it recorded.
+"""Ctrl-C (or SIGTERM) during `voxd call` / `voxd demo`: hang up, keep what the call recorded.
 
 trio turns a SIGINT into a KeyboardInterrupt raised wherever the program happens to be, which
 inside nurseries arrives as an exception group and loses the call's report. Instead the signal
-is received as an event: the call is cancelled, the report built so far (the simulator fills it
-frame by frame) is kept, and the command says so in one line and exits 130."""
+is received as an event: the simulated caller hangs up (or, before the stream is up, the call
+is cancelled), the report built so far (the simulator fills it frame by frame) is kept, and the
+command says so in one line and exits 130."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ T = TypeVar("T")
 
 EXIT_INTERRUPTED = 130
 """The shell's code for a command ended by SIGINT (128 + 2)."""
+GRACE_SECONDS = 2.0
+"""How long a call hung up by Ctrl-C may take to end (its stop sent, what follows the stream
+asked) before it is cut off."""
 
 
 @dataclass
@@ -28,18 +32,24 @@ class Outcome(Generic[T]):
     interrupted: str = ""
 
 
-async def interruptible(run: Callable[[], Awaitable[T]]) -> Outcome[T]:
-    """Run `run()`; a SIGINT or SIGTERM while it runs cancels it instead of raising (a second
-    one, should the cancellation hang, interrupts as usual)."""
+async def interruptible(run: Callable[[], Awaitable[T]],
+                        wind_down: Callable[[], bool] | None = None,
+                        grace: float = GRACE_SECONDS) -> Outcome[T]:
+    """Run `run()`; a SIGINT or SIGTERM while it runs ends it instead of raising: by
+    `wind_down()` (the caller hangs up) when that says it can, `run` then given `grace` seconds
+    to finish; else, or on a second signal, by cancelling it."""
     outcome: Outcome[T] = Outcome(None)
 
     async def watch(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             task_status.started()
             async for signum in signals:
+                if outcome.interrupted or wind_down is None or not wind_down():
+                    outcome.interrupted = outcome.interrupted or signal.Signals(signum).name
+                    nursery.cancel_scope.cancel()
+                    return
                 outcome.interrupted = signal.Signals(signum).name
-                nursery.cancel_scope.cancel()
-                return
+                nursery.cancel_scope.deadline = trio.current_time() + grace
 
     try:
         async with trio.open_nursery() as nursery:
