@@ -302,7 +302,9 @@ def test_a_webhook_answering_something_else_than_twiml(canned):
 def test_a_stream_sent_elsewhere_asks_about_public_url(canned):
     line = one_line_failure(canned + "/elsewhere")
     assert "cannot open the media stream wss://voice.invalid/twilio/media" in line
-    assert "is server.public_url right?" in line
+    assert line.endswith("; the TwiML sends the stream to wss://voice.invalid, not to the "
+                         f"webhook's {canned.removeprefix('http://')}: is server.public_url "
+                         "right?"), line
 
 
 def test_a_refused_media_stream(canned):

@@ -138,5 +138,6 @@ def elsewhere_hint(stream_url: str, webhook_url: str) -> str:
     voxd derives the stream URL from server.public_url."""
     if not webhook_url or same_origin(stream_url, webhook_url):
         return ""
-    return (f"; the TwiML sends the stream to {show(stream_url, 120)} but the webhook is at "
-            f"{_where(webhook_url)[1]}: is server.public_url right?")
+    parts = urlsplit(stream_url)
+    return (f"; the TwiML sends the stream to {show(f'{parts.scheme}://{parts.netloc}', 80)}, "
+            f"not to the webhook's {_where(webhook_url)[1]}: is server.public_url right?")
