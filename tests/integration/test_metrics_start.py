@@ -19,15 +19,17 @@ from voxd.observability import metrics
 
 
 @contextlib.contextmanager
-def fresh_voxd(tmp_path: Path, workers: int) -> Iterator[str]:
-    """`voxd serve` (the echo assistant) as its own process, ready: its origin."""
+def fresh_voxd(tmp_path: Path, workers: int, extra: str = "") -> Iterator[str]:
+    """`voxd serve` as its own process (the built-in echo assistant, or `extra`'s TOML
+    tables), ready: its origin."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = tmp_path / "voxd.toml"
     config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n'
                       f'public_url = "http://127.0.0.1:{port}"\nworkers = {workers}\n'
-                      "[twilio]\nvalidate_signatures = false\nrest_call_control = false\n")
+                      "[twilio]\nvalidate_signatures = false\nrest_call_control = false\n"
+                      + extra)
     origin = f"http://127.0.0.1:{port}"
     daemon = subprocess.Popen([sys.executable, "-m", "voxd", "serve", "--config", str(config)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
