@@ -438,8 +438,8 @@ def find_audio(directory: Path, call_sid: str) -> Path | None:
     return None
 
 
-def _envelope(samples: np.ndarray, rate: int, columns: int
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def envelope(samples: np.ndarray, rate: int, columns: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(times, minima, maxima) of `samples` in at most `columns` buckets: a waveform drawn at
     the picture's resolution, however long the call."""
     import numpy as np
@@ -481,7 +481,7 @@ def plot(events: Sequence[Event], audio: Path | None, out: Path) -> None:
     colours = ("tab:blue", "tab:green")
     for axes, title, colour, i in zip((caller, heard), titles, colours, range(2), strict=True):
         if i < len(channels):
-            times, low, high = _envelope(channels[i], rate, 4000)
+            times, low, high = envelope(channels[i], rate, 4000)
             axes.fill_between(times, low, high, color=colour, linewidth=0.4)
         else:
             axes.text(0.5, 0.5, "no recording", transform=axes.transAxes, ha="center",

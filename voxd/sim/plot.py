@@ -16,7 +16,7 @@ import numpy as np
 
 from voxd.audio.g711 import ulaw_decode
 from voxd.audio.line import FRAME_SECONDS, SAMPLE_RATE
-from voxd.call_record import _envelope
+from voxd.call_record import envelope
 from voxd.observability.untrusted import show
 from voxd.sim.caller import CallReport
 
@@ -66,7 +66,7 @@ def plot_call(report: CallReport, out: Path, *, ended: str | None = None) -> Non
     for axes, pcm, title, colour in ((caller, caller_pcm, "caller (sent)", "tab:blue"),
                                      (heard, heard_pcm, "heard by the caller\n(the assistant)",
                                       "tab:green")):
-        times, low, high = _envelope(pcm, SAMPLE_RATE, 4000)
+        times, low, high = envelope(pcm, SAMPLE_RATE, 4000)
         axes.fill_between(times, low, high, color=colour, linewidth=0.4)
         axes.set_ylim(-1.15, 1.15)
         axes.set_ylabel(title, fontsize=9)
