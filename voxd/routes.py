@@ -419,11 +419,9 @@ def create_app(runtime_ref: Callable[[], Runtime], metrics_here: bool = True) ->
     @http.get("/readyz")
     async def readyz() -> Response:
         """200 when accepting calls, 503 while draining or at capacity."""
-        runtime = runtime_ref()
-        if runtime.live.draining:
-            return Response("draining\n", 503, content_type=TEXT)
-        if len(runtime.calls) >= runtime.settings.config.call.max_concurrent_calls:
-            return Response("at capacity\n", 503, content_type=TEXT)
+        not_ready = runtime_ref().not_ready()  # what voxd_ready shows too
+        if not_ready is not None:
+            return Response(not_ready + "\n", 503, content_type=TEXT)
         return Response("ready\n", 200, content_type=TEXT)
 
     if metrics_here:

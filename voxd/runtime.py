@@ -126,6 +126,14 @@ class Runtime:
         self.live.discard(session)
         self._release()
 
+    def not_ready(self) -> str | None:
+        """Why no new call is taken ("draining", "at capacity": /readyz 503), or None."""
+        if self.live.draining:
+            return "draining"
+        if len(self.live) >= self.settings.config.call.max_concurrent_calls:
+            return "at capacity"
+        return None
+
     async def wait_idle(self) -> None:
         """Return once no call is in progress."""
         await self.live.wait_idle()

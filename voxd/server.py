@@ -159,6 +159,13 @@ class Server:
 
     def _calls_changed(self, live: LiveCalls) -> None:
         self.notifier.status(self._status())
+        self._show_readiness()
+
+    def _show_readiness(self) -> None:
+        """voxd_ready (what /readyz answers) and voxd_calls_max (this worker's limit): set on
+        each call's start and end, the drain and a reload, never per frame."""
+        metrics.CALLS_MAX.set(self.runtime.settings.config.call.max_concurrent_calls)
+        metrics.READY.set(0 if self.runtime.not_ready() else 1)
 
     def _limits(self) -> ConnectionLimits:
         server = self.runtime.settings.config.server
@@ -196,6 +203,8 @@ class Server:
                             log.info("serving /metrics on %s", bound_origin(self.metrics_sock))
                         log.info("listening on %s (public URL %s)", bound_origin(self.sock),
                                  settings.config.server.public_url)
+                        metrics.WORKERS.set(1)
+                        self._show_readiness()
                         self.notifier.ready(self._status())
                         self.background.start("the systemd watchdog", "", self.notifier.watchdog)
                         self.background.start("removing old recordings", "",
@@ -210,6 +219,8 @@ class Server:
                                                          + SHUTDOWN_GRACE_SECONDS)
                 nursery.cancel_scope.cancel()
         finally:
+            metrics.READY.set(0)
+            metrics.WORKERS.set(0)
             for runtime in self._runtimes:
                 if not runtime.closed:
                     await runtime.aclose()
@@ -235,6 +246,7 @@ class Server:
         finish for up to drain.timeout_seconds, end the rest cleanly, then stop."""
         timeout = self.runtime.settings.config.drain.timeout_seconds
         self.live.draining = True
+        self._show_readiness()
         log.info("draining: %s; no new calls; waiting up to %.0fs for them to end",
                  plural(len(self.live), "active call"), timeout)
         self.notifier.stopping(self._status())
@@ -285,6 +297,7 @@ class Server:
             if warning not in known:
                 log.warning("%s", warning)
         self.runtime = runtime
+        self._show_readiness()
         self._runtimes = [r for r in self._runtimes if not r.closed] + [runtime]
         old.retire()  # its provider closes when its last call and background task end
         configure_logging(settings.config.logging.level)

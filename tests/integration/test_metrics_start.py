@@ -13,9 +13,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.integration.audio import silence
+from voxd.config import load_settings
 from voxd.observability import metrics
+from voxd.observability.systemd import Notifier
+from voxd.server import Server, bound_origin, open_listener
+from voxd.sim.caller import TwilioSimulator
 
 
 @contextlib.contextmanager
@@ -59,12 +66,30 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+LIMIT = 7
+"""call.max_concurrent_calls of the fresh voxds here (each worker's)."""
+
+
+def all_workers_serving(origin: str, workers: int) -> str:
+    """/metrics once every worker is serving (/readyz 200 says only that one worker is)."""
+    deadline = time.monotonic() + 20
+    while True:
+        response = httpx.get(origin + "/metrics", timeout=5)
+        assert response.status_code == 200
+        if samples(response.text).get(("voxd_workers", ())) == workers:
+            return response.text
+        assert time.monotonic() < deadline, f"voxd_workers not {workers} within 20 s"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_fresh_voxd_shows_every_labelled_series_at_zero(tmp_path, workers):
-    with fresh_voxd(tmp_path, workers) as origin:
-        response = httpx.get(origin + "/metrics", timeout=5)
-    assert response.status_code == 200
-    found = samples(response.text)
+    with fresh_voxd(tmp_path, workers, f"[call]\nmax_concurrent_calls = {LIMIT}\n") as origin:
+        found = samples(all_workers_serving(origin, workers))
+    # readiness and capacity, added up over the workers
+    assert found.get(("voxd_ready", ())) == workers
+    assert found.get(("voxd_calls_max", ())) == workers * LIMIT
+    assert found.get(("voxd_calls_started_total", ())) == 0.0
     # each worker count is the mode it claims: process_* come from the one process only
     assert (("process_cpu_seconds_total", ()) in found) == (workers == 1)
     created = sorted({name for name, _ in found if name.endswith("_created")})
@@ -111,3 +136,62 @@ async def test_healthz_on_the_metrics_address_is_plain_text(start_voxd):
         r = await client.get(metrics_origin + "/healthz")
     assert (r.status_code, r.headers["content-type"], r.text) == (
         200, "text/plain; charset=utf-8", "ok\n")
+
+
+def gauge(name: str) -> float | None:
+    """A voxd metric's value in this (single-process) test process."""
+    return metrics.REGISTRY.get_sample_value(name)
+
+
+async def test_voxd_ready_follows_readyz_through_capacity_drain_and_reload(nursery, tmp_path):
+    sock = open_listener("127.0.0.1:0")
+    origin = bound_origin(sock)
+    path = tmp_path / "voxd.toml"
+    head = f'[server]\nlisten = "127.0.0.1:0"\npublic_url = "{origin}"\n' \
+           "[twilio]\nvalidate_signatures = false\nrest_call_control = false\n"
+    path.write_text(head + "[call]\nmax_concurrent_calls = 2\n")
+    server = Server(load_settings(path, {}), sock, Notifier({}))
+    nursery.start_soon(server.run, trio.Event())
+    await trio.testing.wait_all_tasks_blocked()
+
+    async def readyz() -> int:
+        async with httpx.AsyncClient() as client:
+            return (await client.get(origin + "/readyz")).status_code
+
+    assert (gauge("voxd_ready"), gauge("voxd_calls_max"), gauge("voxd_workers")) == (1, 2, 1)
+    first, second = object(), object()
+    server.runtime.call_started(first)  # type: ignore[arg-type]
+    assert gauge("voxd_ready") == 1 and await readyz() == 200
+    server.runtime.call_started(second)  # type: ignore[arg-type]
+    assert gauge("voxd_ready") == 0 and await readyz() == 503  # at capacity
+    server.runtime.call_ended(second)  # type: ignore[arg-type]
+    assert gauge("voxd_ready") == 1 and await readyz() == 200
+
+    path.write_text(head + "[call]\nmax_concurrent_calls = 1\n")
+    server.reload()  # the one call left now fills the new limit
+    assert gauge("voxd_calls_max") == 1 and gauge("voxd_ready") == 0 and await readyz() == 503
+    path.write_text(head + "[call]\nmax_concurrent_calls = 3\n")
+    server.reload()
+    assert gauge("voxd_calls_max") == 3 and gauge("voxd_ready") == 1
+
+    async with trio.open_nursery() as draining:
+        draining.start_soon(server.drain)  # waits for the call in progress
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.live.draining and not server._stop.is_set()
+        assert gauge("voxd_ready") == 0 and await readyz() == 503
+        server.runtime.call_ended(first)  # type: ignore[arg-type]
+    assert gauge("voxd_ready") == 0  # drained: still not taking calls
+    await trio.testing.wait_all_tasks_blocked()
+    assert gauge("voxd_workers") == 0  # stopped
+
+
+async def test_calls_started_counts_each_phone_call_once(start_voxd):
+    voxd = await start_voxd(signed=False)
+    before = gauge("voxd_calls_started_total") or 0.0
+    form = {"CallSid": "CA" + "2" * 32, "From": "+1", "To": "+2"}
+    async with httpx.AsyncClient() as client:  # a webhook Twilio retried: no stream follows
+        assert (await client.post(voxd.webhook, data=form)).status_code == 200
+    assert gauge("voxd_calls_started_total") == before
+    report = await TwilioSimulator(voxd.webhook).call(silence(0.5))
+    assert report.closed_by == "caller"
+    assert gauge("voxd_calls_started_total") == before + 1

@@ -107,3 +107,19 @@ def test_documented_label_values_are_initialised():
     assert (("answered_by", "machine_end_beep"),) in tables["MACHINE_DETECTION"]
     assert (("reason", "handshake_timeout"),) in tables["CONNECTIONS_REJECTED"]
     assert (("kind", "upstream"),) in tables["ERRORS"]
+
+
+def test_every_gauge_adds_up_over_the_workers():
+    """With server.workers > 1, /metrics reads each gauge summed over the live workers
+    (voxd_ready N when all N workers are ready, voxd_calls_max N x the limit); a dead worker's
+    values leave with it. prometheus-client's default ("all") would show one series per pid."""
+    gauges = {metric._name: metric._multiprocess_mode for metric in vars(metrics).values()
+              if isinstance(metric, metrics.Gauge)}
+    assert {"voxd_ready", "voxd_calls_max", "voxd_workers", "voxd_calls_active"} <= set(gauges)
+    assert {name for name, mode in gauges.items() if mode != "livesum"} == set()
+
+
+def test_calls_started_is_a_plain_counter_from_zero():
+    text = generate_latest(metrics.REGISTRY).decode()
+    assert "# TYPE voxd_calls_started_total counter" in text
+    assert metrics.REGISTRY.get_sample_value("voxd_calls_started_total") is not None

@@ -230,6 +230,7 @@ class CallSession:
             with self._run_scope:
                 start = await self._await_start()
                 if start is not None and self._token_ok(start):
+                    metrics.CALLS_STARTED.inc()  # the call's one stream began
                     await self._bridge(start)
         except trio.Cancelled:
             self._end("server-shutdown")

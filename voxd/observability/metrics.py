@@ -48,6 +48,23 @@ CALLS_ACTIVE = Gauge("voxd_calls_active", "Calls bridged right now", registry=RE
 CALLS_TOTAL = Counter(
     "voxd_calls_total", "Calls ended, by outcome", ["outcome"], registry=REGISTRY
 )
+CALLS_STARTED = Counter(
+    "voxd_calls_started_total", "Calls begun: a media stream's start message accepted (token "
+    "checked), once per phone call; webhook retries and refused streams are not counted",
+    registry=REGISTRY,
+)
+CALLS_MAX = Gauge(
+    "voxd_calls_max", "Calls this voxd takes at once: call.max_concurrent_calls of each worker, "
+    "added up (the service's capacity)", registry=REGISTRY, multiprocess_mode="livesum",
+)
+READY = Gauge(
+    "voxd_ready", "Workers taking new calls (/readyz 200: not draining, not at capacity), "
+    "added up: N when all N are", registry=REGISTRY, multiprocess_mode="livesum",
+)
+WORKERS = Gauge(
+    "voxd_workers", "voxd processes serving (workers alive, ready or not)", registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
 CALLS_REJECTED = Counter(
     "voxd_calls_rejected_total", "Calls refused, by reason", ["reason"], registry=REGISTRY
 )
