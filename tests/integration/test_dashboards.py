@@ -86,8 +86,11 @@ def test_the_dashboard_is_a_grafana_dashboard():
     titles = " / ".join(p["title"].lower() for p in graphs)
     for subject in ("active calls", "turn latency", "barge-ins", "errors", "refused connections",
                     "cpu per active call", "memory (rss) per active call", "outbound",
-                    "instances up"):
+                    "instances up", "capacity in use", "workers ready"):
         assert subject in titles, f"no panel about {subject}"
+    exprs = " ".join(dashboard_exprs())
+    for name in ("voxd_calls_started_total", "voxd_calls_max", "voxd_ready", "voxd_workers"):
+        assert name in exprs, f"no panel shows {name}"
     latency = next(p for p in graphs if p["title"].startswith("Turn latency"))
     assert [t["legendFormat"] for t in latency["targets"]] == ["p50", "p95", "p99"]
 
@@ -104,10 +107,14 @@ def test_the_rules_are_alerting_rules_with_what_an_operator_needs():
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
     assert names == {"VoxdDown", "VoxdTargetMissing", "VoxdDrainingTooLong",
                      "VoxdCallErrorRate", "VoxdTurnLatencyHigh", "VoxdAssistantFailing",
-                     "VoxdAtCapacity"}
+                     "VoxdAtCapacity", "VoxdRefusingCallsAtCapacity", "VoxdNotReady"}
     by_name = {rule["alert"]: rule["expr"] for rule in rules()}
     assert "> 1.5" in by_name["VoxdTurnLatencyHigh"]  # the README's stated threshold
     assert "> 0.05" in by_name["VoxdCallErrorRate"]
+    assert "> 0.9" in by_name["VoxdAtCapacity"] and "voxd_calls_max" in by_name["VoxdAtCapacity"]
+    assert "voxd_ready" in by_name["VoxdNotReady"]
+    # a restart's drain ([drain] timeout_seconds, 120 s by default) must not page
+    assert {rule["alert"]: rule["for"] for rule in rules()}["VoxdNotReady"] == "10m"
 
 
 def exported(text: str) -> tuple[set[str], dict[str, dict[str, set[str]]]]:
@@ -283,9 +290,10 @@ def test_a_real_prometheus_fills_every_panel_and_alerts_when_the_assistant_is_do
                         (float(r["value"][1]) for r in result), default=float("nan"))
             assert empty == [], f"panels with no data after a load test: {empty}"
             for (title, legend), value in values.items():
-                if title.startswith(("Active calls", "Turn latency", "CPU per active call",
-                                     "Memory (RSS) per active call", "Media frames")) and \
-                        not legend.startswith("dropped"):
+                if (title.startswith(("Active calls", "Turn latency", "CPU per active call",
+                                     "Memory (RSS) per active call", "Media frames",
+                                     "Capacity in use", "Workers ready")) and \
+                        not legend.startswith("dropped")) or legend == "started":
                     assert value > 0, f"{title} {legend}: {value}"
 
             echo.terminate()
