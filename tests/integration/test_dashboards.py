@@ -251,7 +251,9 @@ def test_a_real_prometheus_fills_every_panel_and_alerts_when_the_assistant_is_do
             api = f"http://127.0.0.1:{prometheus_port}/api/v1"
 
             def query(expr: str) -> list[dict[str, Any]]:
-                answer = httpx.get(api + "/query", params={"query": expr}, timeout=5).json()
+                response = httpx.get(api + "/query", params={"query": expr}, timeout=5)
+                response.raise_for_status()  # 503 while Prometheus starts: wait_for waits
+                answer = response.json()
                 assert answer["status"] == "success", (expr, answer)
                 return list(answer["data"]["result"])
 
