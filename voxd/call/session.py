@@ -326,7 +326,9 @@ class CallSession:
         feed = UpstreamFeed(int(call.preconnect_buffer_seconds * rate),
                             int((call.upstream_send_timeout + 1.0) * rate))
         barge_in = self.settings.config.barge_in
-        turns = TurnTimer(min_speech_ms=barge_in.min_speech_ms)
+        turns = TurnTimer(min_speech_ms=barge_in.min_speech_ms,
+                          on_late_answer=lambda latency, at: self._turn_timed(
+                              len(turns.latencies), latency, at))
         playback = Playback(self.socket.send, self.protocol,
                             lead=barge_in.playback_lead_ms / 1000,
                             max_queue_seconds=call.playback_queue_seconds,
@@ -705,10 +707,17 @@ class CallSession:
         latency = turns.assistant_audio(at)
         if latency is None:
             return None
+        return self._turn_timed(len(turns.latencies), latency, at)
+
+    def _turn_timed(self, turn: int, latency: float, at: float) -> str:
+        """The `turn`-th answer, begun at `at`, is timed: exported, recorded, logged; the mark
+        to send ahead of it. An answer that began inside the VAD's hangover is timed once the
+        caller's turn is known to have ended (`TurnTimer`), after its first frames went out:
+        its mark is not sent (Playback has no way to put one in a burst it is playing)."""
         metrics.TURN_LATENCY_SECONDS.observe(latency)
-        turn = len(turns.latencies)
-        if self.record is not None:
-            self.record.turn(self._stream_time(at), turn, latency)
+        if self.record is not None:  # `at` may be up to a hangover ago: its own stream time
+            self.record.turn(max(0.0, self._stream_time(at) - max(0.0, self._last_in - at)),
+                             turn, latency)
         log.debug("turn %d: response latency %.0f ms", turn, latency * 1000)
         stages = "".join(f";{stage}_ms={seconds * 1000:.0f}"
                          for stage, seconds in self._turn_stages.items())
