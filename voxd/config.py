@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from voxd.audio.dtmf import KEYS
 from voxd.errors import ConfigError
+from voxd.observability.untrusted import show
 
 SEARCH_PATHS = (Path("voxd.toml"), Path("/etc/voxd/voxd.toml"))
 """Where the config is looked for when neither --config nor $VOXD_CONFIG names a file."""
@@ -679,14 +680,11 @@ def _check_values(config: Config) -> list[str]:
             problems.append(f"server.metrics_listen: {exc}")
         if config.server.metrics_listen == config.server.listen:
             problems.append("server.metrics_listen: must differ from server.listen")
-    public = urlsplit(config.server.public_url)
-    if public.scheme not in ("http", "https") or not public.netloc:
-        problems.append(
-            "server.public_url: must be an http:// or https:// origin such as "
-            f"https://voice.example.com (got {config.server.public_url!r})"
-        )
-    elif public.query or public.fragment:
-        problems.append("server.public_url: must not carry a query or fragment")
+    public = _url_problems("server.public_url", config.server.public_url, _HTTP,
+                           "an http:// or https:// origin such as https://voice.example.com")
+    if not public and {"?", "#"} & set(config.server.public_url):
+        public.append("server.public_url: must not carry a query or fragment")
+    problems += public
     if config.assistant.provider == "vapi":
         if not config.vapi.assistant_id and not config.vapi.assistant:
             problems.append('vapi.assistant_id: required when assistant.provider = "vapi" '
@@ -694,21 +692,20 @@ def _check_values(config: Config) -> list[str]:
         elif config.vapi.assistant_id and config.vapi.assistant:
             problems.append("vapi.assistant: set either vapi.assistant_id or an inline "
                             "[vapi.assistant], not both")
-        if urlsplit(config.vapi.base_url).scheme not in ("http", "https"):
-            problems.append(f"vapi.base_url: must be an http(s) URL (got {config.vapi.base_url!r})")
+        problems += _url_problems("vapi.base_url", config.vapi.base_url, _HTTP, "an http(s) URL")
     if config.assistant.provider == "elevenlabs" and not config.elevenlabs.agent_id:
         problems.append('elevenlabs.agent_id: required when assistant.provider = "elevenlabs"')
     for section, url in (("openai", config.openai.base_url),
                          ("elevenlabs", config.elevenlabs.base_url),
                          ("deepgram", config.deepgram.base_url)):
-        if config.assistant.provider == section and urlsplit(url).scheme not in ("ws", "wss"):
-            problems.append(f"{section}.base_url: must be a ws:// or wss:// origin (got {url!r})")
+        if config.assistant.provider == section:
+            problems += _url_problems(f"{section}.base_url", url, _WS, "a ws:// or wss:// origin")
     if config.assistant.provider == "websocket":
         if not config.websocket.url:
             problems.append('websocket.url: required when assistant.provider = "websocket"')
-        elif urlsplit(config.websocket.url).scheme not in ("ws", "wss"):
-            problems.append(f"websocket.url: must be a ws:// or wss:// URL "
-                            f"(got {config.websocket.url!r})")
+        else:
+            problems += _url_problems("websocket.url", config.websocket.url, _WS,
+                                      "a ws:// or wss:// URL")
     problems += _check_verbs("call.fallback_twiml", config.call.fallback_twiml)
     if config.twilio.account_sid and not ACCOUNT_SID.fullmatch(config.twilio.account_sid):
         problems.append("twilio.account_sid: must be AC followed by 32 lower-case hex digits "
@@ -718,10 +715,39 @@ def _check_values(config: Config) -> list[str]:
         problems += _check_verbs("recording.announce", config.recording.announce)
     problems += _check_keypad(config.keypad)
     problems += _check_outbound(config.outbound)
-    if urlsplit(config.twilio.api_base_url).scheme not in ("http", "https"):
-        problems.append(f"twilio.api_base_url: must be an http(s) URL "
-                        f"(got {config.twilio.api_base_url!r})")
+    problems += _url_problems("twilio.api_base_url", config.twilio.api_base_url, _HTTP,
+                              "an http(s) URL")
     return problems
+
+
+_HTTP = ("http", "https")
+_WS = ("ws", "wss")
+
+
+def _url_problem(key: str, url: str, schemes: tuple[str, ...], what: str) -> str | None:
+    """Why `url` cannot be `key`'s value (one line naming the key, the value escaped), or
+    None: one of `schemes`, a host, a port (if any) in 1-65535, no user or password, and no
+    space or control character anywhere."""
+    shown = show(url, 120)
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        return f"{key}: must not contain spaces or control characters (got '{shown}')"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # a port that is not a number in 0-65535 raises here
+    except ValueError as exc:
+        return f"{key}: not a valid URL: {exc} (got '{shown}')"
+    if parts.scheme not in schemes or not parts.hostname:
+        return f"{key}: must be {what} (got '{shown}')"
+    if port == 0:
+        return f"{key}: port 0 cannot be reached (got '{shown}')"
+    if parts.username is not None or parts.password is not None:
+        return f"{key}: must not carry a user name or password (got the URL with one)"
+    return None
+
+
+def _url_problems(key: str, url: str, schemes: tuple[str, ...], what: str) -> list[str]:
+    problem = _url_problem(key, url, schemes, what)
+    return [] if problem is None else [problem]
 
 
 def _check_transfer(transfer: TransferConfig) -> list[str]:

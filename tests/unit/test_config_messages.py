@@ -199,3 +199,33 @@ def test_a_worker_marks_its_lines(monkeypatch):
     assert VoxdFormatter(journal=True).format(record) == "<6>INFO voxd.server worker=2 listening"
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
     assert stderr_problem("voxd: one\ntwo") == "worker=2 voxd: one\nworker=2 two"
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("https://[oops", "server.public_url: not a valid URL: Invalid IPv6 URL (got 'https://[oops')"),
+    ("https://:443", "server.public_url: must be an http:// or https:// origin such as "
+                     "https://voice.example.com (got 'https://:443')"),
+    ("https://example.com:abc", "server.public_url: not a valid URL: "),
+    ("https://example.com:99999", "server.public_url: not a valid URL: "),
+    ("https://example.com:0", "server.public_url: port 0 cannot be reached"),
+    ("https://user:secret@example.com", "server.public_url: must not carry a user name or "
+                                        "password (got the URL with one)"),
+    ("https://h\x1b[31m.example.com", "server.public_url: must not contain spaces or control "
+                                      "characters (got 'https://h\\x1b[31m.example.com')"),
+    ("https://example.com/?a=1", "server.public_url: must not carry a query or fragment"),
+])
+def test_a_public_url_that_cannot_be_used_is_one_line_naming_the_key(url, problem):
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"server": {"public_url": url}, "twilio": {"validate_signatures": False}})
+    assert len(caught.value.problems) == 1
+    assert caught.value.problems[0].startswith(problem)
+    assert "secret" not in caught.value.problems[0]
+
+
+def test_an_assistant_url_that_cannot_be_used_is_one_line_naming_the_key():
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"assistant": {"provider": "websocket"},
+                      "websocket": {"url": "ws://[::1"},
+                      "twilio": {"validate_signatures": False}})
+    assert caught.value.problems == ["websocket.url: not a valid URL: Invalid IPv6 URL "
+                                     "(got 'ws://[::1')"]
