@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import math
 import os
 import signal
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import trio
 
 from voxd import __version__
-from voxd.config import config_warnings, load_settings, plural, resolve_config_path, summary
+from voxd.config import config_warnings, load_settings, resolve_config_path, summary
 from voxd.errors import ConfigError, VoxdError
 from voxd.observability import untrusted
 from voxd.observability.logging import configure_logging, stderr_problem
@@ -339,48 +340,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _loadtest(args: argparse.Namespace) -> int:
-    from voxd.sim.load import TURN_HOLD_MS, Processes, run_load
+    from voxd.sim.load_command import loadtest_command
 
-    if args.calls < 1 or args.workers < 1:
-        print("voxd: --calls and --workers must be at least 1", file=sys.stderr)
-        return 2
-    if args.turns and args.webhook_url:
-        print("voxd: --turns applies to the echo upstream loadtest starts; against a running "
-              "voxd, start `voxd echo-upstream --reply-after-ms 400` for it", file=sys.stderr)
-        return 2
-    processes = None if args.webhook_url else Processes(
-        args.audio, args.workers, args.calls, reply_after_ms=TURN_HOLD_MS if args.turns else 0)
-    token = (processes.token if processes else
-             args.auth_token or os.environ.get("VOXD_TWILIO_AUTH_TOKEN") or None)
-
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    async def run() -> str:
-        if processes is not None:
-            await processes.ready()
-            url = processes.webhook_url
-        else:
-            url = args.webhook_url
-        report = await run_load(url, args.calls, args.seconds, auth_token=token,
-                                progress=progress, turns=args.turns)
-        return report.render()
-
-    what = (f"{args.audio}, {args.workers} worker{'s' if args.workers > 1 else ''}, echo "
-            f"upstream{' answering turns' if args.turns else ''}" if processes
-            else args.webhook_url)
-    print(f"voxd loadtest: {plural(args.calls, 'call')} x {args.seconds:.0f}s ({what})", flush=True)
-    try:
-        print(trio.run(run))
-    finally:
-        if processes is not None:
-            processes.stop()
-    return 0
+    return loadtest_command(args)
 
 
 def _echo_upstream(args: argparse.Namespace) -> int:
     from voxd.config import parse_listen
     from voxd.sim.echo_upstream import serve_echo
+    from voxd.sim.interrupt import serve_until_stopped
 
     if args.protocol != "websocket":
         if args.listen is not None:
@@ -394,15 +362,25 @@ def _echo_upstream(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"voxd: --listen: {exc}", file=sys.stderr)
         return 2
+    if not (math.isfinite(args.reply_after_ms) and args.reply_after_ms >= 0):
+        print(f"voxd: --reply-after-ms: must be >= 0, got {args.reply_after_ms:g}",
+              file=sys.stderr)
+        return 2
     configure_logging("info")
-    print(f"echo upstream on ws://{args.listen}/ (set websocket.url to it)", flush=True)
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(partial(serve_echo, args.listen,
+                                               reply_after=args.reply_after_ms / 1000))
+            host = args.listen.rpartition(":")[0]
+            print(f"echo upstream on ws://{host}:{port}/ (set websocket.url to it)", flush=True)
+
     try:
-        trio.run(partial(serve_echo, args.listen, reply_after=args.reply_after_ms / 1000))
+        return serve_until_stopped(serve)
     except OSError as exc:
         print(f"voxd: --listen: cannot listen on {args.listen}: {exc.strerror or exc}",
               file=sys.stderr)
         return 1
-    return 0
 
 
 def _vendor_echo(protocol: str, audio: str) -> int:
@@ -411,6 +389,7 @@ def _vendor_echo(protocol: str, audio: str) -> int:
     import json
 
     from voxd.config import SECRET_SOURCES
+    from voxd.sim.interrupt import serve_until_stopped
     from voxd.sim.vendors import SIMULATORS, serve_echo_simulator
 
     configure_logging("warning")
@@ -424,5 +403,4 @@ def _vendor_echo(protocol: str, audio: str) -> int:
             print(f"config: {json.dumps(sections)}", flush=True)
             print(f"secrets: {json.dumps(env)}", flush=True)
 
-    trio.run(run)
-    return 0
+    return serve_until_stopped(run)

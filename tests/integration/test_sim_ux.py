@@ -321,7 +321,10 @@ def test_timeouts_and_empty_messages_are_named():
     assert connection_problem(httpx.ReadTimeout(""), "http://h:3000/x", 10) == (
         "connected to h:3000, but no answer came within 10 s (timed out)")
     assert connection_problem(httpx.ConnectTimeout(""), "https://h/x", 10) == (
-        "no connection to h:443 within 10 s (timed out)")
+        "no connection to h:443 within 10 s (timed out) (TLS to a plain-HTTP port can hang "
+        "like this: is it http/ws?)")
+    assert connection_problem(httpx.ConnectTimeout(""), "http://h/x", 10) == (
+        "no connection to h:80 within 10 s (timed out)")
     assert "TLS to a plain-HTTP port" in connection_problem(trio.TooSlowError(), "wss://h/x")
     assert connection_problem(RuntimeError(), "http://h/x") == "RuntimeError"
 

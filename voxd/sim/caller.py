@@ -316,13 +316,20 @@ class TwilioSimulator:
                       state: _CallState) -> None:
         headers = [(k.encode(), v.encode())
                    for k, v in signature_headers(self.validator, instruction.url, {}).items()]
+        # trio-websocket's connect_timeout does not bound the wait for the upgrade's answer
+        opening = trio.CancelScope(deadline=trio.current_time() + STREAM_CONNECT_TIMEOUT)
         try:
-            async with trio_websocket.open_websocket_url(
-                instruction.url, extra_headers=headers, connect_timeout=STREAM_CONNECT_TIMEOUT,
-                disconnect_timeout=2, message_queue_size=64,
-            ) as ws:
-                await _Stream(self, ws, instruction, frames, report, dtmf=presses,
-                              state=state).run()
+            with opening:
+                async with trio_websocket.open_websocket_url(
+                    instruction.url, extra_headers=headers,
+                    connect_timeout=STREAM_CONNECT_TIMEOUT, disconnect_timeout=2,
+                    message_queue_size=64,
+                ) as ws:
+                    opening.deadline = math.inf
+                    await _Stream(self, ws, instruction, frames, report, dtmf=presses,
+                                  state=state).run()
+            if opening.cancelled_caught:
+                raise trio.TooSlowError
         except trio_websocket.ConnectionRejected as exc:
             body = (exc.body or b"").decode("utf-8", "replace")
             excerpt = body_excerpt(body)
@@ -330,7 +337,7 @@ class TwilioSimulator:
                 f"the media stream {show(instruction.url, 120)} was refused: HTTP "
                 f"{exc.status_code}{': ' + excerpt if excerpt else ''}"
                 f"{elsewhere_hint(instruction.url, self.webhook_url)}") from None
-        except (trio_websocket.HandshakeError, OSError) as exc:
+        except (trio_websocket.HandshakeError, OSError, trio.TooSlowError) as exc:
             raise SimulatorError(
                 f"cannot open the media stream {show(instruction.url, 120)}: "
                 f"{connection_problem(exc, instruction.url, STREAM_CONNECT_TIMEOUT)}"
@@ -478,8 +485,10 @@ class _Stream:
             await self._run()
         except trio_websocket.ConnectionClosed as exc:  # closed before the call got going
             if self.claim("voxd"):
-                code = exc.reason.code if exc.reason else "?"
-                self.report.events.append((0.0, f"voxd closed the stream at once (code {code})"))
+                code = exc.reason.code if exc.reason else None
+                self.report.close_code = code
+                self.report.events.append((0.0, "voxd closed the stream at once (code "
+                                                f"{code or '?'})"))
 
     async def _run(self) -> None:
         sid = self.sim.stream_sid
@@ -578,6 +587,8 @@ class _Stream:
                         self.playout.receive(audio)
                     elif event == "mark":
                         name = message["mark"]["name"]
+                        if not isinstance(name, str):
+                            raise ValueError(f"mark name {show(name, 40)} is not a string")
                         read_voxd_mark(name, report)
                         await self.echo_marks(self.playout.mark(name))
                     elif event == "clear":
@@ -590,7 +601,7 @@ class _Stream:
                         await self.echo_marks(due)
                     else:
                         raise ValueError(f"unknown event {event!r}")
-                except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+                except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
                     report.errors.append(f"{self.now():.2f}s bad message from voxd (Twilio "
                                          f"warning 31951): {exc}")
         except trio_websocket.ConnectionClosed as exc:
@@ -602,6 +613,7 @@ class _Stream:
         by whichever of the sender and the receiver sees it first)."""
         if self.claim("voxd"):
             reason = exc.reason
+            self.report.close_code = reason.code if reason else None
             self.report.events.append((self.now(), f"voxd closed the stream (code "
                                                    f"{reason.code if reason else '?'})"))
 

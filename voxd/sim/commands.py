@@ -1,6 +1,11 @@
 """`voxd call` and `voxd demo` as commands: their flags checked, the call placed, the report
 printed and written (WAV, picture), Ctrl-C turned into a clean stop that keeps the recording.
-voxd/cli.py declares the flags and hands the parsed arguments here."""
+voxd/cli.py declares the flags and hands the parsed arguments here.
+
+Exit codes: 0 the call ran and ended normally (the caller hung up, or voxd hung up or
+transferred); 1 the call could not run (one line says why) or voxd ended it with a failure
+(`CallReport.failure`: the fallback, an abnormal close) or the call saw errors; 2 bad flags or
+URL; 130 interrupted (143 for SIGTERM)."""
 
 from __future__ import annotations
 
@@ -15,10 +20,14 @@ from pathlib import Path
 
 import trio
 
+from voxd.config import plural
 from voxd.errors import VoxdError
 from voxd.sim.caller import FRAME_SECONDS, CallReport, TwilioSimulator, parse_dtmf
+from voxd.sim.explain import url_problem
 from voxd.sim.interrupt import EXIT_INTERRUPTED, Outcome, interruptible, is_interrupt
 
+FAILED = 1
+"""Exit code when the call could not run, or voxd ended it with a failure."""
 USAGE = 2
 """Exit code for bad flags (as argparse's)."""
 
@@ -124,7 +133,13 @@ def _finish(report: CallReport, record: Path | None, plot: Path | None,
 
         plot_call(report, plot)
         print(f"drew the call to {plot}")
-    return 0 if not report.errors else 1
+    if failure := report.failure():
+        _say(f"voxd: {failure}")
+        return FAILED
+    if report.errors:
+        _say(f"voxd: the call ran, with {plural(len(report.errors), 'error')} (listed above)")
+        return FAILED
+    return 0
 
 
 def call_command(args: argparse.Namespace) -> int:
@@ -151,6 +166,8 @@ def _call(args: argparse.Namespace) -> int:
     from voxd.sim.demo import TAIL_SECONDS, bundled_sample
     from voxd.sim.rest import SimulatedRest
 
+    if problem := url_problem(args.webhook_url):
+        raise UsageError(f"WEBHOOK_URL: {problem}")
     _number("--seconds", args.seconds, minimum=0, inclusive=False, unit=" s")
     _number("--line-echo", args.line_echo, minimum=0, inclusive=True, unit=" dB",
             note="how much quieter the echo is than what the caller heard")

@@ -86,7 +86,9 @@ def connection_problem(exc: BaseException, url: str, timeout: float | None = Non
         if isinstance(cause, ConnectionRefusedError):
             return f"connection refused: nothing listens on {address}"
         if isinstance(cause, httpx.ConnectTimeout):
-            return f"no connection to {address}{within} (timed out)"
+            hint = (" (TLS to a plain-HTTP port can hang like this: is it http/ws?)"
+                    if secure else "")
+            return f"no connection to {address}{within} (timed out){hint}"
         if isinstance(cause, (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout)):
             return f"connected to {address}, but no answer came{within} (timed out)"
         if isinstance(cause, (trio.TooSlowError, TimeoutError)) \
@@ -141,3 +143,20 @@ def elsewhere_hint(stream_url: str, webhook_url: str) -> str:
     parts = urlsplit(stream_url)
     return (f"; the TwiML sends the stream to {show(f'{parts.scheme}://{parts.netloc}', 80)}, "
             f"not to the webhook's {_where(webhook_url)[1]}: is server.public_url right?")
+
+
+def url_problem(url: str, schemes: tuple[str, ...] = ("http", "https")) -> str | None:
+    """Why `url` cannot be a webhook URL (None when it can): not http(s), no host, a port out
+    of range."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # a bad port, an unclosed [IPv6 bracket
+        return f"{exc} in {show(url, 120)}"
+    if parts.scheme not in schemes:
+        return f"not an {' or '.join(s + '://' for s in schemes)} URL: {show(url, 120)}"
+    if not parts.hostname:
+        return f"no host in {show(url, 120)}"
+    if port == 0:
+        return f"port 0 in {show(url, 120)}"
+    return None

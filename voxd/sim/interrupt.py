@@ -9,6 +9,7 @@ command says so in one line and exits 130."""
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -84,3 +85,19 @@ def is_interrupt(exc: BaseException) -> bool:
         rest = exc.split(KeyboardInterrupt)[1]
         return rest is None
     return False
+
+
+def serve_until_stopped(serve: Callable[[], Awaitable[object]]) -> int:
+    """Run a server (`voxd echo-upstream`) until SIGINT or SIGTERM, with no traceback: 130
+    after Ctrl-C (saying so in one line), 0 after SIGTERM (stopped as a service is). What
+    `serve` raises is raised (one exception, not a group)."""
+    try:
+        outcome: Outcome[object] = trio.run(interruptible, serve)
+    except BaseException as exc:
+        if not is_interrupt(exc):
+            raise
+        outcome = Outcome(None, "SIGINT")
+    if outcome.interrupted == "SIGTERM":
+        return 0
+    print("voxd: interrupted", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED

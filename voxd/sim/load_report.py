@@ -4,13 +4,18 @@ person. Pure."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from voxd.config import plural
+
 TURN_HOLD_MS = 400
 """With --turns, the echo answers this long after the caller stops (part of the turn latency,
 not voxd's)."""
+FAILURES_SHOWN = 5
+"""Distinct reasons for failed calls the report lists (the rest are counted)."""
 
 
 @dataclass
@@ -82,20 +87,38 @@ class LoadReport:
         lines = [
             f"calls {self.calls} x {self.seconds:.0f}s; {frames}; calls failed "
             f"{len(self.errors)}",
-            f"voxd CPU per call      {f['cpu_per_call_pct']:.2f}% of one core "
-            f"(voxd total {self.cpu_cores or float('nan'):.2f} cores)",
-            f"voxd RSS per call      {f['rss_per_call_kb']:.0f} kB "
-            f"(idle {(self.idle_rss or float('nan')) / 2**20:.1f} MB)",
-            (f"frame round trip       p50 {f['rtt_p50_ms']:.1f} ms, p99 {f['rtt_p99_ms']:.1f} ms "
+            (f"voxd CPU per call      {f['cpu_per_call_pct']:.2f}% of one core "
+             f"(voxd total {self.cpu_cores:.2f} cores)" if self.cpu_cores is not None else
+             "voxd CPU per call      not measured (no /metrics samples of voxd's in the "
+             "steady window)"),
+            (f"voxd RSS per call      {f['rss_per_call_kb']:.0f} kB "
+             f"(idle {(self.idle_rss or float('nan')) / 2**20:.1f} MB)"
+             if self.rss_per_call is not None else
+             "voxd RSS per call      not measured (no /metrics samples of voxd's in the "
+             "steady window)"),
+            ("frame round trip       not measured with --turns (the echo holds each turn)"
+             if self.turns else
+             f"frame round trip       p50 {f['rtt_p50_ms']:.1f} ms, p99 {f['rtt_p99_ms']:.1f} ms "
              "(Twilio -> voxd -> echo -> voxd -> Twilio; one way through voxd is at most half)"
-             if not self.turns else
-             "frame round trip       not measured with --turns (the echo holds each turn)"),
+             if f["rtt_p50_ms"] == f["rtt_p50_ms"] else
+             "frame round trip       none measured (no frame came back)"),
             (f"turn latency (voxd's)  p50 {f['turn_p50_ms']:.0f} ms, p95 {f['turn_p95_ms']:.0f} ms"
              f"{f' (the echo waits {TURN_HOLD_MS} ms of it)' if self.turns else ''}"
              if f["turn_p50_ms"] == f["turn_p50_ms"] else  # not NaN
              "turn latency (voxd's)  no turns: a passthrough echo talks continuously "
              "(run with --turns)"),
-            f"teardown after stop    max {f['teardown_max_ms']:.0f} ms",
+            (f"teardown after stop    max {f['teardown_max_ms']:.0f} ms"
+             if f["teardown_max_ms"] == f["teardown_max_ms"] else
+             "teardown after stop    none measured (no call reached its stop)"),
         ]
-        lines += [f"  error: {e}" for e in sorted(set(self.errors))[:5]]
-        return "\n".join(lines)
+        return "\n".join(lines + self.failures())
+
+    def failures(self, shown: int = FAILURES_SHOWN) -> list[str]:
+        """The failed calls' reasons, most frequent first, each with how many calls it ended."""
+        counts = Counter(self.errors).most_common()
+        lines = [f"  failed: {plural(n, 'call')}: {why}" for why, n in counts[:shown]]
+        if len(counts) > shown:
+            rest = sum(n for _, n in counts[shown:])
+            lines.append(f"  failed: {plural(rest, 'call')} more, for "
+                         f"{plural(len(counts) - shown, 'other reason')}")
+        return lines

@@ -12,6 +12,7 @@ import numpy as np
 from voxd.audio.g711 import ulaw_decode
 from voxd.audio.line import FRAME_SECONDS
 from voxd.audio.vad import SpeechDetector, SpeechEdge, frame_energy_dbfs_ulaw
+from voxd.observability.untrusted import show
 from voxd.sim.audio_files import write_stereo_wav
 
 
@@ -66,6 +67,9 @@ class CallReport:
     closed_by: str = "caller"
     """Who ended the stream: "caller" (stop sent), "voxd" (it closed the socket) or "rest"
     (Twilio, on a REST update)."""
+    close_code: int | None = None
+    """The close code of a stream voxd closed (it closes with 1000; anything else, such as
+    1006 for a connection lost without a close, is abnormal)."""
     after_stream: str = ""
     """The verbs after `</Connect>` in the webhook's TwiML."""
     next_twiml: str = ""
@@ -89,6 +93,23 @@ class CallReport:
     """Turn number -> voxd's own measured response latency (from its marks)."""
     stages: dict[int, dict[str, float]] = field(default_factory=dict)
     """Turn number (voxd's) -> the assistant's stage figures, seconds (from voxd's marks)."""
+
+    def failure(self) -> str | None:
+        """Why the call did not end normally, in one line (None when it did): voxd ended the
+        stream before the caller hung up and the caller is left with something other than a
+        hang-up or a transfer (voxd's fallback, which it gives after a failure such as an
+        unreachable assistant)."""
+        if self.closed_by == "caller":
+            return None
+        if self.closed_by == "voxd" and self.close_code not in (1000, None):
+            return (f"the media stream was closed abnormally (code {self.close_code}) before "
+                    "the caller hung up (voxd's log says why)")
+        after = self.next_twiml.strip()
+        if not after or "<Dial" in after or after.endswith("<Hangup/>"):
+            return None  # hung up (by the assistant, a REST update, max-duration), transferred
+        return (f"voxd ended the call before the caller hung up, and the caller hears "
+                f"{show(after, 160)} (the fallback: voxd's log says why, as the call's "
+                "reason=, e.g. upstream-error when the assistant cannot be reached)")
 
     def caller_speech(self) -> list[tuple[float, float]]:
         """When the caller spoke."""

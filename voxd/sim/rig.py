@@ -1,6 +1,9 @@
 """The process rig of the load tests and benchmarks: `voxd serve` and an echo upstream (or a
 vendor's simulator) each in its own process, stopped cleanly; and their cost, read from voxd's
-/metrics or from /proc (CPU seconds and RSS of a process and its children)."""
+/metrics or from /proc (CPU seconds and RSS of a process and its children).
+
+Each process runs in its own session, so a terminal's Ctrl-C reaches only the load test, which
+stops them (`stop_processes`) after reporting."""
 
 from __future__ import annotations
 
@@ -126,7 +129,8 @@ class VoxdProcess:
         self.config = Path(path)
         self.proc = subprocess.Popen([sys.executable, "-m", "voxd", "serve", "--config", path],
                                      env={**os.environ, **(env or {})},
-                                     stderr=subprocess.DEVNULL if quiet else None)
+                                     stderr=subprocess.DEVNULL if quiet else None,
+                                     start_new_session=True)
 
     @property
     def webhook_url(self) -> str:
@@ -167,7 +171,7 @@ def start_echo(reply_after_ms: float = 0) -> tuple[int, subprocess.Popen[bytes]]
     return port, subprocess.Popen(
         [sys.executable, "-m", "voxd", "echo-upstream", "--listen", f"127.0.0.1:{port}",
          "--reply-after-ms", str(reply_after_ms)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def start_vendor_echo(protocol: str, audio: str) -> tuple[dict[str, dict[str, object]],
@@ -177,7 +181,7 @@ def start_vendor_echo(protocol: str, audio: str) -> tuple[dict[str, dict[str, ob
     process: (the voxd config sections that point at it, the secrets' environment, process)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "voxd", "echo-upstream", "--protocol", protocol, "--audio", audio],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
     found: dict[str, str] = {}
     assert proc.stdout is not None
     for line in proc.stdout:  # three lines, printed once it listens

@@ -7,7 +7,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from voxd.sim.explain import SimulatorError
+from voxd.observability.untrusted import show
+from voxd.sim.explain import SimulatorError, url_problem
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ def parse_twiml(body: str) -> StreamInstruction:
             url = stream.get("url", "")
             if not url.startswith(("ws://", "wss://")):
                 raise SimulatorError(f"<Stream url={url!r}> is not a ws:// or wss:// URL")
+            if problem := url_problem(url, ("ws", "wss")):
+                raise SimulatorError(f"<Stream url>: {problem}")
             if "?" in url:
                 raise SimulatorError(f"<Stream url={url!r}> has a query string (Twilio error "
                                      "31920: use <Parameter>)")
@@ -71,8 +74,12 @@ def parse_twiml(body: str) -> StreamInstruction:
             if method not in ("GET", "POST"):
                 raise SimulatorError(f"<Connect method={method!r}> is not GET or POST")
             return StreamInstruction(url, params, after, verb.get("action", ""), method)
-    answered = "".join(verb_xml(v) for v in verbs) or "nothing"
-    raise SimulatorError(f"webhook answered no <Connect><Stream> (it answered: {answered})")
+    answered = "".join(verb_xml(v) for v in verbs)
+    if not answered:
+        raise SimulatorError("webhook answered no <Connect><Stream> (an empty <Response>)")
+    raise SimulatorError(f"webhook answered no <Connect><Stream>, only {show(answered, 120)} "
+                         "(voxd answers its call.fallback_twiml alone when it is at "
+                         "call.max_concurrent_calls or draining: see its log)")
 
 
 def looks_like_xml(body: str) -> bool:
