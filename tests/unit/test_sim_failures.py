@@ -78,3 +78,17 @@ def test_url_problem():
     assert url_problem("https://voice.example.com/twilio/voice") is None
     assert url_problem("http://h:0/x") == "port 0 in http://h:0/x"
     assert url_problem("wss://h/x") == "not an http:// or https:// URL: wss://h/x"
+
+
+@pytest.mark.parametrize("url,problem", [
+    ("http://[::1/x", "Invalid IPv6 URL"),
+    ("ftp://host/x", "unsupported protocol"),
+])
+async def test_an_unusable_action_url_is_an_error_of_the_call_not_a_crash(url, problem):
+    from voxd.sim.caller import TwilioSimulator, _CallState
+
+    sim = TwilioSimulator("http://127.0.0.1:9/twilio/voice")
+    state = _CallState(CallReport("CA1", "MZ1"))
+    assert await sim._twiml_request(url, "POST", {}, "Connect action", state) is None
+    [error] = state.report.errors
+    assert error.startswith(f"Connect action: not a usable URL {url}: ") and problem in error

@@ -419,11 +419,16 @@ class TwilioSimulator:
         """Request an action URL as Twilio does (signed like the webhook; relative URLs
         against the webhook's); the verbs it answered, or None (noted as an error)."""
         report = state.report
-        url = urljoin(self.webhook_url, url)
         status = ", ".join(f"{k}={form[k]}" for k in ("CallStatus", "DialCallStatus")
                            if k in form)
         try:
+            url = urljoin(self.webhook_url, url)
             response = await twilio_request(url, method, form, self.validator)
+        except (ValueError, httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+            state.note(f"{what}: {method} {show(url, 120)} failed")
+            report.errors.append(f"{what}: not a usable URL {show(url, 120)}: "
+                                 f"{exc or type(exc).__name__} (Twilio: error 11200)")
+            return None
         except httpx.HTTPError as exc:
             state.note(f"{what}: {method} {url} failed")
             report.errors.append(f"{what}: cannot reach {url}: "
