@@ -230,3 +230,13 @@ def test_echo_upstream_on_a_taken_port_is_one_line(tmp_path: Path):
     assert result.stdout == ""  # it does not claim to listen first
     assert result.stderr == (f"voxd: --listen: cannot listen on 127.0.0.1:{port}: Address "
                              "already in use\n")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a full disk)")
+def test_a_recording_that_cannot_be_written_at_the_end_is_one_line():
+    result = run("demo", "--record", "/dev/full")
+    no_traceback(result.stderr)
+    assert result.returncode == 1
+    assert "ended by caller" in result.stdout  # the report came first
+    assert result.stderr.splitlines()[-1] == (
+        "voxd: --record: cannot write /dev/full: No space left on device")

@@ -107,14 +107,17 @@ def _interrupted(outcome: Outcome[CallReport], sim: TwilioSimulator | None,
             ended = "interrupted"
             report.events.append((seconds, "interrupted (Ctrl-C): the call was cut short"))
         written = []
-        if record is not None:
-            report.write_wav(record)
-            written.append(str(record))
-        if plot is not None:
-            from voxd.sim.plot import plot_call
+        try:
+            if record is not None:
+                report.write_wav(record)
+                written.append(str(record))
+            if plot is not None:
+                from voxd.sim.plot import plot_call
 
-            plot_call(report, plot, ended=ended)
-            written.append(str(plot))
+                plot_call(report, plot, ended=ended)
+                written.append(str(plot))
+        except OSError as exc:
+            _say(f"voxd: {_unwritten(record, plot, written, exc)}")
         line = (f"interrupted: wrote the {seconds:.1f} s recorded so far to "
                 f"{' and '.join(written)}" if written else
                 f"interrupted after {seconds:.1f} s of the call (nothing written: no --record)")
@@ -122,17 +125,33 @@ def _interrupted(outcome: Outcome[CallReport], sim: TwilioSimulator | None,
     return EXIT_INTERRUPTED if outcome.interrupted != "SIGTERM" else 128 + 15
 
 
+def _unwritten(record: Path | None, plot: Path | None, written: list[str],
+               exc: OSError) -> str:
+    """The output that could not be written (the first of --record, --plot not yet in
+    `written`), and why."""
+    flag, path = (("--record", record) if record is not None and str(record) not in written
+                  else ("--plot", plot))
+    return f"{flag}: cannot write {path}: {exc.strerror or exc}"
+
+
 def _finish(report: CallReport, record: Path | None, plot: Path | None,
             wrote: Callable[[Path], str]) -> int:
     print(report.render())
-    if record is not None:
-        report.write_wav(record)
-        print(wrote(record))
-    if plot is not None:
-        from voxd.sim.plot import plot_call
+    written: list[str] = []
+    try:
+        if record is not None:
+            report.write_wav(record)
+            written.append(str(record))
+            print(wrote(record))
+        if plot is not None:
+            from voxd.sim.plot import plot_call
 
-        plot_call(report, plot)
-        print(f"drew the call to {plot}")
+            plot_call(report, plot)
+            written.append(str(plot))
+            print(f"drew the call to {plot}")
+    except OSError as exc:
+        _say(f"voxd: {_unwritten(record, plot, written, exc)}")
+        return FAILED
     if failure := report.failure():
         _say(f"voxd: {failure}")
         return FAILED
