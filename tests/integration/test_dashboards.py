@@ -278,7 +278,8 @@ def test_a_real_prometheus_fills_every_panel_and_alerts_when_the_assistant_is_do
                                    origin + "/twilio/voice", "--calls", "3", "--seconds", "8"],
                                   capture_output=True, text=True, timeout=120, check=False)
             assert load.returncode == 0, load.stdout[-1000:] + load.stderr[-1000:]
-            time.sleep(2)  # two more scrapes after the calls' ends
+            wait_for("Prometheus scrapes the load test's ended calls",
+                     lambda: query('sum(voxd_calls_total{job="voxd"}) >= 3'))
             window = "[60s:1s]"
             empty, values = [], {}
             for panel in panels(dashboard()):
