@@ -9,10 +9,22 @@ This process:
 - is the one systemd talks to: it gives the workers its own notify socket, sends READY=1 once
   every worker is ready, sums their "N active calls" into one STATUS, and passes WATCHDOG=1
   on only while every worker keeps pinging (a stalled worker loop gets the service restarted);
-- forwards SIGTERM/SIGINT (each worker drains its own calls) and SIGHUP (each reloads);
+- passes SIGTERM/SIGINT on as one SIGTERM to each worker (each drains its own calls), and
+  SIGHUP (each reloads);
 - restarts a worker that dies while not stopping;
 - gives the workers one PROMETHEUS_MULTIPROC_DIR, so /metrics adds up all of them.
 Hypercorn's own multi-worker mode is not used: it has no drain and no sd_notify of its own.
+
+Stopping: a worker given SIGTERM twice stops at once (live calls cut), so each must get exactly
+one. The workers run in sessions of their own: a terminal's Ctrl-C (SIGINT to the foreground
+process group) reaches only this process. The units say KillMode=mixed: systemd signals only
+this process, and SIGKILLs the rest only at TimeoutStopSec. With KillMode=control-group (an
+older unit; `kill -TERM -- -PGID` is the same) every worker gets systemd's SIGTERM too: this
+process waits FORWARD_GRACE for the workers to say they are draining (STOPPING=1) and passes it
+on only to those that did not. A worker that ends by a signal while the service stops has
+stopped, not failed: the exit code is 0 after a clean drain, 1 if a worker failed. The workers
+hold the read end of a pipe only this process writes to (`LIFELINE_ENV`): if this process dies
+(SIGKILL), they see end-of-file and drain, so none is left serving the port.
 """
 
 from __future__ import annotations
@@ -33,11 +45,18 @@ import trio
 from voxd.config import SECRET_SOURCES, Settings, config_warnings, plural, scrub_environment
 from voxd.observability.systemd import Notifier
 from voxd.server import open_listener
-from voxd.worker_env import FD_ENV, INDEX_ENV, METRICS_FD_ENV, TOKENS_ENV
+from voxd.sim.interrupt import is_interrupt
+from voxd.worker_env import FD_ENV, INDEX_ENV, LIFELINE_ENV, METRICS_FD_ENV, TOKENS_ENV
 
 log = logging.getLogger("voxd.supervisor")
 
 RESTART_DELAY = 1.0
+FORWARD_GRACE = 0.5
+"""Seconds to wait, after SIGTERM or SIGINT, for workers that got the signal themselves (systemd's
+KillMode=control-group signals every process) to report STOPPING=1 before passing it on."""
+STOPPED_BY = (0, -signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGINT)
+"""A worker's exit codes that, while the service stops, mean it stopped: a clean drain, or a
+signal that ended it before its drain began (still starting) or after it ended."""
 
 
 @dataclass
@@ -48,6 +67,8 @@ class Worker:
     """0..workers-1, as the worker's environment (INDEX_ENV) and sd_notify tag carry it."""
     process: trio.Process | None = None
     ready: bool = False
+    draining: bool = False
+    """It said STOPPING=1: it got SIGTERM/SIGINT (from us, or from systemd directly)."""
     calls: int = 0
     last_ping: float = field(default=0.0)
 
@@ -67,7 +88,7 @@ async def run_workers(settings: Settings) -> int:
     os.set_inheritable(sock.fileno(), True)
     metrics_listen = settings.config.server.metrics_listen
     metrics_sock = open_listener(metrics_listen) if metrics_listen else None
-    inherited = (sock.fileno(),) if metrics_sock is None else (sock.fileno(),
+    inherited: tuple[int, ...] = (sock.fileno(),) if metrics_sock is None else (sock.fileno(),
                                                                 metrics_sock.fileno())
     notifier = Notifier()
     scratch = Path(tempfile.mkdtemp(prefix="voxd-"))
@@ -77,7 +98,10 @@ async def run_workers(settings: Settings) -> int:
     await inbox.bind(str(scratch / "notify"))
     workers = [Worker(i) for i in range(count)]
     stopping = trio.Event()
-    env = {**os.environ, FD_ENV: str(sock.fileno()),
+    draining = trio.Event()  # every running worker said STOPPING=1
+    lifeline, held = os.pipe()  # both close-on-exec: only `lifeline` is passed, `held` never
+    inherited += (lifeline,)
+    env = {**os.environ, FD_ENV: str(sock.fileno()), LIFELINE_ENV: str(lifeline),
            **({METRICS_FD_ENV: str(metrics_sock.fileno())} if metrics_sock else {}),
            "PROMETHEUS_MULTIPROC_DIR": str(scratch / "metrics"),
            "NOTIFY_SOCKET": str(scratch / "notify"), TOKENS_ENV: str(scratch / "tokens")}
@@ -91,28 +115,43 @@ async def run_workers(settings: Settings) -> int:
         if secret is not None:
             env[variable] = secret.reveal()
     scrub_environment()
-    failed = False
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_listen, inbox, workers, notifier, stopping,
-                               settings.config.server.public_url)
-            nursery.start_soon(_forward_signals, workers, stopping, notifier)
-            nursery.start_soon(_watchdog, workers, notifier)
-            async with trio.open_nursery() as keepers:
-                for worker in workers:
-                    keepers.start_soon(_keep, worker, settings, env, inherited, stopping)
-            failed = any(w.process is not None and w.process.returncode not in (0, None)
-                         for w in workers)
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_listen, inbox, workers, notifier, stopping, draining,
+                                   settings.config.server.public_url)
+                await nursery.start(_forward_signals, workers, stopping, draining, notifier)
+                nursery.start_soon(_watchdog, workers, notifier)
+                async with trio.open_nursery() as keepers:
+                    for worker in workers:
+                        keepers.start_soon(_keep, worker, settings, env, inherited, stopping)
+                nursery.cancel_scope.cancel()
+        except BaseException as exc:
+            # A SIGINT still queued when the signal receiver closed is raised again as a
+            # KeyboardInterrupt (inside the nurseries, as a group): after a stop in which every
+            # worker has exited it changes nothing; else it is the command line's Ctrl-C (a
+            # plain KeyboardInterrupt: "voxd: interrupted", exit 130).
+            if not is_interrupt(exc):
+                raise
+            if not stopping.is_set() or _running(workers):
+                raise KeyboardInterrupt from None
     finally:
+        os.close(held)
+        os.close(lifeline)
         inbox.close()
         sock.close()
         if metrics_sock is not None:
             metrics_sock.close()
         shutil.rmtree(scratch, ignore_errors=True)
+    failed = [w.number for w in workers
+              if w.process is not None and w.process.returncode not in STOPPED_BY]
     notifier.stopping("stopped")
+    if failed:
+        log.error("all %d workers stopped; %s failed", count,
+                  ("worker " if len(failed) == 1 else "workers ") + ", ".join(map(str, failed)))
+        return 1
     log.info("all %d workers stopped", count)
-    return 1 if failed else 0
+    return 0
 
 
 async def _keep(worker: Worker, settings: Settings, env: dict[str, str],
@@ -122,23 +161,39 @@ async def _keep(worker: Worker, settings: Settings, env: dict[str, str],
 
     command = [sys.executable, "-m", "voxd.worker", "--config", str(settings.source)]
     while True:
-        worker.ready = False
+        worker.ready = worker.draining = False
+        # A session of its own: a terminal's Ctrl-C is for this process, which passes it on.
         worker.process = await trio.lowlevel.open_process(
-            command, env={**env, INDEX_ENV: str(worker.index)}, pass_fds=fds)
+            command, env={**env, INDEX_ENV: str(worker.index)}, pass_fds=fds,
+            start_new_session=True)
         log.info("worker %d started (pid %d)", worker.number, worker.process.pid)
         code = await worker.process.wait()
         multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
             worker.process.pid, env["PROMETHEUS_MULTIPROC_DIR"])
         if stopping.is_set():
-            log.info("worker %d exited (%d)", worker.number, code)
+            if code in STOPPED_BY:
+                log.info("worker %d stopped (%s)", worker.number, _exit(code))
+            else:
+                log.error("worker %d (pid %d) failed while stopping (%s)", worker.number,
+                          worker.process.pid, _exit(code))
             return
-        log.error("worker %d (pid %d) exited unexpectedly with %d; starting it again",
-                  worker.number, worker.process.pid, code)
+        log.error("worker %d (pid %d) exited unexpectedly (%s); starting it again",
+                  worker.number, worker.process.pid, _exit(code))
         await trio.sleep(RESTART_DELAY)
 
 
+def _exit(code: int) -> str:
+    """A worker's exit as its log line says it: "exit 0", "SIGTERM"."""
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit {code}"
+
+
 async def _listen(inbox: trio.socket.SocketType, workers: list[Worker], notifier: Notifier,
-                  stopping: trio.Event, public_url: str) -> None:
+                  stopping: trio.Event, draining: trio.Event, public_url: str) -> None:
     """Read the workers' sd_notify messages and speak for all of them to systemd."""
     announced = False
     while True:
@@ -152,6 +207,10 @@ async def _listen(inbox: trio.socket.SocketType, workers: list[Worker], notifier
             worker.last_ping = trio.current_time()
         if fields.get("READY") == "1":
             worker.ready = True
+        if fields.get("STOPPING") == "1":
+            worker.draining = True
+            if all(w.draining for w in _running(workers)):
+                draining.set()
         match = re.search(r"(\d+) active call", fields.get("STATUS", ""))
         if match:
             worker.calls = int(match.group(1))
@@ -169,18 +228,43 @@ def _status(workers: list[Worker], stopping: trio.Event) -> str:
     return f"{state}, {plural(calls, 'active call')} ({len(workers)} workers)"
 
 
-async def _forward_signals(workers: list[Worker], stopping: trio.Event,
-                           notifier: Notifier) -> None:
+async def _forward_signals(workers: list[Worker], stopping: trio.Event, draining: trio.Event,
+                           notifier: Notifier,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """SIGHUP to every worker; the first SIGTERM/SIGINT as one SIGTERM to every worker that did
+    not get it itself (each drains); a second one to all of them (they stop at once)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()
         async for signum in signals:
-            if signum != signal.SIGHUP and not stopping.is_set():
-                stopping.set()
-                notifier.stopping(_status(workers, stopping))
-            log.info("%s received: passing it to the %d workers", signal.Signals(signum).name,
-                     len(workers))
-            for worker in workers:
-                if worker.process is not None and worker.process.returncode is None:
-                    worker.process.send_signal(signum)
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP received: passing it to the %d workers", len(workers))
+                _send(workers, signal.SIGHUP)
+                continue
+            if stopping.is_set():
+                log.info("%s received again: the workers stop at once", name)
+                _send(workers, signal.SIGTERM)
+                continue
+            stopping.set()
+            log.info("%s received: the %d workers drain their calls", name, len(workers))
+            notifier.stopping(_status(workers, stopping))
+            with trio.move_on_after(FORWARD_GRACE):  # those signalled by systemd directly
+                await draining.wait()
+            had = [w.number for w in _running(workers) if w.draining]
+            if had:
+                log.info("%s %s got the signal directly (KillMode=control-group?): not "
+                         "signalled again", "worker" if len(had) == 1 else "workers",
+                         ", ".join(map(str, had)))
+            _send([w for w in workers if not w.draining], signal.SIGTERM)
+
+
+def _running(workers: list[Worker]) -> list[Worker]:
+    return [w for w in workers if w.process is not None and w.process.returncode is None]
+
+
+def _send(workers: list[Worker], signum: signal.Signals) -> None:
+    for worker in _running(workers):
+        worker.process.send_signal(signum)  # type: ignore[union-attr]
 
 
 async def _watchdog(workers: list[Worker], notifier: Notifier) -> None:

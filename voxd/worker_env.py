@@ -15,6 +15,9 @@ TOKENS_ENV: Final = "VOXD_WORKER_TOKENS"
 """The directory where the workers share used stream tokens (`voxd.shared_state`)."""
 INDEX_ENV: Final = "VOXD_WORKER"
 """This worker's index (its presence marks a worker)."""
+LIFELINE_ENV: Final = "VOXD_WORKER_LIFELINE_FD"
+"""The read end of a pipe whose write end only the supervisor holds: it reads as end-of-file
+once the supervisor is gone, however it went (SIGKILL included)."""
 
 
 def inherited_listener(name: str = FD_ENV) -> socket.socket | None:
@@ -24,6 +27,13 @@ def inherited_listener(name: str = FD_ENV) -> socket.socket | None:
     if not fd or os.environ.get(INDEX_ENV) is None:
         return None
     return socket.socket(fileno=int(fd))
+
+
+def supervisor_lifeline() -> int | None:
+    """In a worker: the descriptor that becomes readable (end-of-file) when the supervisor is
+    gone; None when there is none (not a worker, or a supervisor that passed none)."""
+    fd = os.environ.get(LIFELINE_ENV, "")
+    return int(fd) if fd.isdigit() and os.environ.get(INDEX_ENV) is not None else None
 
 
 def shared_tokens_directory() -> str | None:
