@@ -455,6 +455,71 @@ systemctl daemon-reload""", timeout=600)
                    if caller.returncode == 0 and ended else
                    f"caller exit {caller.returncode}: {out.read_text()[-1500:]}\n{journal}")
 
+    def workers(self) -> None:
+        """server.workers = 2: `systemctl stop` during a call drains it and the unit ends
+        "success", with the shipped KillMode=mixed (SIGTERM to the supervisor alone) and with a
+        drop-in saying control-group (systemd's default: every process gets it, as with units
+        from before KillMode=mixed); a supervisor killed with SIGKILL is restarted and its
+        workers are gone (the new ones can bind the port)."""
+        dropin = "/etc/systemd/system/voxd.service.d/test-killmode.conf"
+        self.box.sh("cp /etc/voxd/voxd.toml /etc/voxd/voxd.toml.one && sed -i "
+                    "'s/^workers = 1 /workers = 2 /' /etc/voxd/voxd.toml", check=True)
+        try:
+            for mode in ("mixed", "control-group"):
+                if mode != "mixed":
+                    self.box.sh(f"mkdir -p {Path(dropin).parent} && printf '[Service]\\n"
+                                f"KillMode={mode}\\n' > {dropin} && systemctl daemon-reload",
+                                check=True)
+                start = self.box.sh("systemctl start voxd", timeout=120)
+                run_id = self.box.show("InvocationID")["InvocationID"]
+                out = self.workdir / f"workers-{mode}-call.txt"
+                caller = self.box.spawn(self.call(5), out)
+                active = self.wait(lambda: (self.metric("voxd_calls_active") or 0) >= 1, 15)
+                stop = self.box.sh("systemctl stop voxd", timeout=200)
+                try:
+                    caller.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    caller.kill()
+                journal = self.box.journal(f"_SYSTEMD_INVOCATION_ID={run_id}")
+                result = self.box.show("Result", "ExecMainStatus")
+                ended = [line for line in journal.splitlines() if "call ended" in line]
+                self.check(f"workers = 2, KillMode={mode}: systemctl stop during a call "
+                           "drains it once, exit 0",
+                           start.returncode == 0 and "ready: 2 workers" in journal
+                           and bool(active) and stop.returncode == 0
+                           and caller.returncode == 0 and bool(ended)
+                           and "reason=caller-hangup" in ended[-1]
+                           and journal.count("draining: ") == 2
+                           and "stopping now" not in journal and "Traceback" not in journal
+                           and result == {"Result": "success", "ExecMainStatus": "0"},
+                           "the call: " + ended[-1].rsplit(" ", 1)[-1] if ended and
+                           result.get("Result") == "success" else
+                           f"{result}, caller exit {caller.returncode}: "
+                           f"{out.read_text()[-800:]}\n{journal[-3000:]}")
+            self.box.sh(f"rm {dropin} && systemctl daemon-reload && systemctl start voxd",
+                        check=True)
+            state = self.box.show("MainPID", "InvocationID")
+            before = state["MainPID"]
+            pids = [before, *re.findall(r"worker \d started \(pid (\d+)\)", self.box.journal(
+                f"_SYSTEMD_INVOCATION_ID={state['InvocationID']}"))]
+            self.box.sh(f"kill -KILL {before}", check=True)
+
+            def restarted():
+                now = self.box.show("MainPID", "StatusText")
+                return now if (now["MainPID"] not in ("0", before)
+                               and now["StatusText"].startswith("ready")) else None
+
+            after = self.wait(restarted, 30, interval=0.5)
+            left = self.box.sh(f"for p in {' '.join(pids)}; do test -d /proc/$p && echo $p; "
+                               "done").stdout.split()
+            self.check("workers = 2: a supervisor killed with SIGKILL is restarted and leaves "
+                       "no worker behind", bool(after) and len(pids) == 3 and not left,
+                       f"{len(pids)} processes before; after: {after}; left: {left}")
+        finally:
+            self.box.sh(f"rm -f {dropin}; systemctl daemon-reload; systemctl stop voxd; "
+                        "systemctl reset-failed voxd; "
+                        "mv /etc/voxd/voxd.toml.one /etc/voxd/voxd.toml")
+
     def startup_failures(self) -> None:
         holder = self.box.spawn(
             f"echo $$ > /run/port-holder.pid; exec python3 -c 'import socket,time; "
@@ -579,7 +644,7 @@ def drive(root: Path, unit: Path, started: float) -> int:
                 box.boot()
                 checks.install()
             for step in (checks.start, checks.security, checks.simulated_call, checks.metrics,
-                         checks.reloads, checks.drain, checks.startup_failures,
+                         checks.reloads, checks.drain, checks.workers, checks.startup_failures,
                          checks.watchdog):
                 try:
                     step()
