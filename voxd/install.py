@@ -17,17 +17,20 @@ a second run changes nothing and says so. `--dry-run` prints the plan and writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import errno
 import grp
 import ipaddress
 import os
 import pwd
 import re
 import shlex
-import shutil
+import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -99,11 +102,22 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def run(args: argparse.Namespace) -> int:
     """`voxd install-service`: the exit code (0 installed, 1 not installed, 2 bad usage)."""
     try:
-        options = Options.from_args(args)
-        return install(options)
-    except InstallError as exc:
-        print(f"voxd: install-service: {exc}", file=sys.stderr, flush=True)
-        return exc.code
+        try:
+            options = Options.from_args(args)
+            code = install(options)
+        except InstallError as exc:
+            print(f"voxd: install-service: {exc}", file=sys.stderr, flush=True)
+            code = exc.code
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Its output was closed (`voxd install-service ... | head -1`): stop, quietly. What
+        # was written stays (each file whole); Python's flush at exit goes nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, sys.stderr.fileno())
+        os.close(devnull)
+        return 1
 
 
 # ---------------------------------------------------------------- what to install
@@ -131,21 +145,67 @@ def public_url(value: str) -> str:
     if url.path not in ("", "/") or url.query or url.fragment or value.endswith(("?", "#")):
         raise InstallError(f"--public-url: must be an origin such as https://voice.example.com "
                            f"(no path, query or fragment: voxd adds /twilio/voice): {shown!r}")
+    if port == 0:
+        raise InstallError(f"--public-url: port 0 is no port Twilio can connect to: {shown!r}")
     ip_literal = "[" in url.netloc
-    if not ip_literal and not (HOST.fullmatch(host) and "." in host) and host != "localhost":
+    address = _address(host, ip_literal)
+    ipv4 = _embedded_ipv4(address)
+    spelled = f" ({ipv4 or address})" if address is not None and str(
+        ipv4 or address) != host else ""
+    this_machine = ipv4 or address
+    if (this_machine is not None and (this_machine.is_loopback or this_machine.is_unspecified)
+            ) or (address is None and _local_name(host)):
+        raise InstallError(f"--public-url: {host}{spelled} is this machine: Twilio must reach "
+                           "the URL from the internet (the proxy's public name)")
+    if ipv4 is not None and ipv4.is_global:
+        raise InstallError(f"--public-url: [{host}] is an IPv4 address written as IPv6: write "
+                           f"https://{ipv4}")
+    if address is not None and not address.is_global:
+        raise InstallError(f"--public-url: {host}{spelled} is a private address: Twilio must "
+                           "reach the URL from the internet (the proxy's public name)")
+    if address is None and not (HOST.fullmatch(host) and "." in host):
         raise InstallError(f"--public-url: {host!r} is not a host name Twilio can look up")
-    if is_loopback_host(host) or host in ("0.0.0.0", "::"):
-        raise InstallError(f"--public-url: {host} is this machine: Twilio must reach the URL "
-                           "from the internet (the proxy's public name)")
-    try:
-        private = not ipaddress.ip_address(host).is_global
-    except ValueError:
-        private = False
-    if private:
-        raise InstallError(f"--public-url: {host} is a private address: Twilio must reach the "
-                           "URL from the internet (the proxy's public name)")
+    if address is not None and not ip_literal and spelled:
+        raise InstallError(f"--public-url: write the address {host} as {address}")
     netloc = f"[{host}]" if ip_literal else host
     return f"https://{netloc}" + (f":{port}" if port not in (None, 443) else "")
+
+
+def _address(host: str, ip_literal: bool) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address `host` (urlsplit's .hostname) spells, or None for a name. An IPv4
+    address is read as the resolver reads it (inet_aton: 127.1, 0x7f.0.0.1 and 2130706433
+    are all 127.0.0.1)."""
+    if ip_literal:
+        try:
+            return ipaddress.ip_address(host)
+        except ValueError:
+            raise InstallError(f"--public-url: [{host}] is not an IPv6 address") from None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except (OSError, ValueError):
+        return None
+
+
+def _embedded_ipv4(address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+                   ) -> ipaddress.IPv4Address | None:
+    """The IPv4 address inside an IPv4-mapped (::ffff:a.b.c.d) or IPv4-compatible
+    (::a.b.c.d) IPv6 address, which reach that IPv4 address (::ffff:127.0.0.1 is this
+    machine); None for any other address."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if int(address) >> 32 == 0 and int(address) > 1:  # ::a.b.c.d, not :: nor ::1
+        return ipaddress.IPv4Address(int(address))
+    return None
+
+
+def _local_name(host: str) -> bool:
+    """A name only this machine answers to: localhost (with or without the root's dot),
+    anything under .localhost (RFC 6761)."""
+    name = host.rstrip(".")
+    return is_loopback_host(host) or name in ("localhost", "ip6-localhost",
+                                              "ip6-loopback") or name.endswith(".localhost")
 
 
 def instance_port(value: str) -> int:
@@ -208,6 +268,40 @@ def not_usable_by_others(needed: list[tuple[str, int, str]]) -> str | None:
     return None
 
 
+SYSTEMD_READS = {"$": ("a dollar sign", "a variable"), "\\": ("a backslash", "an escape"),
+                 '"': ("a double quote", "a quote"), "'": ("a single quote", "a quote")}
+"""What systemd would read in ExecStart='s executable path (systemd.service(5), Command
+lines), besides whitespace (a word break) and % (a specifier, which is escaped as %%)."""
+
+
+def exec_path_problem(command: str) -> str | None:
+    """Why the path of `command` (the voxd this is) cannot go into ExecStart= as it is, or
+    None."""
+    path = command.removesuffix(" -m voxd")
+    for c in path:
+        if "\ud800" <= c <= "\udfff":  # a byte that is not UTF-8 (surrogateescape)
+            meaning = "bytes that are not UTF-8, which a unit file cannot hold"
+        elif c == " ":
+            meaning = "a space, which ExecStart= would split"
+        elif c.isspace() or not c.isprintable():
+            meaning = f"a control character ({c!r}), which a unit file cannot hold"
+        elif c in SYSTEMD_READS:
+            name, read_as = SYSTEMD_READS[c]
+            meaning = f"{name}, which systemd would read as {read_as} in ExecStart="
+        else:
+            continue
+        shown = path.encode("utf-8", "backslashreplace").decode("utf-8")
+        return (f"the path of this voxd, {shown!r}, has {meaning}: install voxd under a plain "
+                "path (python3 -m venv /opt/voxd/.venv && /opt/voxd/.venv/bin/pip install "
+                "voxd) and run that voxd's install-service")
+    return None
+
+
+def systemd_command(command: str) -> str:
+    """`command` as ExecStart= reads it literally (exec_path_problem has found nothing)."""
+    return command.replace("%", "%%")
+
+
 def packaged(name: str) -> str:
     """A file of voxd/data (the template, the units)."""
     try:
@@ -263,12 +357,17 @@ class Options:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
         euid = os.geteuid()
-        if args.root is None and not args.dry_run and euid != 0:
-            raise InstallError(f"writes {CONFIG_DIR} and {UNIT_DIR}: run it as root, or "
-                               "--dry-run to see what it would write")
-        root = Path(args.root or "/")
+        if args.root == "":
+            raise InstallError("--root: an empty path (an unset variable?): give the directory "
+                               "to write under, or leave --root out to install into /")
+        root = Path("/" if args.root is None else args.root)
         if not root.is_dir():
             raise InstallError(f"--root: no such directory: {args.root}")
+        if root.resolve() == Path("/"):  # also //, /./, /etc/.. or a link to /: a real install
+            root = Path("/")
+        if root == Path("/") and not args.dry_run and euid != 0:
+            raise InstallError(f"writes {CONFIG_DIR} and {UNIT_DIR}: run it as root, or "
+                               "--dry-run to see what it would write")
         return cls(
             root=root.absolute(),
             url=public_url(args.public_url) if args.public_url is not None else None,
@@ -282,6 +381,33 @@ class Options:
     def path(self, target: str) -> Path:
         """Where `target` (a path of the installed system) is written."""
         return self.root / target.lstrip("/")
+
+    @property
+    def real_root(self) -> bool:
+        """Installing into this machine's / (not under a --root)."""
+        return self.root == Path("/")
+
+    def inside(self, path: Path) -> None:
+        """InstallError unless every existing directory on the way from the root to `path`
+        stays under the root: a symbolic link there (ROOT/etc -> /etc) would send what is
+        written under --root to the real system. Looked at again before each write."""
+        if self.real_root:
+            return
+        base = self.root.resolve()
+        here = self.root
+        for part in path.relative_to(self.root).parts:
+            here = here / part
+            try:
+                is_link = stat.S_ISLNK(here.lstat().st_mode)
+            except OSError:
+                return  # not there (created below), or not to be looked at: said later
+            if not is_link:
+                continue
+            real = Path(os.path.realpath(here))
+            if real != base and base not in real.parents:
+                raise InstallError(f"{here} is a symbolic link to {os.readlink(here)!r}, outside "
+                                   f"--root {self.root}: install-service writes only under "
+                                   "--root (make it a directory there)", code=1)
 
     @property
     def units(self) -> list[str]:
@@ -314,21 +440,23 @@ class Step:
     action: str
     """create | unchanged | kept | fix | replace | differs | unseen (a dry run's)"""
     detail: str = ""
+    st: os.stat_result | None = None
+    """What was there when planned (lstat): a fix or a replace touches only that file."""
 
 
 def wanted(options: Options) -> list[Wanted]:
     """Everything install-service writes, in the order it writes it."""
+    problem = exec_path_problem(options.command)
+    if problem is not None:
+        raise InstallError(problem)
     problem = service_cannot_run(options.command)
     if problem is not None:
-        if options.root == Path("/"):
+        if options.real_root:
             raise InstallError(problem)
         # Under --root (a test, an image) the voxd that will run may be another one: say it.
         print(f"voxd: install-service: warning: {problem}", file=sys.stderr, flush=True)
-    if any(c.isspace() for c in options.command.replace(" -m voxd", "")):
-        raise InstallError(f"the path of this voxd has a space, which ExecStart= would split: "
-                           f"{options.command}")
     unit_name = "voxd@.service" if options.instances else "voxd.service"
-    unit = render_unit(packaged(unit_name), options.command)
+    unit = render_unit(packaged(unit_name), systemd_command(options.command))
     items = [Wanted(CONFIG_DIR, 0o755, directory=True),
              Wanted(CREDENTIALS_DIR, 0o700, directory=True)]
     for name, target in CREDENTIAL_LINE.findall(unit):
@@ -361,6 +489,7 @@ def plan(options: Options) -> list[Step]:
 
 def _assess(options: Options, item: Wanted) -> Step:
     path = options.path(item.target)
+    options.inside(path)
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -375,9 +504,23 @@ def _assess(options: Options, item: Wanted) -> Step:
             stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
         kind = "a directory" if item.directory else "a regular file"
         raise InstallError(f"{path} is there but is not {kind}: move it away first", code=1)
+    step = _compare(options, item, path, st)
+    if step.action in ("fix", "replace") and not item.directory and st.st_nlink > 1:
+        raise InstallError(_linked(path, st.st_nlink), code=1)
+    return step
+
+
+def _linked(path: Path, links: int) -> str:
+    return (f"{path} has {links} hard links (the same file under other names, which "
+            "install-service would change too): it changes no such file; make it a file of its "
+            f"own (cp -p {path} {path}.copy && mv {path}.copy {path}), then run again")
+
+
+def _compare(options: Options, item: Wanted, path: Path, st: os.stat_result) -> Step:
+    """What to do to `path`, a directory or regular file (`st`) already there."""
     if item.content is not None:
         try:
-            current = path.read_text(encoding="utf-8")
+            current = _read(path, st).decode("utf-8")
         except PermissionError:
             if options.dry_run:
                 return Step(item, path, "unseen")
@@ -389,7 +532,7 @@ def _assess(options: Options, item: Wanted) -> Step:
             if item.config is not None and _public_url_of(current) == item.config:
                 return _ownership(options, item, path, st, "kept")
             return Step(item, path, "replace" if options.force else "differs",
-                        _diff(current, item.content, path))
+                        _diff(current, item.content, path), st)
     action = "kept" if item.config == "" or item.credential else "unchanged"
     return _ownership(options, item, path, st, action)
 
@@ -399,10 +542,51 @@ def _ownership(options: Options, item: Wanted, path: Path, st: os.stat_result,
     """`action`, or a fix when the mode (or, as root, the owner) is not what it should be."""
     fixes = []
     if not item.keep_mode and stat.S_IMODE(st.st_mode) != item.mode:
-        fixes.append(f"mode {stat.S_IMODE(st.st_mode):04o} -> {item.mode:04o}")
+        why = (" so that the service's dynamic user (DynamicUser=yes) can read it; secrets go "
+               f"in {CREDENTIALS_DIR}/"
+               if item.config is not None and item.mode & ~stat.S_IMODE(st.st_mode) else "")
+        fixes.append(f"mode {stat.S_IMODE(st.st_mode):04o} -> {item.mode:04o}{why}")
     if options.euid == 0 and not item.keep_mode and (st.st_uid, st.st_gid) != (0, 0):
         fixes.append(f"owner {_owner(st.st_uid, st.st_gid)} -> root:root")
-    return Step(item, path, "fix", ", ".join(fixes)) if fixes else Step(item, path, action)
+    return Step(item, path, "fix", ", ".join(fixes), st) if fixes else Step(item, path, action,
+                                                                              st=st)
+
+
+def _open(path: Path, st: os.stat_result | None, directory: bool = False,
+          one_name: bool = True) -> int:
+    """`path` opened without following a symbolic link (read only), checked to be the
+    directory or the regular file that was planned (`st`, when given), a file with no other
+    name (hard link) unless not `one_name`."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags | (os.O_DIRECTORY if directory else 0))
+    except OSError as exc:
+        became = {errno.ELOOP: "a symbolic link", errno.ENOTDIR: "not a directory"}.get(
+            exc.errno or 0)
+        if became is not None:
+            raise InstallError(f"{path} changed since it was looked at (it is {became} now): "
+                               "nothing more was written; look at it, then run again",
+                               code=1) from None
+        raise
+    try:
+        now = os.fstat(fd)
+        planned = st is None or (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+        if not planned or not (directory or stat.S_ISREG(now.st_mode)):
+            raise InstallError(f"{path} changed since it was looked at (another file is there "
+                               "now): nothing more was written; look at it, then run again",
+                               code=1)
+        if one_name and not directory and now.st_nlink > 1:
+            raise InstallError(_linked(path, now.st_nlink), code=1)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read(path: Path, st: os.stat_result | None) -> bytes:
+    """A regular file's content (a file planted there later, or a link, is not read)."""
+    with os.fdopen(_open(path, st, one_name=False), "rb") as file:
+        return file.read()
 
 
 def _public_url_of(text: str) -> str | None:
@@ -499,9 +683,11 @@ def _describe(step: Step, verb: str, owner: str) -> str:
 
 
 def _backup(path: Path) -> Path:
+    """The first free FILE.bak, FILE.bak.2, ... (a symbolic link there, even one to nothing,
+    is not free)."""
     candidate = path.with_name(path.name + ".bak")
     number = 1
-    while candidate.exists():
+    while os.path.lexists(candidate):
         number += 1
         candidate = path.with_name(f"{path.name}.bak.{number}")
     return candidate
@@ -509,37 +695,89 @@ def _backup(path: Path) -> Path:
 
 def _apply(options: Options, step: Step) -> None:
     item, path = step.wanted, step.path
-    owned = options.euid == 0
+    owned = options.euid == 0 and not item.keep_mode
+    options.inside(path)  # again: a link may have been put on the way since the plan
     try:
         if step.action == "create" and item.directory:
             path.mkdir(mode=item.mode, parents=True)
-            path.chmod(item.mode)  # the umask may have taken bits off
+            _set(path, item.mode, owned, None, directory=True)  # the umask took bits off
         elif step.action in ("create", "replace"):
             if step.action == "replace":
-                shutil.copy2(path, _backup(path))
-            _write(path, "" if item.content is None else item.content, item.mode)
+                _keep(path, step.st)
+            _write(path, "" if item.content is None else item.content, item.mode, owned)
         elif step.action == "fix":
-            path.chmod(item.mode)
-        if owned and step.action in ("create", "replace", "fix") and not item.keep_mode:
-            os.chown(path, 0, 0)
+            _set(path, None if item.keep_mode else item.mode, owned, step.st, item.directory)
     except OSError as exc:
         raise InstallError(f"cannot write {path}: {exc.strerror or exc} (what was written "
                            "before it stays; run again once that is fixed)", code=1) from None
 
 
-def _write(path: Path, text: str, mode: int) -> None:
-    """`text` to `path` at once: a reader sees the old file or the new one, never half."""
-    temporary = path.with_name(f".{path.name}.install-service")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+def _set(path: Path, mode: int | None, owned: bool, st: os.stat_result | None,
+         directory: bool) -> None:
+    """`mode` and (when `owned`) root:root on `path`, through a descriptor of the file that
+    was planned: never through a symbolic link, nor on a file with other names."""
+    fd = _open(path, st, directory)
     try:
-        os.fchmod(fd, mode)
-        if os.geteuid() == 0:
+        if owned:
             os.fchown(fd, 0, 0)
-        os.write(fd, text.encode("utf-8"))
-        os.fsync(fd)
+        if mode is not None:
+            os.fchmod(fd, mode)
     finally:
         os.close(fd)
-    os.replace(temporary, path)
+
+
+def _keep(path: Path, st: os.stat_result | None) -> None:
+    """A copy of `path` (the file planned) as the first free FILE.bak: its content, mode,
+    owner and times. Created anew (never through a link, never over a file there)."""
+    with os.fdopen(_open(path, st), "rb") as old:
+        now = os.fstat(old.fileno())
+        while True:
+            backup = _backup(path)
+            try:
+                fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                continue  # taken since: the next number
+            break
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as new:
+                while chunk := old.read(1 << 16):
+                    new.write(chunk)
+            if os.geteuid() == 0:
+                os.fchown(fd, now.st_uid, now.st_gid)
+            os.fchmod(fd, stat.S_IMODE(now.st_mode))
+            os.utime(fd, ns=(now.st_atime_ns, now.st_mtime_ns))
+            os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(backup)
+            raise
+        finally:
+            os.close(fd)
+
+
+def _write(path: Path, text: str, mode: int, owned: bool | None = None) -> None:
+    """`text` to `path` at once: a reader sees the old file or the new one, never half.
+    Written to a new file of its own in the same directory (O_EXCL: never one that is there,
+    so two runs at once do not write into each other's), then renamed over `path`; removed
+    if anything fails."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".install-service",
+                                     dir=path.parent)
+    try:
+        try:
+            if os.geteuid() == 0 if owned is None else owned:
+                os.fchown(fd, 0, 0)
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb", closefd=False) as file:
+                file.write(text.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def _empty_credentials(options: Options, steps: list[Step]) -> list[Step]:
@@ -548,9 +786,9 @@ def _empty_credentials(options: Options, steps: list[Step]) -> list[Step]:
     for step in steps:
         if step.wanted.credential:
             try:
-                if step.path.stat().st_size == 0 or not step.path.read_bytes().strip():
+                if not _read(step.path, None).strip():
                     empty.append(step)
-            except OSError:
+            except (OSError, InstallError):
                 empty.append(step)
     return empty
 

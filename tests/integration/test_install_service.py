@@ -248,6 +248,21 @@ def test_dry_run_shows_a_conflict_and_writes_nothing(tmp_path, capsys):
     ("https://127.0.0.1", "is this machine"),
     ("https://localhost:8443", "is this machine"),
     ("https://10.1.2.3", "private address"),
+    ("https://voice.example.com:0", "port 0 is no port"),
+    ("https://127.1", "127.1 (127.0.0.1) is this machine"),
+    ("https://0x7f.1", "0x7f.1 (127.0.0.1) is this machine"),
+    ("https://0177.0.0.1", "is this machine"),
+    ("https://2130706433", "2130706433 (127.0.0.1) is this machine"),
+    ("https://0", "is this machine"),
+    ("https://[::1]", "is this machine"),
+    ("https://[::ffff:127.0.0.1]", "::ffff:127.0.0.1 (127.0.0.1) is this machine"),
+    ("https://[::127.0.0.1]", "is this machine"),
+    ("https://[::ffff:8.8.8.8]", "an IPv4 address written as IPv6: write https://8.8.8.8"),
+    ("https://localhost.", "is this machine"),
+    ("https://LocalHost", "is this machine"),
+    ("https://voice.localhost", "is this machine"),
+    ("https://10.1", "10.1 (10.0.0.1) is a private address"),
+    ("https://8.8.2056", "write the address 8.8.2056 as 8.8.8.8"),
 ])
 def test_a_bad_public_url_is_refused_in_one_line(tmp_path, capsys, url, problem):
     code, _, err = voxd(capsys, tmp_path, "--public-url", url)
@@ -485,3 +500,298 @@ def test_install_service_under_systemd():
     if result.returncode == 77:
         pytest.skip((result.stderr.strip().splitlines() or ["?"])[-1])
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- against planted files
+
+
+def test_a_planted_temporary_file_is_not_written_through(tmp_path, capsys):
+    """The old fixed temporary name, planted as a hard link to a secret: never opened."""
+    root = tmp_path / "root"
+    (root / "etc/voxd").mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.write_text("SECRET\n")
+    victim.chmod(0o600)
+    planted = root / "etc/voxd/.voxd.toml.install-service"
+    os.link(victim, planted)
+    code, _, err = voxd(capsys, root, "--public-url", URL)
+    assert code == 0, err
+    assert victim.read_text() == "SECRET\n" and mode(victim) == 0o600
+    assert planted.exists()  # left as it was
+    assert 'public_url = "https://voice.example.com"' in (root / "etc/voxd/voxd.toml").read_text()
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(install.os, "fsync", full)
+    code, _, err = voxd(capsys, tmp_path, "--public-url", URL)
+    monkeypatch.undo()
+    assert code == 1
+    assert err.count("\n") == 1
+    assert "cannot write" in err and "No space left on device" in err
+    assert [p.name for p in tmp_path.rglob(".*")] == []
+
+
+def test_two_runs_at_once_do_not_write_into_each_others_file(tmp_path, monkeypatch):
+    """A second run's write, while the first one's is in progress, to the same path: each
+    writes a file of its own, the last rename wins, whole."""
+    target = tmp_path / "voxd.toml"
+    real_fsync = os.fsync
+    nested: list[str] = []
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        if not nested:
+            nested.append("second")
+            install._write(target, "second run\n" * 100, 0o644)
+
+    monkeypatch.setattr(install.os, "fsync", fsync)
+    install._write(target, "first run\n" * 100, 0o644)
+    assert nested and target.read_text() == "first run\n" * 100
+    assert [p.name for p in tmp_path.iterdir()] == ["voxd.toml"]
+
+
+def test_a_hard_linked_config_is_not_fixed(tmp_path, capsys):
+    """A config whose mode would be fixed, but which is another name of a file elsewhere: its
+    mode is not changed (that would change the other file's), and nothing is written."""
+    root = tmp_path / "root"
+    root.mkdir()
+    assert voxd(capsys, root, "--public-url", URL)[0] == 0
+    config = root / "etc/voxd/voxd.toml"
+    victim = tmp_path / "victim.toml"
+    victim.write_text(config.read_text())
+    victim.chmod(0o600)
+    config.unlink()
+    os.link(victim, config)
+    before = snapshot(root)
+    code, _, err = voxd(capsys, root)
+    assert code == 1
+    assert err == (f"voxd: install-service: {config} has 2 hard links (the same file under "
+                   "other names, which install-service would change too): it changes no such "
+                   f"file; make it a file of its own (cp -p {config} {config}.copy && mv "
+                   f"{config}.copy {config}), then run again\n")
+    assert mode(victim) == 0o600
+    assert snapshot(root) == before
+
+
+def test_a_hard_linked_credential_is_not_fixed_nor_chowned(tmp_path, capsys):
+    root = tmp_path / "root"
+    root.mkdir()
+    assert voxd(capsys, root, "--public-url", URL)[0] == 0
+    token = root / "etc/voxd/credentials/twilio_auth_token"
+    victim = tmp_path / "shared"
+    victim.write_text("public\n")
+    victim.chmod(0o644)
+    if os.geteuid() == 0:
+        os.chown(victim, 1, 1)
+    token.unlink()
+    os.link(victim, token)
+    code, _, err = voxd(capsys, root)
+    assert code == 1 and f"{token} has 2 hard links" in err
+    assert mode(victim) == 0o644
+    if os.geteuid() == 0:
+        assert (victim.stat().st_uid, victim.stat().st_gid) == (1, 1)
+
+
+def test_a_hard_linked_unit_is_not_replaced(tmp_path, capsys):
+    assert voxd(capsys, tmp_path, "--public-url", URL)[0] == 0
+    unit = tmp_path / "etc/systemd/system/voxd.service"
+    unit.write_text("[Service]\n")
+    os.link(unit, tmp_path / "elsewhere.service")
+    before = snapshot(tmp_path)
+    code, _, err = voxd(capsys, tmp_path, "--public-url", URL, "--force")
+    assert code == 1 and f"{unit} has 2 hard links" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_file_swapped_for_a_link_after_the_plan_is_not_fixed(tmp_path, capsys, monkeypatch):
+    """Between the plan and the fix, the file is replaced by a symbolic link: not followed."""
+    root = tmp_path / "root"
+    root.mkdir()
+    assert voxd(capsys, root, "--public-url", URL)[0] == 0
+    config = root / "etc/voxd/voxd.toml"
+    config.chmod(0o600)
+    victim = root / "victim"  # inside the root: only the descriptor's check can see it
+    victim.write_text("x")
+    victim.chmod(0o600)
+    real_plan = install.plan
+
+    def plan_then_swap(options):
+        steps = real_plan(options)
+        config.unlink()
+        config.symlink_to(victim)
+        return steps
+
+    monkeypatch.setattr(install, "plan", plan_then_swap)
+    code, _, err = voxd(capsys, root)
+    assert code == 1 and err.count("\n") == 1
+    assert f"{config} changed since it was looked at (it is a symbolic link now)" in err
+    assert mode(victim) == 0o600
+
+
+def test_force_does_not_write_its_backup_through_a_link(tmp_path, capsys):
+    root = tmp_path / "root"
+    root.mkdir()
+    assert voxd(capsys, root, "--public-url", URL)[0] == 0
+    config = root / "etc/voxd/voxd.toml"
+    edited = config.read_text() + "# edit\n"
+    config.write_text(edited)
+    outside = tmp_path / "outside"
+    (config.parent / "voxd.toml.bak").symlink_to(outside)  # dangling
+    code, out, err = voxd(capsys, root, "--public-url", "https://v2.example.com", "--force")
+    assert code == 0, err
+    assert "the old one kept as voxd.toml.bak.2" in out
+    assert not os.path.lexists(outside)
+    assert (config.parent / "voxd.toml.bak").is_symlink()
+    backup = config.parent / "voxd.toml.bak.2"
+    assert backup.read_text() == edited and mode(backup) == 0o644
+
+
+def test_an_empty_root_is_refused(capsys):
+    code, out, err = voxd(capsys, None, "--root", "", "--public-url", URL, "--dry-run")
+    assert code == 2 and out == ""
+    assert err == ("voxd: install-service: --root: an empty path (an unset variable?): give the "
+                   "directory to write under, or leave --root out to install into /\n")
+
+
+@pytest.mark.parametrize("root", ["//", "/./", "/etc/..", "LINK"])
+def test_the_real_root_spelled_otherwise_is_the_real_root(tmp_path, capsys, monkeypatch, root):
+    """The checks of a real install (a voxd the unit cannot run is an error, not a warning;
+    root needed) hold however / is written."""
+    if root == "LINK":
+        (tmp_path / "link").symlink_to("/")
+        root = str(tmp_path / "link")
+    monkeypatch.setattr(install, "service_cannot_run", REAL_HOST_CHECK)
+    monkeypatch.setattr(install, "voxd_command", lambda: "/root/venv/bin/voxd")
+    code, out, err = voxd(capsys, None, "--root", root, "--public-url", URL, "--dry-run")
+    assert code == 2 and out == ""
+    assert err.startswith("voxd: install-service: this voxd runs from /root/venv/bin/voxd")
+    monkeypatch.setattr(install.os, "geteuid", lambda: 1000)
+    with pytest.raises(install.InstallError, match="run it as root"):
+        install.Options.from_args(parser().parse_args(
+            ["install-service", "--root", root, "--public-url", URL]))
+
+
+@pytest.mark.parametrize("link", ["etc", "etc/voxd", "etc/systemd/system"])
+def test_a_link_under_root_leading_outside_it_is_refused(tmp_path, capsys, link):
+    root = tmp_path / "root"
+    elsewhere = tmp_path / "elsewhere"
+    (root / link).parent.mkdir(parents=True)
+    elsewhere.mkdir()
+    (root / link).symlink_to(elsewhere)
+    code, _, err = voxd(capsys, root, "--public-url", URL)
+    assert code == 1 and err.count("\n") == 1
+    assert err == (f"voxd: install-service: {root / link} is a symbolic link to "
+                   f"'{elsewhere}', outside --root {root}: install-service writes only under "
+                   "--root (make it a directory there)\n")
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_link_under_root_staying_inside_it_is_followed(tmp_path, capsys):
+    (tmp_path / "image-etc").mkdir()
+    (tmp_path / "etc").symlink_to("image-etc")
+    code, _, err = voxd(capsys, tmp_path, "--public-url", URL)
+    assert code == 0, err
+    assert (tmp_path / "image-etc/voxd/voxd.toml").is_file()
+
+
+def test_a_link_put_under_root_after_the_plan_is_refused(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "root"
+    elsewhere = tmp_path / "elsewhere"
+    (root / "etc/systemd").mkdir(parents=True)
+    elsewhere.mkdir()
+    real_plan = install.plan
+
+    def plan_then_link(options):
+        steps = real_plan(options)
+        (root / "etc/systemd").rmdir()
+        (root / "etc/systemd").symlink_to(elsewhere)
+        return steps
+
+    monkeypatch.setattr(install, "plan", plan_then_link)
+    code, _, err = voxd(capsys, root, "--public-url", URL)
+    assert code == 1 and f"{root}/etc/systemd is a symbolic link" in err
+    assert list(elsewhere.iterdir()) == []
+
+
+# ---------------------------------------------------------------- ExecStart=
+
+
+def test_a_percent_in_the_voxd_path_is_escaped(tmp_path, capsys, monkeypatch):
+    script = tmp_path / "v%h" / "bin" / "voxd"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(install, "voxd_command", lambda: str(script))
+    monkeypatch.setattr(install, "_check", lambda *args: True)  # the script is no voxd
+    root = tmp_path / "root"
+    root.mkdir()
+    assert voxd(capsys, root, "--public-url", URL)[0] == 0
+    unit = root / "etc/systemd/system/voxd.service"
+    escaped = str(script).replace("%", "%%")
+    assert f"ExecStart={escaped} serve --config /etc/voxd/voxd.toml\n" in unit.read_text()
+    assert f"ExecReload={escaped} reload " in unit.read_text()
+    if shutil.which("systemd-analyze") is not None:  # systemd reads it as the script's path
+        result = subprocess.run(["systemd-analyze", "verify", str(unit)],
+                                capture_output=True, text=True, timeout=60)
+        problems = [line for line in (result.stdout + result.stderr).splitlines()
+                    if "voxd.service" in line]
+        assert result.returncode == 0 and problems == [], result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("path", "problem"), [
+    ("/opt/my voxd/bin/voxd", "a space, which ExecStart= would split"),
+    ("/opt/my\tvoxd/bin/voxd", "a control character ('\\t')"),
+    ("/opt/v\nExecStartPre=/bin/x/bin/voxd", "a control character ('\\n')"),
+    ("/opt/$HOME/bin/voxd", "a dollar sign, which systemd would read as a variable"),
+    ("/opt/a\\b/bin/voxd", "a backslash, which systemd would read as an escape"),
+    ('/opt/a"b/bin/voxd', "a double quote, which systemd would read as a quote"),
+    ("/opt/a'b/bin/python -m voxd", "a single quote, which systemd would read as a quote"),
+    ("/opt/a\udcffb/bin/voxd", "bytes that are not UTF-8"),
+])
+def test_a_voxd_path_systemd_would_read_otherwise_is_refused(tmp_path, capsys, monkeypatch,
+                                                              path, problem):
+    monkeypatch.setattr(install, "service_cannot_run", REAL_HOST_CHECK)  # splits it as well
+    monkeypatch.setattr(install, "voxd_command", lambda: path)
+    code, out, err = voxd(capsys, tmp_path, "--public-url", URL)
+    assert code == 2 and out == ""
+    assert err.startswith("voxd: install-service: the path of this voxd, ") and err.count(
+        "\n") == 1
+    assert problem in err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the operator's view
+
+
+def test_widening_an_operators_config_says_why(tmp_path, capsys):
+    assert voxd(capsys, tmp_path, "--public-url", URL)[0] == 0
+    config = tmp_path / "etc/voxd/voxd.toml"
+    config.chmod(0o640)
+    code, out, _ = voxd(capsys, tmp_path)
+    assert code == 0
+    line = next(line for line in out.splitlines() if str(config) in line)
+    assert line.startswith("fix ") and line.endswith(
+        "mode 0640 -> 0644 so that the service's dynamic user (DynamicUser=yes) can read it; "
+        "secrets go in /etc/voxd/credentials/)")
+    assert mode(config) == 0o644
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_closed_output_stops_it_quietly(tmp_path, dry_run):
+    """`voxd install-service ... | head -1`: the reader has gone; no traceback."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        result = subprocess.run([sys.executable, "-m", "voxd", "install-service", "--root",
+                                 str(tmp_path), "--public-url", URL,
+                                 *(["--dry-run"] if dry_run else [])],
+                                stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    assert "Exception ignored" not in result.stderr, result.stderr
+    assert result.returncode == 1
+    assert list(tmp_path.iterdir()) == []  # it stopped at the plan's first line
