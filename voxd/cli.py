@@ -165,6 +165,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one voxd command; returns the exit code (0 ok, 1 runtime failure, 2 bad usage)."""
+    try:
+        try:
+            return _command(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe surfaces here, not at the interpreter's exit
+    except BrokenPipeError:
+        # Its reader went away (`voxd ... | head -1`): stop quietly. What was written stays;
+        # Python's own flush at exit must find somewhere to go.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
+
+
+def _command(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
     if not argv:

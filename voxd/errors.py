@@ -85,3 +85,18 @@ class ErrorMap:
         for types, make in self._rows:
             if isinstance(exc, types):
                 raise make(exc) from None
+
+
+EXIT_INTERRUPTED = 130
+"""The exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it."""
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    """A KeyboardInterrupt, alone or inside exception groups only of them (a Ctrl-C that came
+    before the signal receiver was up, or a second one during the cancellation)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        rest = exc.split(KeyboardInterrupt)[1]
+        return rest is None
+    return False

@@ -102,22 +102,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def run(args: argparse.Namespace) -> int:
     """`voxd install-service`: the exit code (0 installed, 1 not installed, 2 bad usage)."""
     try:
-        try:
-            options = Options.from_args(args)
-            code = install(options)
-        except InstallError as exc:
-            print(f"voxd: install-service: {exc}", file=sys.stderr, flush=True)
-            code = exc.code
-        sys.stdout.flush()
-        return code
-    except BrokenPipeError:
-        # Its output was closed (`voxd install-service ... | head -1`): stop, quietly. What
-        # was written stays (each file whole); Python's flush at exit goes nowhere.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.dup2(devnull, sys.stderr.fileno())
-        os.close(devnull)
-        return 1
+        return install(Options.from_args(args))
+    except InstallError as exc:
+        print(f"voxd: install-service: {exc}", file=sys.stderr, flush=True)
+        return exc.code
 
 
 # ---------------------------------------------------------------- what to install

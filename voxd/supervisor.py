@@ -43,9 +43,9 @@ from pathlib import Path
 import trio
 
 from voxd.config import SECRET_SOURCES, Settings, config_warnings, plural, scrub_environment
+from voxd.errors import is_interrupt
 from voxd.observability.systemd import Notifier
 from voxd.server import open_listener
-from voxd.sim.interrupt import is_interrupt
 from voxd.worker_env import FD_ENV, INDEX_ENV, LIFELINE_ENV, METRICS_FD_ENV, TOKENS_ENV
 
 log = logging.getLogger("voxd.supervisor")

@@ -21,9 +21,8 @@ from pathlib import Path
 import trio
 
 from voxd.config import Settings, load_settings
-from voxd.errors import ConfigError, VoxdError
+from voxd.errors import EXIT_INTERRUPTED, ConfigError, VoxdError, is_interrupt
 from voxd.observability.logging import configure_logging, stderr_problem
-from voxd.sim.interrupt import EXIT_INTERRUPTED, is_interrupt
 from voxd.worker_env import supervisor_lifeline
 
 log = logging.getLogger("voxd.worker")

@@ -178,3 +178,19 @@ def test_loadtest_usage_errors():
     assert result.returncode == 2 and "--calls and --workers must be at least 1" in result.stderr
     result = run("loadtest", "http://127.0.0.1:9/twilio/voice", "--turns")
     assert result.returncode == 2 and "--reply-after-ms 400" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "code"), [(("--help",), 0),  # argparse drops what it cannot write
+                                            (("check-config", "--config", "voxd.toml"), 1)])
+def test_a_closed_output_stops_any_command_quietly(args, code):
+    """`voxd ... | head -1` whose reader has gone: no traceback, no 'Exception ignored'."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([*VOXD, *args], stdout=write, stderr=subprocess.PIPE, text=True,
+                                timeout=60, cwd=Path(__file__).parents[2])
+    finally:
+        os.close(write)
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, \
+        result.stderr
+    assert result.returncode == code

@@ -21,10 +21,10 @@ from pathlib import Path
 import trio
 
 from voxd.config import plural
-from voxd.errors import VoxdError
+from voxd.errors import EXIT_INTERRUPTED, VoxdError, is_interrupt
 from voxd.sim.caller import FRAME_SECONDS, CallReport, TwilioSimulator, parse_dtmf
 from voxd.sim.explain import url_problem
-from voxd.sim.interrupt import EXIT_INTERRUPTED, Outcome, interruptible, is_interrupt
+from voxd.sim.interrupt import Outcome, interruptible
 
 FAILED = 1
 """Exit code when the call could not run, or voxd ended it with a failure."""

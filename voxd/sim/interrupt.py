@@ -16,10 +16,10 @@ from typing import Generic, TypeVar
 
 import trio
 
+from voxd.errors import EXIT_INTERRUPTED, is_interrupt
+
 T = TypeVar("T")
 
-EXIT_INTERRUPTED = 130
-"""The shell's code for a command ended by SIGINT (128 + 2)."""
 GRACE_SECONDS = 2.0
 """How long a call hung up by Ctrl-C may take to end (its stop sent, what follows the stream
 asked) before it is cut off."""
@@ -74,17 +74,6 @@ def single(group: BaseExceptionGroup[BaseException]) -> BaseException:
         else:
             leaves.append(current)
     return leaves[0] if len(leaves) == 1 else group
-
-
-def is_interrupt(exc: BaseException) -> bool:
-    """A KeyboardInterrupt, alone or inside exception groups only of them (a Ctrl-C that came
-    before the signal receiver was up, or a second one during the cancellation)."""
-    if isinstance(exc, KeyboardInterrupt):
-        return True
-    if isinstance(exc, BaseExceptionGroup):
-        rest = exc.split(KeyboardInterrupt)[1]
-        return rest is None
-    return False
 
 
 def serve_until_stopped(serve: Callable[[], Awaitable[object]]) -> int:

@@ -14,9 +14,9 @@ import sys
 import trio
 
 from voxd.config import plural
-from voxd.errors import VoxdError
+from voxd.errors import EXIT_INTERRUPTED, VoxdError, is_interrupt
 from voxd.sim.explain import url_problem
-from voxd.sim.interrupt import EXIT_INTERRUPTED, interruptible, is_interrupt
+from voxd.sim.interrupt import interruptible
 from voxd.sim.load import LoadTest, check_reachable, shortest_call
 from voxd.sim.load_report import TURN_HOLD_MS
 from voxd.sim.rig import Processes
