@@ -154,19 +154,20 @@ class CallReport:
         lines.append("  turn  caller stopped  assistant heard  latency (caller)  latency (voxd)"
                      + ("  assistant stages" if self.stages else ""))
         turns = self.turns()
-        voxd = sorted(self.voxd_latencies.items())
         for n, turn in enumerate(turns, 1):
             heard = "-" if turn.reply_start is None else f"{turn.reply_start:.2f}s"
             latency = "no reply" if turn.latency is None else f"{turn.latency * 1000:.0f} ms"
-            # voxd numbers the turns it answered; match them to the caller's in order
+            # voxd numbers the turns it answered (N in its mark): the caller's N-th answered
+            # turn. A turn voxd timed without a mark (answered inside its speech hangover)
+            # leaves a gap rather than shifting the later figures onto the wrong rows.
             answered = sum(1 for t in turns[:n] if t.latency is not None)
-            mine = (f"{voxd[answered - 1][1] * 1000:.0f} ms"
-                    if turn.latency is not None and answered <= len(voxd) else "-")
+            figure = self.voxd_latencies.get(answered) if turn.latency is not None else None
+            mine = "-" if figure is None else f"{figure * 1000:.0f} ms"
             stages = ""
-            if self.stages and turn.latency is not None and answered <= len(voxd):
-                figures = self.stages.get(voxd[answered - 1][0], {})
+            if self.stages and figure is not None:
                 stages = "  " + (", ".join(f"{stage} {seconds * 1000:.0f} ms"
-                                           for stage, seconds in figures.items()) or "-")
+                                           for stage, seconds in
+                                           self.stages.get(answered, {}).items()) or "-")
             lines.append(f"  {n:4d}  {turn.caller_end:13.2f}s  {heard:>15}  {latency:>16}"
                          f"  {mine:>14}{stages}")
         if not turns:
