@@ -330,7 +330,7 @@ def _serve(args: argparse.Namespace) -> int:
                     "calls through this daemon. Use this only for local testing.",
                     settings.config.server.public_url)
     try:
-        if settings.config.server.workers > 1 and "VOXD_WORKER" not in os.environ:
+        if settings.config.server.workers > 1:
             from voxd.supervisor import run_workers
 
             return trio.run(run_workers, settings)

@@ -85,7 +85,12 @@ async def _drain_when_orphaned() -> None:
     fd = supervisor_lifeline()
     if fd is None:
         return
-    await trio.lowlevel.wait_readable(fd)  # the supervisor never writes: this is end-of-file
+    try:
+        await trio.lowlevel.wait_readable(fd)  # the supervisor never writes: end-of-file
+    except OSError as exc:  # not a descriptor this process can wait on: serve without it
+        log.warning("no lifeline to the supervisor (descriptor %d: %s): a worker left behind "
+                    "by a killed supervisor will not notice", fd, exc.strerror or exc)
+        return
     log.warning("the supervisor (voxd serve) is gone: draining and exiting")
     os.kill(os.getpid(), signal.SIGTERM)
 
