@@ -98,26 +98,31 @@ def test_call_usage_errors_are_one_line():
     assert "Traceback" not in unreachable.stderr
 
 
+def serving(config: Path, port: int, env: dict[str, str] | None = None,
+            stdout: int = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    """`voxd serve --config CONFIG` in its own process, once it answers /healthz on `port`."""
+    proc = subprocess.Popen([*VOXD, "serve", "--config", str(config)], env=env,
+                            stdout=stdout, stderr=subprocess.PIPE, text=True)
+    origin = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(origin + "/healthz").status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"voxd serve did not come up: {proc.communicate()[1]}")
+
+
 @pytest.fixture
 def daemon(tmp_path):
     """`voxd serve` in its own process, with signatures on."""
     port = free_port()
     config = write_config(tmp_path / "voxd.toml", port, '[assistant]\naudio = "mulaw"\n')
     env = {**os.environ, "VOXD_TWILIO_AUTH_TOKEN": "test-token-123"}
-    proc = subprocess.Popen([*VOXD, "serve", "--config", str(config)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    origin = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(origin + "/healthz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail(f"voxd serve did not come up: {proc.communicate()[1]}")
-    yield origin, proc
+    proc = serving(config, port, env=env, stdout=subprocess.PIPE)
+    yield f"http://127.0.0.1:{port}", proc
     if proc.poll() is None:
         proc.kill()
         proc.communicate()

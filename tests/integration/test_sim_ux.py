@@ -20,7 +20,7 @@ import pytest
 import soundfile as sf
 
 from tests.integration.audio import burst, silence
-from tests.integration.test_cli import VOXD, free_port, run, write_config
+from tests.integration.test_cli import VOXD, free_port, run, serving, write_config
 from voxd.sim.explain import connection_problem
 
 
@@ -77,20 +77,8 @@ def daemon(tmp_path) -> Iterator[str]:
     port = free_port()
     config = write_config(tmp_path / "voxd.toml", port,
                           "[twilio]\nvalidate_signatures = false\n")
-    proc = subprocess.Popen([*VOXD, "serve", "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    origin = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(origin + "/healthz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail(f"voxd serve did not come up: {proc.communicate()[1]}")
-    yield origin
+    proc = serving(config, port)
+    yield f"http://127.0.0.1:{port}"
     proc.kill()
     proc.communicate()
 

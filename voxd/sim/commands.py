@@ -163,17 +163,18 @@ def _finish(report: CallReport, record: Path | None, plot: Path | None,
 
 def call_command(args: argparse.Namespace) -> int:
     """`voxd call WEBHOOK_URL ...`"""
-    try:
-        return _call(args)
-    except UsageError as exc:
-        _say(f"voxd: {exc}")
-        return USAGE
+    return _usage_checked(_call, args)
 
 
 def demo_command(args: argparse.Namespace) -> int:
     """`voxd demo ...`"""
+    return _usage_checked(_demo, args)
+
+
+def _usage_checked(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command; a usage problem it finds is one line and exit 2."""
     try:
-        return _demo(args)
+        return command(args)
     except UsageError as exc:
         _say(f"voxd: {exc}")
         return USAGE
